@@ -1,0 +1,65 @@
+//! `rdrop`: fine-tune Vision Transformers with R-Drop
+//! ([Liang et al., 2021](https://arxiv.org/abs/2106.14448)).
+//!
+//! One module per subcommand under `cmd/`; each exposes an `Args` (clap derive) and
+//! `run(args) -> anyhow::Result<()>`. Errors are printed with their whole chain.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Fine-tune Vision Transformers with R-Drop (regularized dropout).
+///
+/// Each training sample goes through the network twice with dropout; the loss adds
+/// α × the bidirectional KL divergence between the two predictions to their cross-entropy.
+#[derive(Parser, Debug)]
+#[command(name = "rdrop", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a ViT with R-Drop (presets: demo, vit-b16-cifar100, vit-src).
+    Train(cmd::train::Args),
+    /// Continue a training run from its newest checkpoint (same as `train --resume OUT`).
+    Resume(cmd::resume::Args),
+    /// Evaluate weights (HF folder / hub id, timm file, npz, run folder) on the test split.
+    Eval(cmd::eval::Args),
+    /// Classify image files (PNG/JPEG) with a trained model.
+    Predict(cmd::predict::Args),
+    /// Inspect, benchmark, preview or download the CIFAR datasets.
+    #[command(subcommand)]
+    Data(cmd::data::Command),
+    /// Benchmarks (training step throughput on synthetic data).
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
+    /// Draw curves.png (loss, CE, KL, lr, test top-1) from a run folder's metrics.jsonl.
+    Plot(cmd::plot::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => cmd::train::run(a),
+        Command::Resume(a) => cmd::resume::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Predict(a) => cmd::predict::run(a),
+        Command::Data(c) => cmd::data::run(c),
+        Command::Bench(c) => cmd::bench::run(c),
+        Command::Plot(a) => cmd::plot::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            match err.downcast_ref::<cmd::Interrupted>() {
+                Some(_) => ExitCode::from(130),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}

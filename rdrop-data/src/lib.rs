@@ -1,0 +1,1 @@
+//! rdrop-data (work in progress).

@@ -1,0 +1,1 @@
+//! rdrop-vit (work in progress).
