@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Build (or check) rdrop's CUDA path on a machine WITHOUT a GPU or a CUDA toolkit.
+#
+# NVIDIA's nvcc comes from PyPI (pinned 13.0.x: the GPU machines' driver 580 / CUDA 13.0 may
+# refuse PTX from a newer nvcc); the CUDA libraries cudarc links against get unversioned
+# symlinks, and libcuda (the driver, present on a GPU machine) gets a link stub generated here
+# from cudarc's own symbol list (never committed; every stub function returns
+# CUDA_ERROR_NO_DEVICE). See ../shared/reference/cuda-build.md.
+#
+# usage: scripts/build-cuda.sh [--build]   release `rdrop` with --features cuda, stripped,
+#                                          into dist/cuda/rdrop (default)
+#        scripts/build-cuda.sh --check     cargo check of the whole workspace (all targets)
+#                                          with CUDA on; compiles the kernels (needs nvcc only)
+#        scripts/build-cuda.sh --setup     only install the toolchain and make the stub
+#        scripts/build-cuda.sh --env       set up, then print `export ...` lines for the build
+#                                          (eval "$(scripts/build-cuda.sh --env)")
+#        scripts/build-cuda.sh --run-env   set up, then print an `export LD_LIBRARY_PATH=...`
+#                                          that lets a CUDA build START here (stub libcuda):
+#                                          every CUDA device then reports "no device"
+#
+# Idempotent: the venv, the symlinks, the stub and target-cuda/ are reused.
+# Environment:
+#   RDROP_CUDA_VENV        venv holding nvcc & co  (default ~/.cache/rdrop/cuda-venv)
+#   RDROP_CUDA_TARGET_DIR  cargo target dir        (default target-cuda, ignored by git)
+#   RDROP_CUDA_DIST        where the binary goes   (default dist/cuda, ignored by git)
+#   CUDA_COMPUTE_CAP       GPU arch                (default 90: H100/H200, sm_90a)
+#   CUDAFORGE_THREADS      parallel nvcc jobs      (default: number of CPUs)
+#   PYTHON                 python used for the venv (default python3)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+MODE=build
+case "${1:-}" in
+    "" | --build) MODE=build ;;
+    --check) MODE=check ;;
+    --setup) MODE=setup ;;
+    --env) MODE=env ;;
+    --run-env) MODE=run-env ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build-cuda.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
+esac
+
+VENV=${RDROP_CUDA_VENV:-$HOME/.cache/rdrop/cuda-venv}
+TARGET=${RDROP_CUDA_TARGET_DIR:-$REPO/target-cuda}
+DIST=${RDROP_CUDA_DIST:-$REPO/dist/cuda}
+CUDA_ROOT=$TARGET/cuda-root # symlinks + stub: generated, inside an ignored folder
+PY=${PYTHON:-python3}
+
+log() { echo "[build-cuda] $*" >&2; }
+
+# What kernels need to compile (nvcc, its front end, libdevice, headers) ...
+COMPILE_PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
+# ... and what the binary links against (cudarc's dynamic-linking feature).
+LINK_PKGS=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88)
+
+pip_install() { # $1 = stamp name, rest = packages; skipped when the stamp matches
+    local stamp="$VENV/.rdrop-$1" want
+    shift
+    want="$*"
+    if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then return; fi
+    log "installing $* into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "$@"
+    echo "$want" >"$stamp"
+}
+
+setup_toolchain() { # $1 = compile | link
+    if [[ ! -x $VENV/bin/python ]]; then
+        log "creating venv $VENV"
+        mkdir -p "$(dirname "$VENV")"
+        "$PY" -m venv "$VENV" || {
+            log "'$PY -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
+            exit 1
+        }
+    fi
+    pip_install compile "${COMPILE_PKGS[@]}"
+    [[ $1 == link ]] && pip_install link "${LINK_PKGS[@]}"
+    NV=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1 || true)
+    if [[ -z $NV || ! -x $NV/bin/nvcc ]]; then
+        log "nvcc not found under $VENV (nvidia/cu13/bin/nvcc); remove the venv and retry"
+        exit 1
+    fi
+    mkdir -p "$CUDA_ROOT/lib64/stubs"
+    # CUDA_HOME's layout as build scripts expect it: bin/, include/, nvvm/ from the wheels.
+    for d in bin include nvvm; do ln -sfn "$NV/$d" "$CUDA_ROOT/$d"; done
+    if [[ $1 == link ]]; then
+        local l
+        for l in cudart:13 cublas:13 cublasLt:13 curand:10 nvrtc:13; do
+            ln -sf "$NV/lib/lib${l%%:*}.so.${l##*:}" "$CUDA_ROOT/lib64/lib${l%%:*}.so"
+        done
+        make_stub
+    fi
+}
+
+make_stub() { # libcuda link stub from cudarc's driver symbol list (needs `cargo fetch`)
+    local so="$CUDA_ROOT/lib64/stubs/libcuda.so" src="$CUDA_ROOT/stub_libcuda.c" cudarc ver
+    ver=$(grep -A1 '^name = "cudarc"' "$REPO/Cargo.lock" | sed -n 's/^version = "\(.*\)"/\1/p')
+    [[ -f $so && -f $src && "$(head -1 "$src")" == "// cudarc $ver" ]] && return
+    (cd "$REPO" && cargo fetch -q)
+    cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$ver" 2>/dev/null | head -1 || true)
+    if [[ -z $cudarc ]]; then
+        log "cudarc $ver sources not found after cargo fetch"
+        exit 1
+    fi
+    {
+        echo "// cudarc $ver"
+        echo "// libcuda stub: every driver call fails with CUDA_ERROR_NO_DEVICE (100)."
+        grep -oE '^\s+fn (cu[A-Za-z0-9_]+)\(' "$cudarc/src/driver/sys/mod.rs" |
+            sed -E 's/^\s+fn //; s/\($//' | sort -u | awk '{print "int "$1"(void){return 100;}"}'
+    } >"$src.tmp"
+    mv "$src.tmp" "$src"
+    ${CC:-cc} -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$so" "$src"
+    ln -sf libcuda.so "$CUDA_ROOT/lib64/stubs/libcuda.so.1"
+    log "libcuda stub: $(grep -c '^int ' "$src") symbols -> $so"
+}
+
+export_env() {
+    export PATH="$NV/bin:$PATH" CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT"
+    export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+    export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
+    export CARGO_TARGET_DIR="$TARGET"
+    # the linker finds the unversioned symlinks and the stub here
+    export LIBRARY_PATH="$CUDA_ROOT/lib64:$CUDA_ROOT/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+}
+
+case $MODE in
+check)
+    setup_toolchain compile
+    export_env
+    log "nvcc: $(nvcc --version | tail -1)"
+    # rdrop-cli/cuda turns on rdrop-vit/cuda, rdrop-core/cuda and candle's cuda for the whole
+    # workspace (features unify); build scripts run under `check` too, so the kernels compile.
+    (cd "$REPO" && cargo check --workspace --all-targets --features rdrop-cli/cuda)
+    log "cuda check passed"
+    ;;
+build)
+    setup_toolchain link
+    export_env
+    log "nvcc: $(nvcc --version | tail -1)"
+    (cd "$REPO" && cargo build --release -p rdrop-cli --features cuda)
+    mkdir -p "$DIST"
+    cp "$TARGET/release/rdrop" "$DIST/rdrop.tmp"
+    strip "$DIST/rdrop.tmp" 2>/dev/null || log "strip not found: binary left unstripped"
+    mv "$DIST/rdrop.tmp" "$DIST/rdrop"
+    log "built $DIST/rdrop ($(du -h "$DIST/rdrop" | cut -f1))"
+    # sanity: it starts here with the stub libcuda (no GPU) and prints its version
+    if v=$(LD_LIBRARY_PATH="$NV/lib:$CUDA_ROOT/lib64/stubs" "$DIST/rdrop" --version); then
+        log "$v starts (stub libcuda)"
+    else
+        log "warning: $DIST/rdrop does not start with the stub libcuda"
+    fi
+    ;;
+setup)
+    setup_toolchain link
+    ;;
+env)
+    setup_toolchain link
+    export_env
+    for v in PATH CUDA_HOME CUDA_PATH CUDA_COMPUTE_CAP CUDAFORGE_THREADS CARGO_TARGET_DIR LIBRARY_PATH; do
+        printf 'export %s=%q\n' "$v" "${!v}"
+    done
+    ;;
+run-env)
+    setup_toolchain link
+    printf 'export LD_LIBRARY_PATH=%q\n' "$NV/lib:$CUDA_ROOT/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    ;;
+esac
