@@ -11,13 +11,14 @@ none on attention. Synthetic data already on the device; random init.
 Prints one JSON line: R-Drop samples/s (each sample goes through two passes), step ms, peak
 memory (allocated and reserved by PyTorch's allocator). With --find-max-micro-batch it first
 searches the largest micro-batch that fits (doubling, then bisection to --granularity), then
-measures there; the JSON gains `max_search`. With --compile the search is too slow (one compile
-per size), so it is run eagerly and the compiled model measured at that size, stepping down on OOM.
+measures there; the JSON gains `max_search`. With --compile the search is run eagerly (one
+compile per size would be too slow) and the compiled model measured at that size; add
+--fallback-on-oom to step down if the compiled model needs more memory.
 
 usage: torch_gpu_step.py [--model vit-b16] [--image-size 224] [--micro-batch 64] [--steps 20]
                          [--warmup 5] [--precision bf16|f16|f32] [--compile]
                          [--find-max-micro-batch [--granularity 16] [--max-limit 4096]]
-                         [--device cuda|cpu] [--json-out FILE]
+                         [--fallback-on-oom] [--device cuda|cpu] [--json-out FILE]
 """
 import argparse
 import gc
@@ -55,6 +56,8 @@ def parse_args():
     p.add_argument("--find-max-micro-batch", action="store_true")
     p.add_argument("--granularity", type=int, default=16, help="bisection stops at this step")
     p.add_argument("--max-limit", type=int, default=4096, help="largest micro-batch tried")
+    p.add_argument("--fallback-on-oom", action="store_true",
+                   help="if the measurement runs out of memory, retry 1/8 smaller (down to 8)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json-out", help="also write the JSON line to this file")
     return p.parse_args()
@@ -213,13 +216,14 @@ def main():
             info.update(r.measure(B, a.steps, a.warmup))
             break
         except OOM:
-            if not (a.compile and a.find_max_micro_batch) or B <= a.granularity:
+            if not a.fallback_on_oom or B <= 8:
                 raise
+            r.opt.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
-            B -= max(a.granularity, B // 8 // a.granularity * a.granularity)
-            info["max_micro_batch"] = B
-            print(f"[torch_gpu_step] compiled model OOM, stepping down to {B}", file=sys.stderr)
+            info.setdefault("oom_at", []).append(B)
+            B -= max(8, B // 8 // 8 * 8)
+            print(f"[torch_gpu_step] out of memory, retrying at micro-batch {B}", file=sys.stderr)
     emit(info, a)
 
 

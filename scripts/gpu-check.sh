@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One prepared check of rdrop's CUDA build on a GPU machine (PyTorch + timm there, no Rust, no
+# network), measured against PyTorch on the same GPU, in under 8 minutes:
+#   a. `rdrop eval` of scripts/fixtures/gpu-check-vit on CPU vs CUDA (f32 within 1e-3 and
+#      identical predictions; bf16 within 2e-2 of the logit scale), and vs transformers;
+#   b. `rdrop bench train --model vit-b16 --image-size 224 --micro-batch 64 --precision bf16
+#      --device cuda` vs scripts/torch_gpu_step.py (eager, --compile), then each at the largest
+#      micro-batch it fits;
+#   c. `rdrop data bench` vs scripts/torchvision_loader.py at 224 px with all cores;
+#   d. one JSON summary with every figure and ratio: printed, and written to
+#      ${OUT:-.}/gpu-check.json (rewritten after each part, so a cut-off run keeps what it did).
+# Every part is time-boxed and records its error in the JSON instead of stopping the rest.
+#
+# Needs the binary from `scripts/build-cuda.sh` (dist/cuda/rdrop; carry dist/cuda to the
+# machine). usage: bash scripts/gpu-check.sh [--dry-run] [--budget SECONDS]
+# Environment: RDROP_BIN (default dist/cuda/rdrop), PYTHON (a python with torch; default: the
+# first of python3, /opt/torch/.venv/bin/python3 that imports torch), OUT (output folder).
+# --dry-run: plumbing test on a machine without a GPU: tiny CPU sizes; runs that need a GPU are
+# expected to fail with rdrop's "no GPU" error (the CUDA build starts with the libcuda stub).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${RDROP_BIN:-$REPO/dist/cuda/rdrop}
+OUTDIR=${OUT:-.}
+DRY=0
+for a in "$@"; do [[ $a == --dry-run ]] && DRY=1; done
+
+say() { echo "[gpu-check] $*" >&2; }
+
+PY=""
+for p in ${PYTHON:-} python3 /opt/torch/.venv/bin/python3; do
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import torch' 2>/dev/null; then PY=$(command -v "$p"); break; fi
+done
+if [[ -z $PY ]]; then
+    say "no python with torch found (set PYTHON=...)"
+    PY=python3
+fi
+say "python: $PY; binary: $BIN"
+[[ -x $BIN ]] || say "warning: $BIN is missing or not executable (build it with scripts/build-cuda.sh)"
+
+# The CUDA libraries the binary links (cudarc's dynamic linking): from PyTorch's NVIDIA pip
+# packages (nvidia/cu13/lib, nvidia/*/lib) or a CUDA install; libcuda.so.1 is the driver's.
+LIBDIRS=$("$PY" - <<'EOF' 2>/dev/null
+import glob, os, site, sys
+need = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13"]
+roots = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + sys.path))
+cands = []
+for r in roots:
+    if os.path.isdir(os.path.join(r, "nvidia")):
+        cands += sorted(glob.glob(os.path.join(r, "nvidia", "**", "lib"), recursive=True))
+cands += ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+dirs = []
+for n in need:
+    for d in cands:
+        if os.path.exists(os.path.join(d, n)):
+            dirs.append(d) if d not in dirs else None
+            break
+    else:
+        print(f"[gpu-check] {n} not found in the Python's nvidia packages or /usr/local/cuda", file=sys.stderr)
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [[ $DRY == 1 ]] && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; then
+    # no driver here: let a CUDA build start with the link stub (every CUDA call: no device)
+    STUB=$REPO/target-cuda/cuda-root/lib64/stubs
+    NVLIB=$(ls -d "${RDROP_CUDA_VENV:-$HOME/.cache/rdrop/cuda-venv}"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1)
+    [[ -d $STUB ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$STUB${NVLIB:+:$NVLIB}"
+fi
+say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+if command -v ldd >/dev/null && [[ -x $BIN ]] && ldd "$BIN" | grep -q 'not found'; then
+    say "unresolved libraries:"; ldd "$BIN" | grep 'not found' >&2
+fi
+
+mkdir -p "$OUTDIR"
+BUDGET=450
+for ((i = 1; i <= $#; i++)); do [[ ${!i} == --budget ]] && { j=$((i + 1)); BUDGET=${!j}; }; done
+# the driver keeps its own time boxes; this outer one only guards against a hang in the driver
+timeout -k 10 $((${BUDGET%.*} + 60)) "$PY" -u "$REPO/scripts/gpu_check.py" --bin "$BIN" --python "$PY" \
+    --out "$OUTDIR/gpu-check.json" "$@"
+rc=$?
+say "exit $rc; summary in $OUTDIR/gpu-check.json"
+exit $rc

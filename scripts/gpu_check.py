@@ -1,0 +1,478 @@
+#!/usr/bin/env python3
+"""Driver of scripts/gpu-check.sh: rdrop's CUDA build checked and measured against PyTorch on
+one GPU machine, in one call, within a time budget. Run it through gpu-check.sh (which finds
+the Python with torch and the CUDA libraries the binary needs).
+
+Parts, each time-boxed; a failing part records its error in the JSON and the rest go on:
+  env    the GPU, driver, torch, the binary and the libraries it resolved
+  eval   `rdrop eval` of scripts/fixtures/gpu-check-vit on the demo test split: CPU f32 vs
+         CUDA f32 (max |Δlogit| <= 1e-3, identical predictions) and CUDA bf16
+         (max |Δlogit| <= 2e-2 · max|logit|); plus PyTorch/transformers' logits of the same model
+  data   `rdrop data bench` vs scripts/torchvision_loader.py at 224 px with all cores
+  train  `rdrop bench train` (vit-b16, 224, bf16, micro-batch 64) vs scripts/torch_gpu_step.py
+         eager and --compile, back to back; then each at the largest micro-batch it fits
+The JSON summary (every figure and ratio) is rewritten after each part, printed at the end.
+
+usage: gpu_check.py --bin RDROP --python PY --out FILE [--budget SECONDS] [--dry-run]
+  --dry-run: plumbing test on a machine without a GPU (tiny sizes, CPU; CUDA runs are
+             expected to fail with rdrop's "no GPU" error, which is recorded)
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE_MODEL = REPO / "scripts/fixtures/gpu-check-vit"
+DEMO_DATA = REPO / "rdrop-cli/assets/digits-demo.tar.gz"
+F32_TOL, BF16_REL_TOL = 1e-3, 2e-2
+
+T0 = time.monotonic()
+
+
+def log(msg):
+    print(f"[gpu-check {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.end = T0 + seconds
+
+    def left(self):
+        return self.end - time.monotonic()
+
+    def box(self, want):
+        """A part's timeout: what it wants, capped by what is left (keeping 5 s to write up)."""
+        return max(1.0, min(want, self.left() - 5))
+
+
+class MemSampler:
+    """Peak device memory used (MiB) while a command runs, minus what was used before: the
+    same yardstick for rdrop and PyTorch (context and allocator caches included)."""
+
+    def __init__(self, enabled):
+        self.enabled, self.peak, self.base, self._stop = enabled, None, None, threading.Event()
+        self._read = None
+        if not enabled:
+            return
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+        except Exception:
+            if shutil.which("nvidia-smi"):
+                def read():
+                    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                                          "--format=csv,noheader,nounits", "-i", "0"],
+                                         capture_output=True, text=True, timeout=5).stdout
+                    return float(out.split()[0])
+                self._read = read
+
+    def __enter__(self):
+        if self._read:
+            try:
+                self.base = self.peak = self._read()
+                self._stop.clear()
+                self._t = threading.Thread(target=self._loop, daemon=True)
+                self._t.start()
+            except Exception:
+                self._read = None
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.1):
+            try:
+                self.peak = max(self.peak, self._read())
+            except Exception:
+                pass
+
+    def __exit__(self, *exc):
+        if self._read and self.base is not None:
+            self._stop.set()
+            self._t.join(2)
+
+    def result(self):
+        if self.base is None or self.peak is None:
+            return None
+        return round((self.peak - self.base) / 1024, 3)  # GiB
+
+
+def run(cmd, timeout, env=None, mem=False):
+    """Runs cmd (in its own process group, killed whole on timeout). Returns a dict with rc,
+    seconds, the last JSON object printed on stdout (if any), stderr's tail, device memory."""
+    log("$ " + " ".join(str(c) for c in cmd) + f"   (timeout {timeout:.0f}s)")
+    t = time.monotonic()
+    res = {"cmd": " ".join(str(c) for c in cmd)}
+    sampler = MemSampler(mem)
+    with sampler:
+        try:
+            p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                                 start_new_session=True)
+        except OSError as e:
+            return {**res, "rc": None, "error": f"cannot start: {e}"}
+        try:
+            out, err = p.communicate(timeout=timeout)
+            res["rc"] = p.returncode
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, 9)
+            except ProcessLookupError:
+                pass
+            out, err = p.communicate()
+            res["rc"], res["timed_out"] = None, True
+    res["s"] = round(time.monotonic() - t, 2)
+    res["json"] = last_json(out)
+    gib = sampler.result()
+    if gib is not None:
+        res["device_mem_peak_gib"] = gib
+    if res.get("rc") != 0:
+        tail = (err or "").strip().splitlines()[-6:]
+        res["error"] = ("timed out after %.0fs; " % timeout if res.get("timed_out") else "") + \
+            " | ".join(tail)[-800:]
+        log(f"   -> failed ({res['s']}s): {res['error'][:300]}")
+    else:
+        log(f"   -> ok ({res['s']}s)")
+    return res
+
+
+def last_json(text):
+    for line in reversed((text or "").strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def pick(d, *names):
+    """First key of d (a flat-ish JSON object) whose name matches one of names (regexes)."""
+    if not isinstance(d, dict):
+        return None
+    for n in names:
+        for k, v in d.items():
+            if re.fullmatch(n, k) and isinstance(v, (int, float)):
+                return v
+        for k, v in d.items():  # one level down, e.g. {"result": {...}}
+            if isinstance(v, dict):
+                r = pick(v, n)
+                if r is not None:
+                    return r
+    return None
+
+
+def ratio(a, b):
+    return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def samples_per_s(j):
+    return pick(j, r"samples_per_s", r"rdrop_samples_per_s", r".*samples.*per.*s.*")
+
+
+def peak_gib(j):
+    return pick(j, r"peak_gib", r"peak_mem.*gib", r"peak.*gib", r"peak.*")
+
+
+# ----------------------------------------------------------------------------------------------
+class Check:
+    def __init__(self, a):
+        self.a = a
+        self.dry = a.dry_run
+        self.budget = Budget(a.budget)
+        self.out = Path(a.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        self.env = dict(os.environ)
+        self.summary = {"script": "scripts/gpu-check.sh", "dry_run": self.dry,
+                        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "budget_s": a.budget}
+        self.cuda = "cpu" if self.dry else "cuda"
+        self.cores = len(os.sched_getaffinity(0))
+
+    def save(self):
+        self.summary["elapsed_s"] = round(time.monotonic() - T0, 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
+        tmp.replace(self.out)
+
+    def part(self, name, fn):
+        log(f"== {name} ({self.budget.left():.0f}s left)")
+        try:
+            fn(self.summary.setdefault(name, {}))
+        except Exception as e:  # record and go on
+            self.summary[name]["error"] = f"{type(e).__name__}: {e}"
+            log(f"   part {name} failed: {e}")
+        self.save()
+
+    def rdrop(self, *args):
+        return [self.a.bin, *args]
+
+    def py(self, script, *args):
+        return [self.a.python, "-u", str(REPO / "scripts" / script), *args]
+
+    # -- env ------------------------------------------------------------------------------------
+    def env_part(self, s):
+        s["cpu_cores"] = self.cores
+        s["binary"] = str(self.a.bin)
+        s["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH", "")
+        p = subprocess.run([self.a.bin, "--version"], capture_output=True, text=True, timeout=20)
+        s["rdrop_version"] = p.stdout.strip() if p.returncode == 0 else f"error: {p.stderr.strip()[-400:]}"
+        if shutil.which("ldd"):
+            ldd = subprocess.run(["ldd", self.a.bin], capture_output=True, text=True, timeout=20).stdout
+            s["libs"] = {m.group(1): m.group(2) for m in
+                         re.finditer(r"^\s*(lib(?:cuda|cublas|cublasLt|curand|cudart|nvrtc)\S*) => (.*?)(?: \(0x[0-9a-f]+\))?$",
+                                     ldd, re.M)}
+        if shutil.which("nvidia-smi"):
+            q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used",
+                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            s["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        r = run([self.a.python, "-c", "import json, torch, timm, torchvision; print(json.dumps({"
+                 "'torch': torch.__version__, 'timm': timm.__version__, 'torchvision': torchvision.__version__, "
+                 "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))"], 60)
+        s["python"] = r.get("json") or r.get("error")
+
+    # -- a. eval -------------------------------------------------------------------------------
+    def eval_part(self, s):
+        import numpy as np
+
+        runs = [("cpu_f32", "cpu", "f32"), ("cuda_f32", self.cuda, "f32")]
+        runs.append(("cuda_bf16", "cuda", "bf16"))  # on a dry run: the recorded no-GPU error
+        logits = {}
+        base = ["eval", "--weights", FIXTURE_MODEL, "--data", DEMO_DATA, "--batch-size", "100", "--json"]
+        for key, dev, prec in runs:
+            f = self.tmp / f"logits-{key}.npy"
+            cmd = self.rdrop(*base, "--device", dev, "--dump-logits", f)
+            if prec != "f32":
+                cmd += ["--precision", prec]
+            r = run(cmd, self.budget.box(90), self.env, mem=dev == "cuda" and not self.dry)
+            if r.get("rc") != 0 and "dump-logits" in (r.get("error") or ""):
+                # an rdrop without the hidden --dump-logits: compare the metrics only
+                cmd = [c for c in cmd if c not in ("--dump-logits", f)]
+                r = run(cmd, self.budget.box(90), self.env)
+            s[key] = dict(r)
+            s[key]["metrics"] = s[key].pop("json", None)
+            if r.get("rc") == 0 and f.exists():
+                logits[key] = np.load(f).astype(np.float64)
+        if "cpu_f32" in logits:
+            s["torch_reference"] = self.torch_eval_reference(logits["cpu_f32"])
+        ref = logits.get("cpu_f32")
+        for key, tol, rel in (("cuda_f32", F32_TOL, False), ("cuda_bf16", BF16_REL_TOL, True)):
+            if ref is None or key not in logits:
+                if ref is not None or key in logits:
+                    s[f"{key}_vs_cpu"] = {"error": "logits missing (see the runs above)"}
+                continue
+            s[f"{key}_vs_cpu"] = compare(ref, logits[key], tol, rel)
+        if ref is None:  # fall back to the metrics
+            m = {k: s.get(k, {}).get("metrics") for k in ("cpu_f32", "cuda_f32")}
+            if all(isinstance(v, dict) for v in m.values()):
+                s["metrics_only"] = {
+                    "loss_abs_diff": abs(pick(m["cpu_f32"], "loss") - pick(m["cuda_f32"], "loss")),
+                    "top1_equal": pick(m["cpu_f32"], "top1") == pick(m["cuda_f32"], "top1")}
+
+    def torch_eval_reference(self, rd):
+        """transformers' logits of the fixture model on the same test images (CPU, f64)."""
+        code = f"""
+import json, pickle, tarfile, numpy as np, torch
+from transformers import ViTForImageClassification
+t = tarfile.open({str(DEMO_DATA)!r}); d = pickle.loads(t.extractfile('cifar-100-python/test').read())
+x = torch.from_numpy(np.asarray(d['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).copy()).double()
+m = ViTForImageClassification.from_pretrained({str(FIXTURE_MODEL)!r}).double().eval()
+with torch.no_grad(): l = m(pixel_values=(x / 255 - 0.5) / 0.5).logits.numpy()
+np.save({str(self.tmp / 'logits-torch.npy')!r}, l)
+print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).mean())}}))
+"""
+        r = run([self.a.python, "-c", code], self.budget.box(90))
+        if r.get("rc") != 0:
+            return {"error": r.get("error")}
+        import numpy as np
+
+        tl = np.load(self.tmp / "logits-torch.npy")
+        if tl.shape != rd.shape:
+            return {"error": f"shape {tl.shape} vs rdrop {rd.shape}"}
+        return {"top1": r["json"]["top1"], "rdrop_cpu_vs_transformers": compare(tl, rd, 1e-4, False)}
+
+    # -- c. data -------------------------------------------------------------------------------
+    def data_part(self, s):
+        size, batches = (64, 10) if self.dry else (224, 100)
+        threads = self.cores
+        r = run(self.rdrop("data", "bench", "--image-size", size, "--batch-size", 64, "--batches",
+                           batches, "--threads", threads, "--json"), self.budget.box(60), self.env)
+        s["rdrop"] = r
+        t = run(self.py("torchvision_loader.py", "--image-size", size, "--workers", threads,
+                        "--images", 64 * batches), self.budget.box(90))
+        s["torchvision"] = t
+        ri, ti = pick(r.get("json"), "images_per_s"), pick(t.get("json"), "images_per_s")
+        s["images_per_s"] = {"rdrop": ri, "torchvision": ti, "ratio_rdrop_over_torchvision": ratio(ri, ti)}
+
+    # -- b. train ------------------------------------------------------------------------------
+    def bench_args(self):
+        if self.dry:
+            return "cpu-small", 32, "f32", 2
+        return "vit-b16", 224, "bf16", 10
+
+    def rdrop_train(self, mb, steps, timeout):
+        model, size, prec, _ = self.bench_args()
+        return run(self.rdrop("bench", "train", "--model", model, "--image-size", size, "--micro-batch",
+                              mb, "--steps", steps, "--precision", prec, "--device", self.cuda, "--json"),
+                   timeout, self.env, mem=not self.dry)
+
+    def torch_train(self, mb, steps, timeout, *extra):
+        model, size, prec, _ = self.bench_args()
+        return run(self.py("torch_gpu_step.py", "--model", model, "--image-size", size, "--micro-batch", mb,
+                           "--steps", steps, "--warmup", 2 if self.dry else 3, "--precision", prec,
+                           "--device", self.cuda, *extra), timeout, mem=not self.dry)
+
+    def train_part(self, s):
+        _, _, _, steps = self.bench_args()
+        mb = 8 if self.dry else 64
+        s["micro_batch"] = mb
+        s["rdrop"] = self.rdrop_train(mb, steps, self.budget.box(120))
+        s["torch_eager"] = self.torch_train(mb, steps + 5, self.budget.box(120))
+        s["torch_compile"] = self.torch_train(mb, steps + 5, self.budget.box(240), "--compile")
+        s["summary"] = self.train_ratios(s["rdrop"], s["torch_eager"], s["torch_compile"])
+
+    def train_ratios(self, rd, te, tc):
+        rj, ej, cj = rd.get("json"), te.get("json"), tc.get("json")
+        out = {"samples_per_s": {"rdrop": samples_per_s(rj), "torch_eager": samples_per_s(ej),
+                                 "torch_compile": samples_per_s(cj)},
+               "peak_gib_self_reported": {"rdrop": peak_gib(rj), "torch_eager": peak_gib(ej),
+                                          "torch_compile": peak_gib(cj)},
+               "device_mem_peak_gib": {"rdrop": rd.get("device_mem_peak_gib"),
+                                       "torch_eager": te.get("device_mem_peak_gib"),
+                                       "torch_compile": tc.get("device_mem_peak_gib")}}
+        sp, dm = out["samples_per_s"], out["device_mem_peak_gib"]
+        out["ratio_rdrop_over_torch_eager"] = ratio(sp["rdrop"], sp["torch_eager"])
+        out["ratio_rdrop_over_torch_compile"] = ratio(sp["rdrop"], sp["torch_compile"])
+        out["mem_ratio_rdrop_over_torch_eager"] = ratio(dm["rdrop"], dm["torch_eager"])
+        out["goal_rdrop_at_least_torch_eager"] = (out["ratio_rdrop_over_torch_eager"] or 0) >= 1.0
+        return out
+
+    def max_part(self, s):
+        _, _, _, steps = self.bench_args()
+        gran = 8 if self.dry else 16
+        limit = 32 if self.dry else 2048
+        # rdrop: one process per probe (an OOM ends the process); doubling, then bisection
+        probes, lo, hi, b = [], 0, None, (8 if self.dry else 64)
+        deadline = time.monotonic() + min(150, self.budget.left() * 0.45)
+        while b <= limit and time.monotonic() < deadline:
+            r = self.rdrop_train(b, 2, self.budget.box(min(90, deadline - time.monotonic() + 30)))
+            probes.append({"micro_batch": b, "fits": r.get("rc") == 0, "s": r.get("s"),
+                           **({"error": r.get("error")} if r.get("rc") != 0 else {})})
+            if r.get("rc") != 0:
+                hi = b
+                break
+            lo, b = b, b * 2
+        while hi is not None and lo and hi - lo > gran and time.monotonic() < deadline:
+            mid = (lo + hi) // 2 // gran * gran
+            if mid <= lo:
+                break
+            r = self.rdrop_train(mid, 2, self.budget.box(90))
+            ok = r.get("rc") == 0
+            probes.append({"micro_batch": mid, "fits": ok, "s": r.get("s"),
+                           **({"error": r.get("error")} if not ok else {})})
+            lo, hi = (mid, hi) if ok else (lo, mid)
+        s["rdrop_probes"] = probes
+        s["rdrop_max_micro_batch"] = lo
+        s["rdrop_max_search_complete"] = hi is None or hi - lo <= gran
+        if lo:
+            s["rdrop"] = self.rdrop_train(lo, steps, self.budget.box(120))
+        # PyTorch eager: in-process search (OOM is recoverable there), then measured at its max
+        s["torch_eager"] = self.torch_train(64 if not self.dry else 8, steps + 5, self.budget.box(200),
+                                            "--find-max-micro-batch", "--granularity", gran,
+                                            "--max-limit", limit)
+        tmax = (s["torch_eager"].get("json") or {}).get("max_micro_batch")
+        s["torch_max_micro_batch"] = tmax
+        # compiled at PyTorch's eager max (one more compile), if time allows
+        if tmax and self.budget.left() > (60 if self.dry else 150):
+            s["torch_compile"] = self.torch_train(tmax, steps + 5, self.budget.box(200), "--compile",
+                                                  "--fallback-on-oom")
+        else:
+            s["torch_compile"] = {"skipped": "not enough time left"}
+        sm = self.train_ratios(s.get("rdrop", {}), s["torch_eager"], s["torch_compile"])
+        sm["micro_batch"] = {"rdrop": lo, "torch": tmax}
+        sm["ratio_max_micro_batch_rdrop_over_torch"] = ratio(lo, tmax)
+        s["summary"] = sm
+
+    def main(self):
+        self.part("env", self.env_part)
+        self.part("eval", self.eval_part)
+        self.part("data", self.data_part)
+        self.part("train_mb64", self.train_part)
+        self.part("train_max", self.max_part)
+        self.summary["headline"] = headline(self.summary)
+        self.save()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        print(json.dumps(self.summary, indent=2))
+        print("HEADLINE " + json.dumps(self.summary["headline"]))
+
+
+def compare(ref, got, tol, relative):
+    import numpy as np
+
+    if ref.shape != got.shape:
+        return {"error": f"shapes differ: {ref.shape} vs {got.shape}", "pass": False}
+    d = np.abs(ref - got)
+    scale = float(np.abs(ref).max()) if relative else 1.0
+    top2 = np.sort(ref, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    mism = ref.argmax(-1) != got.argmax(-1)
+    out = {"n": int(ref.shape[0]), "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
+           "max_abs_ref": float(np.abs(ref).max()), "tolerance": tol,
+           "criterion": "max|Δ| <= tol·max|ref|" if relative else "max|Δ| <= tol",
+           "prediction_mismatches": int(mism.sum()),
+           # a mismatch where the reference's top-2 margin is below the tolerance is a near-tie
+           "mismatches_beyond_near_ties": int((mism & (margin > 2 * tol * scale)).sum()),
+           "min_top2_margin": float(margin.min())}
+    out["pass"] = bool(d.max() <= tol * scale and out["mismatches_beyond_near_ties"] == 0)
+    out["identical_predictions"] = out["prediction_mismatches"] == 0
+    return out
+
+
+def headline(s):
+    g = lambda *ks: _get(s, ks)
+    return {
+        "gpu": g("env", "python", "gpu") or g("env", "nvidia_smi"),
+        "eval_f32_pass": g("eval", "cuda_f32_vs_cpu", "pass"),
+        "eval_f32_max_abs_diff": g("eval", "cuda_f32_vs_cpu", "max_abs_diff"),
+        "eval_bf16_pass": g("eval", "cuda_bf16_vs_cpu", "pass"),
+        "eval_bf16_max_abs_diff": g("eval", "cuda_bf16_vs_cpu", "max_abs_diff"),
+        "train_mb64_samples_per_s": g("train_mb64", "summary", "samples_per_s"),
+        "train_mb64_rdrop_over_torch_eager": g("train_mb64", "summary", "ratio_rdrop_over_torch_eager"),
+        "train_mb64_rdrop_over_torch_compile": g("train_mb64", "summary", "ratio_rdrop_over_torch_compile"),
+        "train_mb64_device_mem_peak_gib": g("train_mb64", "summary", "device_mem_peak_gib"),
+        "train_max_micro_batch": g("train_max", "summary", "micro_batch"),
+        "train_max_samples_per_s": g("train_max", "summary", "samples_per_s"),
+        "train_max_rdrop_over_torch_eager": g("train_max", "summary", "ratio_rdrop_over_torch_eager"),
+        "data_images_per_s": g("data", "images_per_s"),
+        "errors": [k for k, v in s.items() if isinstance(v, dict) and "error" in v],
+        "elapsed_s": round(time.monotonic() - T0, 1),
+    }
+
+
+def _get(d, ks):
+    for k in ks:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=450, help="seconds for everything")
+    ap.add_argument("--dry-run", action="store_true")
+    Check(ap.parse_args()).main()
