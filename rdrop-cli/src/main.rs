@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod device;
 
 /// Fine-tune Vision Transformers with R-Drop (regularized dropout).
 ///

@@ -1,0 +1,165 @@
+//! `--device cpu|cuda[:N]`, `--precision f32|bf16|f16` and `--threads T`, shared by the subcommands.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+/// Where tensors live: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The host CPU.
+    #[default]
+    Cpu,
+    /// CUDA device with this ordinal (needs a build with `--features cuda`).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match t.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map(Self::Cuda)
+                    .map_err(|_| format!("bad CUDA ordinal in device `{s}` (expected cuda:N)")),
+                None => Err(format!(
+                    "unknown device `{s}` (expected cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device. A CUDA device in a build without the `cuda` feature is an error that
+    /// says how to rebuild.
+    pub fn open(&self) -> anyhow::Result<Device> {
+        match *self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    anyhow::bail!(
+                        "device cuda:{n} requested but this `rdrop` was built without CUDA; \
+                         rebuild with `cargo build --release -p rdrop-cli --features cuda`"
+                    );
+                }
+                Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
+            }
+        }
+    }
+}
+
+/// Numeric precision of the forward/backward pass (master weights stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats everywhere (the only choice on CPU).
+    #[default]
+    F32,
+    /// bfloat16 compute (CUDA, sm_80+), no loss scaling.
+    Bf16,
+    /// float16 compute with dynamic loss scaling (CUDA).
+    F16,
+}
+
+impl Precision {
+    /// The candle dtype of activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// Refuses combinations candle cannot run (reduced precision on CPU: bf16 conv/matmul is
+    /// widened or missing there, see candle-notes).
+    pub fn check(self, device: &DeviceSpec) -> anyhow::Result<()> {
+        if *device == DeviceSpec::Cpu && self != Self::F32 {
+            anyhow::bail!("precision {self} is only supported on CUDA; use --precision f32 on cpu");
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// Applies `--threads T` to candle's CPU kernels and rayon (data pipeline). Must run before
+/// the first tensor operation: candle and rayon size their pools once, from
+/// `RAYON_NUM_THREADS`/`CANDLE_NUM_THREADS`.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        // Edition 2021: set_var is safe; we are still single-threaded here.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
+        // Ignore "already initialised" (tests call this more than once in one process).
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("CUDA:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("tpu"
+            .parse::<DeviceSpec>()
+            .unwrap_err()
+            .contains("unknown device"));
+        assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn reduced_precision_refused_on_cpu() {
+        assert!(Precision::Bf16.check(&DeviceSpec::Cpu).is_err());
+        assert!(Precision::F32.check(&DeviceSpec::Cpu).is_ok());
+        assert!(Precision::F16.check(&DeviceSpec::Cuda(0)).is_ok());
+    }
+}
