@@ -455,9 +455,26 @@ def headline(s):
         "train_max_samples_per_s": g("train_max", "summary", "samples_per_s"),
         "train_max_rdrop_over_torch_eager": g("train_max", "summary", "ratio_rdrop_over_torch_eager"),
         "data_images_per_s": g("data", "images_per_s"),
-        "errors": [k for k, v in s.items() if isinstance(v, dict) and "error" in v],
+        "errors": errors(s),
         "elapsed_s": round(time.monotonic() - T0, 1),
     }
+
+
+def errors(d, path=""):
+    """Every recorded error, as "part.run: message" (messages cut to 200 characters)."""
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            if k == "error" and v:
+                out.append(f"{path or 'top'}: {str(v)[:200]}")
+            elif k not in ("headline",):
+                out += errors(v, f"{path}.{k}" if path else k)
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            if isinstance(v, dict) and v.get("fits") is False:
+                continue  # an OOM probe is the expected end of a search
+            out += errors(v, f"{path}[{i}]")
+    return out
 
 
 def _get(d, ks):
