@@ -3,7 +3,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::Context;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
@@ -69,14 +68,30 @@ impl DeviceSpec {
             Self::Cuda(n) => {
                 if !candle_core::utils::cuda_is_available() {
                     anyhow::bail!(
-                        "device cuda:{n} requested but this `rdrop` was built without CUDA; \
-                         rebuild with `cargo build --release -p rdrop-cli --features cuda`"
+                        "device cuda:{n} requested, but this rdrop was built without CUDA \
+                         support; rebuild with --features cuda (scripts/build-cuda.sh)"
                     );
                 }
-                Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}"))
+                Device::new_cuda(n).map_err(|e| cuda_open_error(n, e))
             }
         }
     }
+}
+
+/// Says what to do when the driver has no such GPU (the raw driver error stays as the cause).
+fn cuda_open_error(n: usize, e: candle_core::Error) -> anyhow::Error {
+    let raw = e.to_string();
+    let what = if raw.contains("CUDA_ERROR_NO_DEVICE") {
+        format!(
+            "no CUDA GPU found (device cuda:{n}): the driver reports no device; check \
+             `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use --device cpu"
+        )
+    } else if raw.contains("CUDA_ERROR_INVALID_DEVICE") {
+        format!("no CUDA GPU with ordinal {n} (`nvidia-smi -L` lists them; cuda = cuda:0)")
+    } else {
+        format!("cannot open CUDA device cuda:{n}")
+    };
+    anyhow::Error::new(e).context(what)
 }
 
 /// Numeric precision of the forward/backward pass (master weights stay f32).
@@ -154,6 +169,14 @@ mod tests {
             .unwrap_err()
             .contains("unknown device"));
         assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_rebuild() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("built without CUDA support"), "{err}");
+        assert!(err.contains("--features cuda"), "{err}");
     }
 
     #[test]
