@@ -3,10 +3,39 @@
 //! R-Drop ([Liang et al., NeurIPS 2021](https://arxiv.org/abs/2106.14448)) feeds every sample
 //! through the network twice with dropout and adds α × the bidirectional KL divergence between
 //! the two predictions to their cross-entropy.
+//!
+//! - [`loss`]: the objective in its `mean` and `reference` conventions and their equivalence
+//!   (`reference(α) = 2 · mean(m·α)` at micro-batch `m`);
+//! - [`passes`]: the two stochastic passes, concatenated `[x; x]` or sequential;
+//! - [`optim`]: SGD with (Nesterov) momentum and AdamW, PyTorch semantics, exportable state;
+//! - [`clip`]: `clip_grad_norm_`; [`scaler`]: dynamic loss scaling for f16;
+//! - [`schedule`]: warm-up + cosine/linear learning-rate multiplier `lr_lambda(k)`;
+//! - [`trainer`]: one composed update (accumulation, scaling, clipping, schedule, step);
+//! - [`state`], [`checkpoint`]: the training state and atomic checkpoint files.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod checkpoint;
+pub mod clip;
+pub mod error;
+pub mod loss;
 pub mod model;
+pub mod optim;
+pub mod passes;
 pub mod rng;
+pub mod scaler;
+pub mod schedule;
+pub mod state;
+pub mod trainer;
 
+pub use checkpoint::{load_vars, save_vars};
+pub use clip::{clip_grad_norm, global_grad_norm};
+pub use error::{CoreError, Result};
+pub use loss::{mean_to_reference, rdrop_loss, reference_to_mean, LossConfig, LossMode, LossParts};
 pub use model::RDropModel;
+pub use optim::{OptimConfig, Optimizer, OptimizerKind, OptimizerState, WeightDecayScope};
+pub use passes::{two_pass_logits, TwoPass};
 pub use rng::{DropoutRng, RngState};
+pub use scaler::{LossScaler, ScalerConfig, ScalerState};
+pub use schedule::{lr_lambda, DecayKind, ScheduleConfig};
+pub use state::TrainState;
+pub use trainer::{Precision, StepStats, TrainConfig, Trainer};

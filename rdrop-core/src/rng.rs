@@ -41,7 +41,9 @@ impl Clone for DropoutRng {
 
 /// Mixes a seed and a counter into one 64-bit value (SplitMix64 finaliser).
 pub fn mix64(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03);
+    let mut z = a ^ b
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -88,7 +90,13 @@ impl DropoutRng {
 
     /// An inverted-dropout mask of `shape`: each element is `1/(1-p)` with probability `1-p`,
     /// else 0, in `dtype` on `device`. `p` must be in `[0, 1)`.
-    pub fn mask(&self, shape: impl Into<Shape>, p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn mask(
+        &self,
+        shape: impl Into<Shape>,
+        p: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         if !(0.0..1.0).contains(&p) {
             candle_core::bail!("dropout probability must be in [0, 1), got {p}")
@@ -128,7 +136,11 @@ fn fill_mask(out: &mut [f32], s: RngState, threshold: u64, scale: f32) {
         rng.set_stream(s.calls);
         rng.set_word_pos((ci * CHUNK) as u128);
         for v in chunk.iter_mut() {
-            *v = if (rng.next_u32() as u64) < threshold { 0.0 } else { scale };
+            *v = if (rng.next_u32() as u64) < threshold {
+                0.0
+            } else {
+                scale
+            };
         }
     };
     if out.len() <= CHUNK {
@@ -160,11 +172,17 @@ mod tests {
         let a = DropoutRng::new(3);
         let _ = a.mask(100_000, 0.5, DType::F32, &Device::Cpu)?;
         let saved = a.state();
-        let m1 = a.mask(200_000, 0.5, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?;
+        let m1 = a
+            .mask(200_000, 0.5, DType::F32, &Device::Cpu)?
+            .to_vec1::<f32>()?;
         let b = DropoutRng::from_state(saved);
-        let m2 = b.mask(200_000, 0.5, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?;
+        let m2 = b
+            .mask(200_000, 0.5, DType::F32, &Device::Cpu)?
+            .to_vec1::<f32>()?;
         assert_eq!(m1, m2);
-        let m3 = b.mask(200_000, 0.5, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?;
+        let m3 = b
+            .mask(200_000, 0.5, DType::F32, &Device::Cpu)?
+            .to_vec1::<f32>()?;
         assert_ne!(m1, m3);
         Ok(())
     }
