@@ -8,8 +8,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod checkpoint;
 mod cmd;
+mod config;
 mod device;
+mod progress;
+mod run_dir;
+mod signals;
 
 /// Fine-tune Vision Transformers with R-Drop (regularized dropout).
 ///

@@ -1,0 +1,98 @@
+//! Progress display: an indicatif bar (ETA, images/s, loss, lr, last top-1) on a terminal,
+//! plain log lines on stderr otherwise (CI logs, `nohup`, pipes).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Training progress over `total` updates.
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    last_log: Instant,
+    every: Duration,
+    started: Instant,
+    start_step: u64,
+    last_top1: Option<f64>,
+}
+
+impl Progress {
+    /// A bar when stderr is a terminal, else log lines at most every 5 s (and at the end).
+    pub fn new(start_step: u64, total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(total);
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_position(start_step);
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        Self {
+            bar,
+            total,
+            last_log: Instant::now() - Duration::from_secs(3600),
+            every: Duration::from_secs(5),
+            started: Instant::now(),
+            start_step,
+            last_top1: None,
+        }
+    }
+
+    /// After update `step`.
+    pub fn update(&mut self, step: u64, images_per_s: f64, loss: f64, lr: f64) {
+        let top1 = self
+            .last_top1
+            .map(|t| format!(" top1 {:.2}%", 100.0 * t))
+            .unwrap_or_default();
+        let msg = format!("{images_per_s:.0} img/s loss {loss:.4} lr {lr:.2e}{top1}");
+        match &self.bar {
+            Some(b) => {
+                b.set_position(step);
+                b.set_message(msg);
+            }
+            None => {
+                if self.last_log.elapsed() >= self.every || step == self.total {
+                    self.last_log = Instant::now();
+                    let done = step.saturating_sub(self.start_step) as f64;
+                    let el = self.started.elapsed().as_secs_f64();
+                    let eta = if done > 0.0 {
+                        el / done * (self.total - step) as f64
+                    } else {
+                        0.0
+                    };
+                    eprintln!("step {step}/{} [{el:.0}s, eta {eta:.0}s] {msg}", self.total);
+                }
+            }
+        }
+    }
+
+    /// After an evaluation.
+    pub fn eval(&mut self, step: u64, top1: f64, top5: f64, loss: f64) {
+        self.last_top1 = Some(top1);
+        self.println(&format!(
+            "eval at step {step}: top-1 {:.2}%  top-5 {:.2}%  loss {loss:.4}",
+            100.0 * top1,
+            100.0 * top5
+        ));
+    }
+
+    /// A message that does not garble the bar.
+    pub fn println(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
