@@ -110,7 +110,7 @@ impl OptimConfig {
                 self.beta1, self.beta2
             ));
         }
-        if !(self.eps > 0.0) {
+        if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(format!("AdamW eps must be > 0, got {}", self.eps));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {

@@ -117,7 +117,7 @@ impl TrainConfig {
             return Err(CoreError::Config("accum_steps must be ≥ 1".into()));
         }
         if let Some(c) = self.clip_norm {
-            if !(c > 0.0) {
+            if !(c.is_finite() && c > 0.0) {
                 return Err(CoreError::Config(format!("clip_norm must be > 0, got {c}")));
             }
         }
@@ -136,7 +136,9 @@ impl TrainConfig {
         if self.schedule.total_steps == 0 {
             return Err(CoreError::Config("schedule.total_steps must be ≥ 1".into()));
         }
-        if self.precision == Precision::F16 && !(self.scaler.init_scale >= 1.0) {
+        if self.precision == Precision::F16
+            && !(self.scaler.init_scale.is_finite() && self.scaler.init_scale >= 1.0)
+        {
             return Err(CoreError::Config(format!(
                 "scaler.init_scale must be ≥ 1, got {}",
                 self.scaler.init_scale
