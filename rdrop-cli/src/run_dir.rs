@@ -102,16 +102,6 @@ impl RunDir {
         self.root.join("checkpoints")
     }
 
-    /// `OUT/best`.
-    pub fn best(&self) -> PathBuf {
-        self.root.join("best")
-    }
-
-    /// `OUT/final`.
-    pub fn final_dir(&self) -> PathBuf {
-        self.root.join("final")
-    }
-
     /// `OUT/curves.png`.
     pub fn curves(&self) -> PathBuf {
         self.root.join("curves.png")

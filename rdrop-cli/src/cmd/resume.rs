@@ -1,9 +1,22 @@
-//! `rdrop resume` (not implemented yet).
+//! `rdrop resume OUT`: continue a training run from its newest checkpoint (the same as
+//! `rdrop train --resume OUT`). The run's own `OUT/config.toml` describes everything; on CPU in
+//! f32 the resumed run ends bit-identical to one that was never interrupted.
 
-/// Arguments of `rdrop resume`.
+use std::path::PathBuf;
+
+/// Continue an interrupted `rdrop train` run from its newest checkpoint.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The run folder (holds config.toml and checkpoints/).
+    pub out: PathBuf,
+    /// CPU threads (does not change the results).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print a JSON summary on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`rdrop resume` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::cmd::train::resume_run(&args.out, args.threads, args.json)
 }
