@@ -150,6 +150,7 @@ fn five_updates_match_pytorch() {
                     worst = worst.max((a - b).abs());
                 }
             }
+            eprintln!("{name} update {}: max |θ − θ_torch| = {worst:e}", u + 1);
             assert!(
                 worst < 1e-6,
                 "{name} update {}: max |θ − θ_torch| = {worst}",

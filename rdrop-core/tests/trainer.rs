@@ -342,3 +342,23 @@ fn load_rejects_a_mismatched_checkpoint() {
     assert!(Trainer::restore(adam, &m, &st).is_err());
     let _ = DType::F32;
 }
+
+#[test]
+fn streaming_accumulate_equals_update() {
+    let data = common::batches(3, 4, 5, 3, 8);
+    let a = common::Mlp::random(5, 8, 3, 0.2, 3).unwrap();
+    let b = common::Mlp::random(5, 8, 3, 0.2, 3).unwrap();
+    let mut ta = Trainer::new(small_cfg(3), a.named_vars()).unwrap();
+    let mut tb = Trainer::new(small_cfg(3), b.named_vars()).unwrap();
+    let sa = ta.update(&a, &data).unwrap();
+    for (x, y) in &data {
+        tb.accumulate(&b, x, y, 1.0 / 3.0).unwrap();
+    }
+    let sb = tb.finish_update().unwrap();
+    assert_eq!(
+        (sa.loss, sa.grad_norm, sa.step),
+        (sb.loss, sb.grad_norm, sb.step)
+    );
+    assert_eq!(a.params(), b.params());
+    assert!(tb.finish_update().is_err(), "nothing pending");
+}
