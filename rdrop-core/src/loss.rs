@@ -40,6 +40,14 @@
 //! convert. In the reference code the strength of the KL term therefore changes with the
 //! micro-batch size; in `mean` mode it does not.
 //!
+//! The authors' README shows a third normalisation, `0.5 · (CE_p + CE_q) + α · (Σ KL(P‖Q) +
+//! Σ KL(Q‖P)) / 2` (KL summed over the micro-batch): that is exactly `mean(α' = m · α)`, with no
+//! factor 2, so it is expressible as `mean` with `alpha = reference_to_mean(α, m).0`.
+//!
+//! With gradient accumulation over `A` micro-batches the trainer weights each micro-batch's
+//! loss by `1/A` in `reference` mode (the reference's `loss / gradient_accumulation_steps`) and
+//! by `n_j / Σ n` in `mean` mode, so a `mean` update is the mean over all of its samples.
+//!
 //! Everything is computed from log-softmax (no `log(0)`), and gradients flow through both
 //! distributions (no detach), as in the reference code.
 
