@@ -38,6 +38,67 @@ OUT = sys.argv[1] if len(sys.argv) > 1 else "rdrop-vit/tests/fixtures"
 IMG, PATCH, DIM, DEPTH, HEADS, MLP, CLASSES, EPS = 32, 8, 32, 2, 4, 64, 5, 1e-6
 
 
+def to_timm(sd, depth):
+    """HF ViTForImageClassification state dict (on-disk names) -> timm VisionTransformer."""
+    t = {
+        "cls_token": sd["vit.embeddings.cls_token"],
+        "pos_embed": sd["vit.embeddings.position_embeddings"],
+        "patch_embed.proj.weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["vit.layernorm.weight"],
+        "norm.bias": sd["vit.layernorm.bias"],
+        "head.weight": sd["classifier.weight"],
+        "head.bias": sd["classifier.bias"],
+    }
+    for i in range(depth):
+        h = f"vit.encoder.layer.{i}."
+        b = f"blocks.{i}."
+        for s in ("weight", "bias"):
+            t[b + "norm1." + s] = sd[h + "layernorm_before." + s]
+            t[b + "norm2." + s] = sd[h + "layernorm_after." + s]
+            t[b + "attn.qkv." + s] = torch.cat([sd[h + f"attention.attention.{q}." + s]
+                                                for q in ("query", "key", "value")])
+            t[b + "attn.proj." + s] = sd[h + "attention.output.dense." + s]
+            t[b + "mlp.fc1." + s] = sd[h + "intermediate.dense." + s]
+            t[b + "mlp.fc2." + s] = sd[h + "output.dense." + s]
+    return t
+
+
+def to_google(sd, depth, heads):
+    """HF ViTForImageClassification state dict -> Google's original npz layout (float32)."""
+    dim = sd["vit.embeddings.cls_token"].shape[-1]
+    dh = dim // heads
+    g = {
+        "cls": sd["vit.embeddings.cls_token"].numpy(),
+        "embedding/kernel": sd["vit.embeddings.patch_embeddings.projection.weight"].permute(2, 3, 1, 0).numpy(),
+        "embedding/bias": sd["vit.embeddings.patch_embeddings.projection.bias"].numpy(),
+        "Transformer/posembed_input/pos_embedding": sd["vit.embeddings.position_embeddings"].numpy(),
+        "Transformer/encoder_norm/scale": sd["vit.layernorm.weight"].numpy(),
+        "Transformer/encoder_norm/bias": sd["vit.layernorm.bias"].numpy(),
+        "head/kernel": sd["classifier.weight"].t().numpy(),
+        "head/bias": sd["classifier.bias"].numpy(),
+    }
+    for i in range(depth):
+        h = f"vit.encoder.layer.{i}."
+        b = f"Transformer/encoderblock_{i}/"
+        for ln, hn in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
+            g[b + ln + "/scale"] = sd[h + hn + ".weight"].numpy()
+            g[b + ln + "/bias"] = sd[h + hn + ".bias"].numpy()
+        a = b + "MultiHeadDotProductAttention_1/"
+        for q in ("query", "key", "value"):
+            w = sd[h + f"attention.attention.{q}.weight"]  # [out, in]
+            g[a + q + "/kernel"] = w.t().reshape(dim, heads, dh).numpy()
+            g[a + q + "/bias"] = sd[h + f"attention.attention.{q}.bias"].reshape(heads, dh).numpy()
+        g[a + "out/kernel"] = sd[h + "attention.output.dense.weight"].t().reshape(heads, dh, dim).numpy()
+        g[a + "out/bias"] = sd[h + "attention.output.dense.bias"].numpy()
+        m = b + "MlpBlock_3/"
+        g[m + "Dense_0/kernel"] = sd[h + "intermediate.dense.weight"].t().numpy()
+        g[m + "Dense_0/bias"] = sd[h + "intermediate.dense.bias"].numpy()
+        g[m + "Dense_1/kernel"] = sd[h + "output.dense.weight"].t().numpy()
+        g[m + "Dense_1/bias"] = sd[h + "output.dense.bias"].numpy()
+    return g
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(0)
@@ -94,27 +155,7 @@ def main():
         img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
         mlp_ratio=MLP / DIM, qkv_bias=True, num_classes=CLASSES, global_pool="token",
     ).eval()
-    t = {
-        "cls_token": sd["vit.embeddings.cls_token"],
-        "pos_embed": sd["vit.embeddings.position_embeddings"],
-        "patch_embed.proj.weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
-        "patch_embed.proj.bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
-        "norm.weight": sd["vit.layernorm.weight"],
-        "norm.bias": sd["vit.layernorm.bias"],
-        "head.weight": sd["classifier.weight"],
-        "head.bias": sd["classifier.bias"],
-    }
-    for i in range(DEPTH):
-        h = f"vit.encoder.layer.{i}."
-        b = f"blocks.{i}."
-        for s in ("weight", "bias"):
-            t[b + "norm1." + s] = sd[h + "layernorm_before." + s]
-            t[b + "norm2." + s] = sd[h + "layernorm_after." + s]
-            t[b + "attn.qkv." + s] = torch.cat([sd[h + f"attention.attention.{q}." + s]
-                                                for q in ("query", "key", "value")])
-            t[b + "attn.proj." + s] = sd[h + "attention.output.dense." + s]
-            t[b + "mlp.fc1." + s] = sd[h + "intermediate.dense." + s]
-            t[b + "mlp.fc2." + s] = sd[h + "output.dense." + s]
+    t = to_timm(sd, DEPTH)
     tm.load_state_dict(t, strict=True)
     with torch.no_grad():
         tl = tm(x)
@@ -123,37 +164,9 @@ def main():
               os.path.join(OUT, "timm.safetensors"))
 
     # Google npz layout (float32, as in ViT-B_16.npz), plus a pre_logits layer that loaders skip.
-    dh = DIM // HEADS
-    g = {
-        "cls": sd["vit.embeddings.cls_token"].numpy(),
-        "embedding/kernel": sd["vit.embeddings.patch_embeddings.projection.weight"].permute(2, 3, 1, 0).numpy(),
-        "embedding/bias": sd["vit.embeddings.patch_embeddings.projection.bias"].numpy(),
-        "Transformer/posembed_input/pos_embedding": sd["vit.embeddings.position_embeddings"].numpy(),
-        "Transformer/encoder_norm/scale": sd["vit.layernorm.weight"].numpy(),
-        "Transformer/encoder_norm/bias": sd["vit.layernorm.bias"].numpy(),
-        "head/kernel": sd["classifier.weight"].t().numpy(),
-        "head/bias": sd["classifier.bias"].numpy(),
-        "pre_logits/kernel": np.random.randn(DIM, DIM).astype(np.float32),
-        "pre_logits/bias": np.random.randn(DIM).astype(np.float32),
-    }
-    for i in range(DEPTH):
-        h = f"vit.encoder.layer.{i}."
-        b = f"Transformer/encoderblock_{i}/"
-        for ln, hn in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
-            g[b + ln + "/scale"] = sd[h + hn + ".weight"].numpy()
-            g[b + ln + "/bias"] = sd[h + hn + ".bias"].numpy()
-        a = b + "MultiHeadDotProductAttention_1/"
-        for q in ("query", "key", "value"):
-            w = sd[h + f"attention.attention.{q}.weight"]  # [out, in]
-            g[a + q + "/kernel"] = w.t().reshape(DIM, HEADS, dh).numpy()
-            g[a + q + "/bias"] = sd[h + f"attention.attention.{q}.bias"].reshape(HEADS, dh).numpy()
-        g[a + "out/kernel"] = sd[h + "attention.output.dense.weight"].t().reshape(HEADS, dh, DIM).numpy()
-        g[a + "out/bias"] = sd[h + "attention.output.dense.bias"].numpy()
-        m = b + "MlpBlock_3/"
-        g[m + "Dense_0/kernel"] = sd[h + "intermediate.dense.weight"].t().numpy()
-        g[m + "Dense_0/bias"] = sd[h + "intermediate.dense.bias"].numpy()
-        g[m + "Dense_1/kernel"] = sd[h + "output.dense.weight"].t().numpy()
-        g[m + "Dense_1/bias"] = sd[h + "output.dense.bias"].numpy()
+    g = to_google(sd, DEPTH, HEADS)
+    g["pre_logits/kernel"] = np.random.randn(DIM, DIM).astype(np.float32)
+    g["pre_logits/bias"] = np.random.randn(DIM).astype(np.float32)
     npz = os.path.join(OUT, "google.npz")
     np.savez(npz, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in g.items()})
     # Independent check of the layout: timm's own Google-npz loader.

@@ -27,6 +27,8 @@ use crate::{hub, posembed};
 pub struct LoadOptions {
     /// Architecture preset for files without a config (timm, npz); checked against the shapes.
     pub preset: Option<String>,
+    /// Attention heads for files that do not record them (timm) when no preset matches.
+    pub num_heads: Option<usize>,
     /// Classes of the task. A checkpoint head of another size is replaced by a zero head.
     /// `None`: keep the checkpoint's head (an error if it has none).
     pub num_classes: Option<usize>,
@@ -54,6 +56,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             preset: None,
+            num_heads: None,
             num_classes: None,
             image_size: None,
             reset_head: false,
@@ -335,7 +338,7 @@ fn infer_config(
                 (None, Some(_)) => ViTConfig::default(),
                 (None, None) => {
                     return Err(VitError::Config(format!(
-                        "{src}: no preset has width {d}, {layers} layers and MLP {mlp}, and the file does not say the head count: pass a preset (--model)"
+                        "{src}: no preset has width {d}, {layers} layers and MLP {mlp}, and the file does not say the head count: pass a preset (--model) or the head count (--num-heads)"
                     )))
                 }
             }
@@ -472,10 +475,17 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
                 });
             (c, names)
         }
-        _ => (
-            infer_config(&src, &tensors, num_heads, preset.as_ref())?,
-            None,
-        ),
+        _ => {
+            if let (Some(a), Some(b)) = (num_heads, opts.num_heads) {
+                if a != b {
+                    return Err(VitError::Config(format!(
+                        "{src}: the weights have {a} heads, {b} were requested"
+                    )));
+                }
+            }
+            let heads = num_heads.or(opts.num_heads);
+            (infer_config(&src, &tensors, heads, preset.as_ref())?, None)
+        }
     };
     let layout = match detected {
         _ if ours => WeightsLayout::Rdrop,

@@ -1,9 +1,235 @@
-//! `rdrop eval` (not implemented yet).
+//! `rdrop eval`: top-1 / top-5 accuracy and mean cross-entropy of a ViT on a dataset's test
+//! split, with the R-Drop recipe's test transform (Resize((S, S)) bilinear → ToTensor →
+//! Normalize(0.5, 0.5); arXiv 2106.14448, `vit_src/utils/data_utils.py`).
 
-/// Arguments of `rdrop eval`.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use rdrop_data::{Cifar, Loader, LoaderConfig};
+use rdrop_vit::{load_model, HeadStatus, LoadOptions};
+use serde::Serialize;
+
+use crate::device::{set_threads, DeviceSpec, Precision};
+
+/// Evaluate weights on the test split of a CIFAR dataset.
+///
+/// WEIGHTS may be a Hugging Face model folder or hub repo id (e.g.
+/// google/vit-base-patch16-224-in21k; cached in the standard HF cache, HF_HUB_OFFLINE=1 for
+/// cache only), a timm .safetensors file, Google's original .npz, or a checkpoint / run
+/// folder written by `rdrop train` (final/, else best/, else the newest checkpoint).
+/// The classifier must have been trained for this dataset's classes: a new (zero) head is
+/// refused.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Weights: HF folder / hub repo id / timm .safetensors / Google .npz / run or checkpoint folder.
+    #[arg(long, value_name = "SPEC")]
+    pub weights: String,
+    /// Dataset: cifar-100-python.tar.gz / cifar-10-python.tar.gz or an extracted folder.
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+    /// Input size S (default: the checkpoint's); position embeddings are resized if it differs.
+    #[arg(long, value_name = "S")]
+    pub image_size: Option<usize>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64, value_name = "B")]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "D")]
+    pub device: DeviceSpec,
+    /// Compute precision (bf16/f16 on CUDA only).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Architecture preset for files without a config (timm, npz): vit-ti16, vit-s16, vit-b16,
+    /// vit-b32, vit-l16, cpu-small, tiny. Default: inferred from the tensor shapes.
+    #[arg(long, value_name = "PRESET")]
+    pub model: Option<String>,
+    /// Attention heads, for files without a config (timm) whose shapes match no preset.
+    #[arg(long, value_name = "H")]
+    pub num_heads: Option<usize>,
+    /// LayerNorm epsilon (default: the weights' config.json, else 1e-6).
+    #[arg(long, value_name = "EPS")]
+    pub layer_norm_eps: Option<f64>,
+    /// Evaluate only the first N test images.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// CPU threads for candle and the data pipeline (default: all cores).
+    #[arg(long, value_name = "T")]
+    pub threads: Option<usize>,
+    /// Print one JSON object {"top1", "top5", "loss", "n"} (fractions in [0, 1]) and nothing else on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`rdrop eval` is not implemented yet")
+/// The result of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EvalResult {
+    /// Fraction of images whose top prediction is the label.
+    pub top1: f64,
+    /// Fraction whose label is among the 5 highest logits (all of them if fewer classes).
+    pub top5: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Images evaluated.
+    pub n: usize,
+}
+
+/// Running sums of correct predictions and cross-entropy over batches of logits.
+#[derive(Debug, Default, Clone)]
+pub struct Accumulator {
+    top1: usize,
+    top5: usize,
+    loss: f64,
+    n: usize,
+}
+
+impl Accumulator {
+    /// Adds one batch: `logits` rows (one per image) and the labels.
+    pub fn add(&mut self, logits: &[Vec<f32>], labels: &[u32]) {
+        for (row, &y) in logits.iter().zip(labels) {
+            let y = y as usize;
+            let Some(&target) = row.get(y) else { continue };
+            // Rank of the label: how many logits beat it (ties count in the label's favour).
+            let above = row.iter().filter(|&&v| v > target).count();
+            self.top1 += usize::from(above == 0);
+            self.top5 += usize::from(above < 5);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            self.loss += lse - target as f64;
+            self.n += 1;
+        }
+    }
+
+    /// The fractions and mean loss so far.
+    pub fn result(&self) -> EvalResult {
+        let n = self.n.max(1) as f64;
+        EvalResult {
+            top1: self.top1 as f64 / n,
+            top5: self.top5 as f64 / n,
+            loss: self.loss / n,
+            n: self.n,
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    args.precision.check(&args.device)?;
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    let device = args.device.open()?;
+    let data = Cifar::open(&args.data)
+        .with_context(|| format!("reading dataset {}", args.data.display()))?;
+    let classes = if data.fine_label_names.is_empty() {
+        data.test.num_classes()
+    } else {
+        data.fine_label_names.len()
+    };
+    let opts = LoadOptions {
+        preset: args.model.clone(),
+        num_heads: args.num_heads,
+        num_classes: Some(classes),
+        image_size: args.image_size,
+        layer_norm_eps: args.layer_norm_eps,
+        device: device.clone(),
+        ..Default::default()
+    };
+    let mut loaded = load_model(&args.weights, &opts)
+        .with_context(|| format!("loading weights `{}`", args.weights))?;
+    if !args.json {
+        eprint!("{}", loaded.report);
+    }
+    if let HeadStatus::New(why) = &loaded.report.head {
+        anyhow::bail!(
+            "refusing to evaluate `{}`: its classifier is new and zero ({why}), so every image would get \
+             the same scores (chance accuracy). Evaluate weights fine-tuned on this dataset's {classes} \
+             classes (e.g. a run folder of `rdrop train`).",
+            args.weights
+        );
+    }
+    if loaded.model.head_is_zero()? {
+        anyhow::bail!(
+            "refusing to evaluate `{}`: its classifier weights are all zero (an untrained head gives \
+             chance accuracy). Fine-tune it first with `rdrop train`.",
+            args.weights
+        );
+    }
+    loaded.model.set_compute_dtype(args.precision.dtype())?;
+    let size = loaded.config.image_size;
+    let mut split = data.test;
+    if let Some(n) = args.limit {
+        anyhow::ensure!(n > 0, "--limit must be at least 1");
+        let n = n.min(split.len());
+        split.images.truncate(n * rdrop_data::IMAGE_BYTES);
+        split.fine_labels.truncate(n);
+        split.coarse_labels.truncate(n);
+        split.filenames.truncate(n);
+    }
+    let total = split.len();
+    let loader = Loader::new(Arc::new(split), LoaderConfig::test(size, args.batch_size))
+        .context("building the test loader")?;
+    let pb = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("eval {bar:30} {pos}/{len} images  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = std::time::Instant::now();
+    let mut acc = Accumulator::default();
+    for batch in loader.epoch(0, 0) {
+        let batch = batch.context("reading a test batch")?;
+        let (x, _) = batch.to_tensors(DType::F32, &device)?;
+        let logits = loaded.model.forward_t(&x, false)?.to_vec2::<f32>()?;
+        acc.add(&logits, &batch.labels);
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+    let r = acc.result();
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  n {}  ({:.1} images/s)",
+            100.0 * r.top1,
+            100.0 * r.top5,
+            r.loss,
+            r.n,
+            r.n as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulator_counts_top1_top5_and_loss() {
+        let mut a = Accumulator::default();
+        let rows = vec![
+            vec![3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], // label 0: top-1
+            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], // label 2: rank 4 → top-5 only
+            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], // label 1: rank 5 → neither
+        ];
+        a.add(&rows, &[0, 2, 1]);
+        let r = a.result();
+        assert_eq!(r.n, 3);
+        assert!((r.top1 - 1.0 / 3.0).abs() < 1e-12);
+        assert!((r.top5 - 2.0 / 3.0).abs() < 1e-12);
+        // Cross-entropy of a uniform row over 4 classes is ln 4.
+        let mut u = Accumulator::default();
+        u.add(&[vec![0.5; 4]], &[2]);
+        assert!((u.result().loss - 4f64.ln()).abs() < 1e-9);
+    }
 }
