@@ -34,17 +34,21 @@ fn inspect_json_matches_python() {
         );
         let got: Value = serde_json::from_slice(&out.stdout).unwrap();
         let e = &expected[which];
-        let keys: Vec<&String> = got.as_object().unwrap().keys().collect();
-        assert_eq!(
-            keys,
-            [
-                "format",
-                "train",
-                "test",
-                "fine_label_names",
-                "coarse_label_names"
-            ]
-        );
+        // top-level keys, in this order (serde_json's Value sorts them, so look at the text)
+        let text = String::from_utf8_lossy(&out.stdout);
+        let order = [
+            "format",
+            "train",
+            "test",
+            "fine_label_names",
+            "coarse_label_names",
+        ];
+        let pos: Vec<usize> = order
+            .iter()
+            .map(|k| text.find(&format!("\n  \"{k}\":")).unwrap())
+            .collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
+        assert_eq!(got.as_object().unwrap().len(), order.len());
         assert_eq!(got["format"], e["format"]);
         assert_eq!(got["fine_label_names"], e["fine_label_names"]);
         assert_eq!(got["coarse_label_names"], e["coarse_label_names"]);
