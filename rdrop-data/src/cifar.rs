@@ -340,21 +340,29 @@ fn known_name(base: &str) -> Option<&'static str> {
 pub fn decode_file(bytes: &[u8], file: &str) -> Result<Decoded> {
     let root = pickle::parse(bytes, file)?;
     if !matches!(root, Value::Dict(_)) {
+        let kind = root.kind();
+        pickle::dismantle(root);
         return Err(DataError::content(
             file,
-            format!("top-level object is a {}, not a dict", root.kind()),
+            format!("top-level object is a {kind}, not a dict"),
         ));
     }
+    let out = decode_root(&root, file);
+    pickle::dismantle(root);
+    out
+}
+
+fn decode_root(root: &Value<'_>, file: &str) -> Result<Decoded> {
     if root.get("data").is_some() {
-        decode_batch(&root, file).map(Decoded::Batch)
+        decode_batch(root, file).map(Decoded::Batch)
     } else if root.get("fine_label_names").is_some() {
         Ok(Decoded::Meta {
-            fine: string_list(&root, "fine_label_names", file)?,
-            coarse: string_list(&root, "coarse_label_names", file)?,
+            fine: string_list(root, "fine_label_names", file)?,
+            coarse: string_list(root, "coarse_label_names", file)?,
         })
     } else if root.get("label_names").is_some() {
         Ok(Decoded::Meta {
-            fine: string_list(&root, "label_names", file)?,
+            fine: string_list(root, "label_names", file)?,
             coarse: Vec::new(),
         })
     } else {

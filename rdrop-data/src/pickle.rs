@@ -683,6 +683,45 @@ impl<'a> Parser<'a, '_> {
     }
 }
 
+/// Drop a value tree without recursion: a hostile pickle can nest lists a million deep, and
+/// the default recursive drop would overflow the stack.
+pub fn dismantle(v: Value<'_>) {
+    let mut work = vec![v];
+    while let Some(v) = work.pop() {
+        match v {
+            Value::List(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    work.extend(cell.into_inner());
+                }
+            }
+            Value::Tuple(rc) => {
+                if let Ok(items) = Rc::try_unwrap(rc) {
+                    work.extend(items);
+                }
+            }
+            Value::Dict(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    for (k, v) in cell.into_inner() {
+                        work.push(k);
+                        work.push(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Parser<'_, '_> {
+    fn drop(&mut self) {
+        let stack = std::mem::take(&mut self.stack);
+        let memo = std::mem::take(&mut self.memo);
+        dismantle(Value::List(Rc::new(RefCell::new(
+            stack.into_iter().chain(memo.into_values()).collect(),
+        ))));
+    }
+}
+
 fn same_key(a: &Value<'_>, b: &Value<'_>) -> bool {
     match (a, b) {
         (Value::Int(x), Value::Int(y)) => x == y,
@@ -718,6 +757,25 @@ mod tests {
         let e = parse(p, "t").unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
         assert!(parse(b"\x80\x02]", "t").is_err());
+    }
+
+    #[test]
+    fn deep_nesting_does_not_overflow_the_stack() {
+        // [[[[...]]]] a million deep: EMPTY_LIST then (EMPTY_LIST, APPEND) repeated... built
+        // as MARK-less nesting: ] ] a ] a ... keeps appending into the newest list
+        let mut p = b"\x80\x02]".to_vec();
+        for _ in 0..1_000_000 {
+            p.extend_from_slice(b"]q\x00");
+        }
+        for _ in 0..1_000_000 {
+            p.push(b'a');
+        }
+        p.push(b'.');
+        let v = parse(&p, "deep").unwrap();
+        dismantle(v);
+        // and on the error path (no STOP)
+        p.pop();
+        assert!(parse(&p, "deep").is_err());
     }
 
     #[test]

@@ -106,7 +106,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         let style = TextStyle::from((FAMILY, 12).into_font()).color(&BLACK);
         for (k, &label) in batch.labels.iter().enumerate() {
-            let (x0, y0) = tile_origin(k as u32, cols, tile_w, tile_h, s);
+            let (_, y0) = tile_origin(k as u32, cols, tile_w, tile_h, s);
+            let x0 = PAD + (k as u32 % cols) * tile_w;
             let mut name = names
                 .get(label as usize)
                 .cloned()
@@ -115,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if name.chars().count() > max_chars {
                 name = name.chars().take(max_chars - 1).collect::<String>() + "…";
             }
-            root.draw_text(&name, &style, ((x0) as i32, (y0 + s + 2) as i32))
+            root.draw_text(&name, &style, (x0 as i32, (y0 + s + 2) as i32))
                 .map_err(|e| anyhow::anyhow!("drawing captions: {e}"))?;
         }
         root.present()
