@@ -767,9 +767,7 @@ mod tests {
         for _ in 0..1_000_000 {
             p.extend_from_slice(b"]q\x00");
         }
-        for _ in 0..1_000_000 {
-            p.push(b'a');
-        }
+        p.extend(std::iter::repeat_n(b'a', 1_000_000));
         p.push(b'.');
         let v = parse(&p, "deep").unwrap();
         dismantle(v);
