@@ -171,9 +171,25 @@ struct Shared {
     cfg: LoaderConfig,
     prepared: Prepared,
     pool: Option<rayon::ThreadPool>,
+    /// Image buffers handed back with [`Loader::recycle`] (saves page faults on big batches).
+    spare: std::sync::Mutex<Vec<Vec<f32>>>,
 }
 
 impl Shared {
+    /// A buffer of `n` f32 (contents unspecified: every value is overwritten).
+    fn buffer(&self, n: usize) -> Vec<f32> {
+        let spare = self.spare.lock().ok().and_then(|mut s| s.pop());
+        match spare {
+            Some(v) if v.len() == n => v,
+            Some(mut v) => {
+                v.clear();
+                v.resize(n, 0.0);
+                v
+            }
+            None => vec![0f32; n],
+        }
+    }
+
     fn batch(&self, order: &[u32], epoch: u64, index: usize) -> Result<Batch> {
         let b = self.cfg.batch_size;
         let start = index * b;
@@ -186,7 +202,7 @@ impl Shared {
         }
         let indices = order[start..end].to_vec();
         let per = self.prepared.output_len();
-        let mut images = vec![0f32; indices.len() * per];
+        let mut images = self.buffer(indices.len() * per);
         let work = |images: &mut Vec<f32>| {
             images
                 .par_chunks_mut(per)
@@ -274,6 +290,7 @@ impl Loader {
                 cfg,
                 prepared,
                 pool,
+                spare: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -302,6 +319,16 @@ impl Loader {
     pub fn order(&self, epoch: u64) -> Vec<u32> {
         let c = &self.shared.cfg;
         epoch_order(self.shared.split.len(), c.seed, epoch, c.shuffle)
+    }
+
+    /// Hand a used batch back so that its image buffer is reused for a later batch (optional:
+    /// it avoids fresh allocations and their page faults, 38 MB per batch of 64 at 224 px).
+    pub fn recycle(&self, batch: Batch) {
+        if let Ok(mut s) = self.shared.spare.lock() {
+            if s.len() < self.shared.cfg.prefetch + 2 {
+                s.push(batch.images);
+            }
+        }
     }
 
     /// Build batch `index` of `epoch` on the calling thread (plus the rayon pool).

@@ -115,6 +115,19 @@ fn values_are_normalised_and_config_is_checked() {
 }
 
 #[test]
+fn recycled_buffers_give_the_same_batches() {
+    let l = Loader::new(split(), cfg(2)).unwrap();
+    let fresh: Vec<_> = l.epoch(2, 0).map(Result::unwrap).collect();
+    let mut again = Vec::new();
+    for b in l.epoch(2, 0) {
+        let b = b.unwrap();
+        again.push(b.clone());
+        l.recycle(b);
+    }
+    assert_eq!(fresh, again);
+}
+
+#[test]
 fn dropping_an_epoch_midway_stops_the_thread() {
     let l = Loader::new(split(), cfg(1)).unwrap();
     let mut it = l.epoch(0, 0);

@@ -66,6 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for _ in 0..args.batches {
         let b = next()?;
         images += b.len();
+        loader.recycle(b); // as a training loop does once the batch is on the device
         if let Some(bar) = &bar {
             bar.inc(1);
         }
