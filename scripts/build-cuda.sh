@@ -9,6 +9,7 @@
 #
 # usage: scripts/build-cuda.sh [--build]   release `rdrop` with --features cuda, stripped,
 #                                          into dist/cuda/rdrop (default)
+#                                          (+ dist/cuda-pack/rdrop.gz to carry to a GPU machine)
 #        scripts/build-cuda.sh --check     cargo check of the whole workspace (all targets)
 #                                          with CUDA on; compiles the kernels (needs nvcc only)
 #        scripts/build-cuda.sh --setup     only install the toolchain and make the stub
@@ -143,6 +144,11 @@ build)
     strip "$DIST/rdrop.tmp" 2>/dev/null || log "strip not found: binary left unstripped"
     mv "$DIST/rdrop.tmp" "$DIST/rdrop"
     log "built $DIST/rdrop ($(du -h "$DIST/rdrop" | cut -f1))"
+    # gzip'd copy to carry to a GPU machine (the device tool moves at most 64 MiB; the binary is
+    # ~60 MB, most of it candle's kernels): scripts/gpu-check.sh unpacks it
+    mkdir -p "$DIST-pack"
+    gzip -6 -c "$DIST/rdrop" >"$DIST-pack/rdrop.gz.tmp" && mv "$DIST-pack/rdrop.gz.tmp" "$DIST-pack/rdrop.gz"
+    log "packed $DIST-pack/rdrop.gz ($(du -h "$DIST-pack/rdrop.gz" | cut -f1))"
     # sanity: it starts here with the stub libcuda (no GPU) and prints its version
     if v=$(LD_LIBRARY_PATH="$NV/lib:$CUDA_ROOT/lib64/stubs" "$DIST/rdrop" --version); then
         log "$v starts (stub libcuda)"

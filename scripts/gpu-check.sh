@@ -11,8 +11,9 @@
 #      ${OUT:-.}/gpu-check.json (rewritten after each part, so a cut-off run keeps what it did).
 # Every part is time-boxed and records its error in the JSON instead of stopping the rest.
 #
-# Needs the binary from `scripts/build-cuda.sh` (dist/cuda/rdrop; carry dist/cuda to the
-# machine). usage: bash scripts/gpu-check.sh [--dry-run] [--budget SECONDS]
+# Needs the binary from `scripts/build-cuda.sh`: dist/cuda/rdrop, or its gzip'd copy
+# dist/cuda-pack/rdrop.gz (carry dist/cuda-pack to the machine: it fits the 64 MiB the device
+# tool moves, the bare binary does not). usage: bash scripts/gpu-check.sh [--dry-run] [--budget SECONDS]
 # Environment: RDROP_BIN (default dist/cuda/rdrop), PYTHON (a python with torch; default: the
 # first of python3, /opt/torch/.venv/bin/python3 that imports torch), OUT (output folder).
 # --dry-run: plumbing test on a machine without a GPU: tiny CPU sizes; runs that need a GPU are
@@ -20,6 +21,7 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${RDROP_BIN:-$REPO/dist/cuda/rdrop}
+PACK=$REPO/dist/cuda-pack/rdrop.gz
 OUTDIR=${OUT:-.}
 DRY=0
 for a in "$@"; do [[ $a == --dry-run ]] && DRY=1; done
@@ -33,6 +35,12 @@ done
 if [[ -z $PY ]]; then
     say "no python with torch found (set PYTHON=...)"
     PY=python3
+fi
+if [[ -z ${RDROP_BIN:-} && ! -x $BIN && -f $PACK ]]; then
+    # the gzip'd binary that scripts/build-cuda.sh packs for the trip (carry dist/cuda-pack)
+    BIN=${TMPDIR:-/tmp}/rdrop-cuda/rdrop
+    mkdir -p "$(dirname "$BIN")" && gzip -dc "$PACK" >"$BIN" && chmod +x "$BIN" ||
+        say "cannot unpack $PACK"
 fi
 say "python: $PY; binary: $BIN"
 [[ -x $BIN ]] || say "warning: $BIN is missing or not executable (build it with scripts/build-cuda.sh)"

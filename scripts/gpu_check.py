@@ -304,7 +304,7 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
 
     # -- c. data -------------------------------------------------------------------------------
     def data_part(self, s):
-        size, batches = (64, 10) if self.dry else (224, 100)
+        size, batches = (64, 10) if self.dry else (224, 300)
         threads = self.cores
         r = run(self.rdrop("data", "bench", "--image-size", size, "--batch-size", 64, "--batches",
                            batches, "--threads", threads, "--json"), self.budget.box(60), self.env)
@@ -321,10 +321,11 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             return "cpu-small", 32, "f32", 2
         return "vit-b16", 224, "bf16", 10
 
-    def rdrop_train(self, mb, steps, timeout):
+    def rdrop_train(self, mb, steps, timeout, warmup=3):
         model, size, prec, _ = self.bench_args()
         return run(self.rdrop("bench", "train", "--model", model, "--image-size", size, "--micro-batch",
-                              mb, "--steps", steps, "--precision", prec, "--device", self.cuda, "--json"),
+                              mb, "--steps", steps, "--warmup", warmup, "--precision", prec,
+                              "--device", self.cuda, "--json"),
                    timeout, self.env, mem=not self.dry)
 
     def torch_train(self, mb, steps, timeout, *extra):
@@ -366,7 +367,7 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         probes, lo, hi, b = [], 0, None, (8 if self.dry else 64)
         deadline = time.monotonic() + min(150, self.budget.left() * 0.45)
         while b <= limit and time.monotonic() < deadline:
-            r = self.rdrop_train(b, 2, self.budget.box(min(90, deadline - time.monotonic() + 30)))
+            r = self.rdrop_train(b, 1, self.budget.box(min(90, deadline - time.monotonic() + 30)), warmup=1)
             probes.append({"micro_batch": b, "fits": r.get("rc") == 0, "s": r.get("s"),
                            **({"error": r.get("error")} if r.get("rc") != 0 else {})})
             if r.get("rc") != 0:
@@ -377,7 +378,7 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             mid = (lo + hi) // 2 // gran * gran
             if mid <= lo:
                 break
-            r = self.rdrop_train(mid, 2, self.budget.box(90))
+            r = self.rdrop_train(mid, 1, self.budget.box(90), warmup=1)
             ok = r.get("rc") == 0
             probes.append({"micro_batch": mid, "fits": ok, "s": r.get("s"),
                            **({"error": r.get("error")} if not ok else {})})
