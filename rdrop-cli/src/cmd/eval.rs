@@ -61,6 +61,10 @@ pub struct Args {
     /// Print one JSON object {"top1", "top5", "loss", "n"} (fractions in [0, 1]) and nothing else on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also write every test image's logits, in file order, to FILE as an f32 `.npy` (N × classes).
+    /// For comparing devices and precisions (scripts/gpu-check.sh).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub dump_logits: Option<PathBuf>,
 }
 
 /// The result of an evaluation.
@@ -185,15 +189,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let start = std::time::Instant::now();
     let mut acc = Accumulator::default();
+    let (mut dumped, mut dumped_rows) = (Vec::<f32>::new(), 0usize);
     for batch in loader.epoch(0, 0) {
         let batch = batch.context("reading a test batch")?;
         let (x, _) = batch.to_tensors(DType::F32, &device)?;
         let logits = loaded.model.forward_t(&x, false)?.to_vec2::<f32>()?;
         acc.add(&logits, &batch.labels);
+        if args.dump_logits.is_some() {
+            dumped.extend(logits.iter().flatten());
+            dumped_rows += logits.len();
+        }
         pb.inc(batch.len() as u64);
     }
     pb.finish_and_clear();
     let r = acc.result();
+    if let Some(path) = &args.dump_logits {
+        let cols = dumped.len() / dumped_rows.max(1);
+        candle_core::Tensor::from_vec(dumped, (dumped_rows, cols), &candle_core::Device::Cpu)
+            .and_then(|t| t.write_npy(path))
+            .with_context(|| format!("writing logits to {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
