@@ -127,9 +127,27 @@ fn vertical<T: Copy>(
     emit: impl Fn(u8) -> T,
 ) {
     acc.resize(w, 0);
+    let half = 1i32 << (PRECISION_BITS - 1);
     for (yy, out_row) in dst.chunks_exact_mut(w).enumerate().take(taps.out_len()) {
         let (ymin, n) = taps.bounds[yy];
-        acc.fill(1i32 << (PRECISION_BITS - 1));
+        let k = &taps.coeffs[yy * taps.ksize..];
+        let row = |t: usize| &src[(ymin + t - row0) * w..][..w];
+        // Fused fast paths for the 2- and 3-tap rows of upscaling (the common case).
+        if n == 2 {
+            let (c0, c1) = (k[0], k[1]);
+            for ((o, &a), &b) in out_row.iter_mut().zip(row(0)).zip(row(1)) {
+                *o = emit(clip8(half + a as i32 * c0 + b as i32 * c1));
+            }
+            continue;
+        }
+        if n == 3 {
+            let (c0, c1, c2) = (k[0], k[1], k[2]);
+            for (((o, &a), &b), &c) in out_row.iter_mut().zip(row(0)).zip(row(1)).zip(row(2)) {
+                *o = emit(clip8(half + a as i32 * c0 + b as i32 * c1 + c as i32 * c2));
+            }
+            continue;
+        }
+        acc.fill(half);
         for t in 0..n {
             let c = taps.coeffs[yy * taps.ksize + t];
             let row = &src[(ymin + t - row0) * w..][..w];
