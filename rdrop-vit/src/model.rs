@@ -108,8 +108,15 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, dt: DType) -> Result<Tensor> {
-        x.matmul(&cast(&self.w, dt)?.t()?)?
-            .broadcast_add(&cast(&self.b, dt)?)
+        let wt = cast(&self.w, dt)?.t()?;
+        // candle's CPU GEMM is ~25% faster with a contiguous right operand (the copy is tiny
+        // next to the product); cuBLAS takes the transposed view for free.
+        let wt = if wt.device().is_cpu() {
+            wt.contiguous()?
+        } else {
+            wt
+        };
+        x.matmul(&wt)?.broadcast_add(&cast(&self.b, dt)?)
     }
 }
 
