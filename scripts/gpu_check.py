@@ -109,9 +109,12 @@ class MemSampler:
 def run(cmd, timeout, env=None, mem=False):
     """Runs cmd (in its own process group, killed whole on timeout). Returns a dict with rc,
     seconds, the last JSON object printed on stdout (if any), stderr's tail, device memory."""
-    log("$ " + " ".join(str(c) for c in cmd) + f"   (timeout {timeout:.0f}s)")
-    t = time.monotonic()
     res = {"cmd": " ".join(str(c) for c in cmd)}
+    if timeout < 8:  # the budget is spent: say so rather than start what cannot finish
+        log("skipped (time budget spent): " + res["cmd"])
+        return {**res, "rc": None, "skipped": "time budget spent"}
+    log("$ " + res["cmd"] + f"   (timeout {timeout:.0f}s)")
+    t = time.monotonic()
     sampler = MemSampler(mem)
     with sampler:
         try:
@@ -319,7 +322,7 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
     def bench_args(self):
         if self.dry:
             return "cpu-small", 32, "f32", 2
-        return "vit-b16", 224, "bf16", 10
+        return "vit-b16", 224, "bf16", 20
 
     def rdrop_train(self, mb, steps, timeout, warmup=3):
         model, size, prec, _ = self.bench_args()
@@ -339,8 +342,8 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         mb = 8 if self.dry else 64
         s["micro_batch"] = mb
         s["rdrop"] = self.rdrop_train(mb, steps, self.budget.box(120))
-        s["torch_eager"] = self.torch_train(mb, steps + 5, self.budget.box(120))
-        s["torch_compile"] = self.torch_train(mb, steps + 5, self.budget.box(240), "--compile")
+        s["torch_eager"] = self.torch_train(mb, steps, self.budget.box(120))
+        s["torch_compile"] = self.torch_train(mb, steps, self.budget.box(240), "--compile")
         s["summary"] = self.train_ratios(s["rdrop"], s["torch_eager"], s["torch_compile"])
 
     def train_ratios(self, rd, te, tc):
@@ -389,14 +392,14 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         if lo:
             s["rdrop"] = self.rdrop_train(lo, steps, self.budget.box(120))
         # PyTorch eager: in-process search (OOM is recoverable there), then measured at its max
-        s["torch_eager"] = self.torch_train(64 if not self.dry else 8, steps + 5, self.budget.box(200),
+        s["torch_eager"] = self.torch_train(64 if not self.dry else 8, steps, self.budget.box(200),
                                             "--find-max-micro-batch", "--granularity", gran,
                                             "--max-limit", limit)
         tmax = (s["torch_eager"].get("json") or {}).get("max_micro_batch")
         s["torch_max_micro_batch"] = tmax
         # compiled at PyTorch's eager max (one more compile), if time allows
         if tmax and self.budget.left() > (60 if self.dry else 150):
-            s["torch_compile"] = self.torch_train(tmax, steps + 5, self.budget.box(200), "--compile",
+            s["torch_compile"] = self.torch_train(tmax, steps, self.budget.box(200), "--compile",
                                                   "--fallback-on-oom")
         else:
             s["torch_compile"] = {"skipped": "not enough time left"}
