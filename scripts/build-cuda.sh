@@ -10,8 +10,9 @@
 # usage: scripts/build-cuda.sh [--build]   release `rdrop` with --features cuda, stripped,
 #                                          into dist/cuda/rdrop (default)
 #                                          (+ dist/cuda-pack/rdrop.gz to carry to a GPU machine)
-#        scripts/build-cuda.sh --check     cargo check of the whole workspace (all targets)
-#                                          with CUDA on; compiles the kernels (needs nvcc only)
+#        scripts/build-cuda.sh --check     cargo clippy -D warnings (cargo check if clippy is
+#                                          missing) of the whole workspace, all targets, CUDA
+#                                          on; compiles the kernels (needs nvcc only)
 #        scripts/build-cuda.sh --setup     only install the toolchain and make the stub
 #        scripts/build-cuda.sh --env       set up, then print `export ...` lines for the build
 #                                          (eval "$(scripts/build-cuda.sh --env)")
@@ -131,7 +132,13 @@ check)
     log "nvcc: $(nvcc --version | tail -1)"
     # rdrop-cli/cuda turns on rdrop-vit/cuda, rdrop-core/cuda and candle's cuda for the whole
     # workspace (features unify); build scripts run under `check` too, so the kernels compile.
-    (cd "$REPO" && cargo check --workspace --all-targets --features rdrop-cli/cuda)
+    # Clippy (a superset of check) when installed: code behind cfg(feature = "cuda") gets the
+    # same -D warnings as the CPU build.
+    if cargo clippy --version >/dev/null 2>&1; then
+        (cd "$REPO" && cargo clippy --workspace --all-targets --features rdrop-cli/cuda -- -D warnings)
+    else
+        (cd "$REPO" && cargo check --workspace --all-targets --features rdrop-cli/cuda)
+    fi
     log "cuda check passed"
     ;;
 build)
