@@ -62,24 +62,33 @@ pip_install() { # $1 = stamp name, rest = packages; skipped when the stamp match
     want="$*"
     if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then return; fi
     log "installing $* into $VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "$@"
+    if [[ -x $VENV/bin/python ]]; then
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir "$@"
+    else # no venv module: plain pip into a folder
+        "$PY" -m pip install -q --disable-pip-version-check --no-cache-dir --target "$VENV/site" "$@"
+    fi
     echo "$want" >"$stamp"
 }
 
 setup_toolchain() { # $1 = compile | link
-    if [[ ! -x $VENV/bin/python ]]; then
+    if [[ ! -x $VENV/bin/python && ! -d $VENV/site ]]; then
         log "creating venv $VENV"
-        mkdir -p "$(dirname "$VENV")"
-        "$PY" -m venv "$VENV" || {
-            log "'$PY -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
-            exit 1
-        }
+        mkdir -p "$VENV"
+        if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+            rm -rf "$VENV"
+            "$PY" -m pip --version >/dev/null 2>&1 || {
+                log "'$PY -m venv' and '$PY -m pip' both failed: install python3-venv or pip"
+                exit 1
+            }
+            mkdir -p "$VENV/site"
+            log "'$PY -m venv' failed; installing with '$PY -m pip --target $VENV/site'"
+        fi
     fi
     pip_install compile "${COMPILE_PKGS[@]}"
     [[ $1 == link ]] && pip_install link "${LINK_PKGS[@]}"
-    NV=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1 || true)
+    NV=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 "$VENV"/site/nvidia/cu13 2>/dev/null | head -1 || true)
     if [[ -z $NV || ! -x $NV/bin/nvcc ]]; then
-        log "nvcc not found under $VENV (nvidia/cu13/bin/nvcc); remove the venv and retry"
+        log "nvcc not found under $VENV (nvidia/cu13/bin/nvcc); remove $VENV and retry"
         exit 1
     fi
     mkdir -p "$CUDA_ROOT/lib64/stubs"
