@@ -249,12 +249,12 @@ def main():
                            (2, (0.5, 1.25, 31.5, 30.75), 40, 17), (3, (0, 0, 32, 32), 8, 8),
                            (1, (2, 2, 30, 26), 5, 7), (2, (10, 0, 32, 32), 31, 31),
                            (0, (4, 4, 12, 12), 100, 100), (3, (0, 0, 32, 32), 16, 48),
-                           (3, (7.3, 0.1, 25.9, 31.7), 13, 64)]:
+                           (3, (7.3, 0.1, 25.9, 31.7), 13, 64), (1, (0, 0, 32, 32), 21, 9)]:
         add("box", img, pil[img].resize((w, h), Image.BILINEAR, box=box), box=list(box))
     # torchvision RandomResizedCrop's resize: F.resized_crop (crop, then Pillow bilinear)
     for img, i, j, h, w, s in [(1, 3, 5, 20, 11, 224), (2, 0, 0, 32, 32, 64), (3, 10, 12, 4, 9, 96),
                                (0, 1, 1, 30, 30, 24), (2, 20, 3, 7, 28, 33), (3, 0, 31, 1, 1, 17),
-                               (1, 0, 10, 30, 8, 20), (0, 2, 0, 29, 12, 16)]:
+                               (1, 0, 10, 30, 8, 20), (0, 2, 0, 29, 12, 16), (2, 1, 5, 30, 20, 12)]:
         out = F.resized_crop(pil[img], i, j, h, w, [s, s], interpolation=T.InterpolationMode.BILINEAR)
         add("crop", img, out, top=i, left=j, height=h, width=w, size=s)
     # torchvision Resize((S, S)) (the test transform)
