@@ -15,7 +15,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::pickle::{self, Value};
+use crate::pickle::{self, Buf, Value};
+use std::rc::Rc;
 
 /// Side of a CIFAR image in pixels.
 pub const SIDE: usize = 32;
@@ -446,13 +447,13 @@ fn int_list(root: &Value<'_>, key: &str, file: &str) -> Result<Vec<i64>> {
 
 fn decode_batch(root: &Value<'_>, file: &str) -> Result<RawBatch> {
     let data = required(root, "data", file)?;
-    let Value::Array(arr) = &data else {
+    let Value::Array(arr_rc) = &data else {
         return Err(DataError::content(
             file,
             format!("`data` is a {}, not a numpy array", data.kind()),
         ));
     };
-    let arr = arr.borrow();
+    let arr = arr_rc.borrow();
     let dt = arr.dtype.as_ref().map(|d| d.name.as_str()).unwrap_or("?");
     if !matches!(dt, "u1" | "|u1" | "uint8") {
         return Err(DataError::content(
@@ -484,6 +485,7 @@ fn decode_batch(root: &Value<'_>, file: &str) -> Result<RawBatch> {
             ),
         ));
     }
+    drop(arr);
     let (fine, coarse) = if root.get("fine_labels").is_some() {
         (
             int_list(root, "fine_labels", file)?,
@@ -507,9 +509,19 @@ fn decode_batch(root: &Value<'_>, file: &str) -> Result<RawBatch> {
     } else {
         Vec::new()
     };
+    // Move the pixels out when they were built (protocol 2 `_codecs.encode`): no third copy.
+    let taken = arr_rc.borrow_mut().data.take();
+    let images = match taken {
+        Some(Buf::Owned(rc)) => Rc::try_unwrap(rc).unwrap_or_else(|rc| rc.to_vec()),
+        Some(Buf::Borrowed(b)) => b.to_vec(),
+        None => Vec::new(),
+    };
+    if images.len() != n * IMAGE_BYTES {
+        return Err(DataError::content(file, "`data` changed while decoding"));
+    }
     Ok(RawBatch {
         file: file.to_string(),
-        images: raw.to_vec(),
+        images,
         fine,
         coarse,
         filenames,
