@@ -613,10 +613,25 @@ impl<'a> Parser<'a, '_> {
         }
     }
 
+    /// Latin-1 encoding of valid UTF-8: code points < 256 are one byte, or the two bytes
+    /// `0xC2/0xC3, 0x80..0xBF`; anything else is not latin-1.
     fn latin1(&self, s: &str) -> Result<Vec<u8>> {
-        s.chars()
-            .map(|c| u8::try_from(c as u32).map_err(|_| self.err("non-latin1 character in bytes")))
-            .collect()
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let x = b[i];
+            if x < 0x80 {
+                out.push(x);
+                i += 1;
+            } else if (x == 0xC2 || x == 0xC3) && i + 1 < b.len() {
+                out.push(((x & 0x1F) << 6) | (b[i + 1] & 0x3F));
+                i += 2;
+            } else {
+                return Err(self.err("non-latin1 character in bytes"));
+            }
+        }
+        Ok(out)
     }
 
     fn shape(&self, v: &Value<'a>) -> Result<Vec<usize>> {
@@ -774,6 +789,28 @@ mod tests {
         // and on the error path (no STOP)
         p.pop();
         assert!(parse(&p, "deep").is_err());
+    }
+
+    #[test]
+    fn codecs_encode_latin1() {
+        // _codecs.encode('\x00\xe9\xff', 'latin1') at protocol 2
+        let mut b = vec![0x80, 2];
+        b.extend_from_slice(b"c_codecs\nencode\n");
+        b.push(b'X');
+        b.extend_from_slice(&5u32.to_le_bytes());
+        b.extend_from_slice(&[0x00, 0xC3, 0xA9, 0xC3, 0xBF]);
+        b.push(b'X');
+        b.extend_from_slice(&6u32.to_le_bytes());
+        b.extend_from_slice(b"latin1");
+        b.extend_from_slice(&[0x86, b'R', b'.']);
+        let v = parse(&b, "t").unwrap();
+        assert_eq!(v.as_text(), Some(&[0x00, 0xE9, 0xFF][..]));
+        // U+0100 is not latin-1
+        let bad: Vec<u8> = b
+            .iter()
+            .map(|&x| if x == 0xC3 { 0xC4 } else { x })
+            .collect();
+        assert!(parse(&bad, "t").is_err());
     }
 
     #[test]
