@@ -8,7 +8,8 @@
 #      micro-batch it fits;
 #   c. `rdrop data bench` vs scripts/torchvision_loader.py at 224 px with all cores;
 #   d. one JSON summary with every figure and ratio: printed, and written to
-#      ${OUT:-.}/gpu-check.json (rewritten after each part, so a cut-off run keeps what it did).
+#      ${OUT:-.}/gpu-check.json (rewritten after each part, so a cut-off run keeps what it did);
+#      the progress log goes to ${OUT:-.}/gpu-check.log; the last stdout line is `HEADLINE {...}`.
 # Every part is time-boxed and records its error in the JSON instead of stopping the rest.
 #
 # Needs the binary from `scripts/build-cuda.sh`: dist/cuda/rdrop, or its gzip'd copy
@@ -27,6 +28,9 @@ DRY=0
 for a in "$@"; do [[ $a == --dry-run ]] && DRY=1; done
 
 say() { echo "[gpu-check] $*" >&2; }
+mkdir -p "$OUTDIR"
+# the progress log (stderr) is kept next to the JSON as well
+exec 2> >(tee -a "$OUTDIR/gpu-check.log" >&2)
 
 PY=""
 for p in ${PYTHON:-} python3 /opt/torch/.venv/bin/python3; do
@@ -68,6 +72,12 @@ print(":".join(dirs))
 EOF
 )
 export LD_LIBRARY_PATH="${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; then
+    # the driver's libcuda where containers usually mount it, if the loader does not know it
+    for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat; do
+        [[ -e $d/libcuda.so.1 ]] && { export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; break; }
+    done
+fi
 if [[ $DRY == 1 ]] && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; then
     # no driver here: let a CUDA build start with the link stub (every CUDA call: no device)
     STUB=$REPO/target-cuda/cuda-root/lib64/stubs
@@ -79,7 +89,6 @@ if command -v ldd >/dev/null && [[ -x $BIN ]] && ldd "$BIN" | grep -q 'not found
     say "unresolved libraries:"; ldd "$BIN" | grep 'not found' >&2
 fi
 
-mkdir -p "$OUTDIR"
 BUDGET=450
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == --budget ]] && { j=$((i + 1)); BUDGET=${!j}; }; done
 # the driver keeps its own time boxes; this outer one only guards against a hang in the driver

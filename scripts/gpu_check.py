@@ -368,6 +368,10 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         limit = 32 if self.dry else 2048
         # rdrop: one process per probe (an OOM ends the process); doubling, then bisection
         probes, lo, hi, b = [], 0, None, (8 if self.dry else 64)
+        if (self.summary.get("train_mb64", {}).get("rdrop") or {}).get("rc") == 0:
+            mb = self.summary["train_mb64"]["micro_batch"]
+            probes.append({"micro_batch": mb, "fits": True, "s": None, "note": "train_mb64 ran"})
+            lo, b = mb, 2 * mb
         deadline = time.monotonic() + min(150, self.budget.left() * 0.45)
         while b <= limit and time.monotonic() < deadline:
             r = self.rdrop_train(b, 1, self.budget.box(min(90, deadline - time.monotonic() + 30)), warmup=1)
