@@ -229,8 +229,11 @@ class Check:
         s["cpu_cores"] = self.cores
         s["binary"] = str(self.a.bin)
         s["ld_library_path"] = os.environ.get("LD_LIBRARY_PATH", "")
-        p = subprocess.run([self.a.bin, "--version"], capture_output=True, text=True, timeout=20)
-        s["rdrop_version"] = p.stdout.strip() if p.returncode == 0 else f"error: {p.stderr.strip()[-400:]}"
+        try:
+            p = subprocess.run([self.a.bin, "--version"], capture_output=True, text=True, timeout=20)
+            s["rdrop_version"] = p.stdout.strip() if p.returncode == 0 else f"error: {p.stderr.strip()[-400:]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            s["rdrop_version"] = f"error: {e}"
         if shutil.which("ldd"):
             ldd = subprocess.run(["ldd", self.a.bin], capture_output=True, text=True, timeout=20).stdout
             s["libs"] = {m.group(1): m.group(2) for m in
