@@ -348,6 +348,18 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         s["torch_eager"] = self.torch_train(mb, steps, self.budget.box(120))
         s["torch_compile"] = self.torch_train(mb, steps, self.budget.box(240), "--compile")
         s["summary"] = self.train_ratios(s["rdrop"], s["torch_eager"], s["torch_compile"])
+        # what dropout's random masks cost rdrop (if this rdrop's bench takes --dropout)
+        h = subprocess.run([self.a.bin, "bench", "train", "--help"], capture_output=True, text=True,
+                           timeout=20, env=self.env).stdout
+        if "--dropout" in h and s["rdrop"].get("rc") == 0:
+            model, size, prec, _ = self.bench_args()
+            r = run(self.rdrop("bench", "train", "--model", model, "--image-size", size, "--micro-batch", mb,
+                               "--steps", steps, "--precision", prec, "--device", self.cuda, "--dropout", "0",
+                               "--json"), self.budget.box(90), self.env)
+            s["rdrop_dropout0"] = r
+            s["summary"]["rdrop_dropout0_samples_per_s"] = samples_per_s(r.get("json"))
+            s["summary"]["ratio_rdrop_dropout0_over_rdrop"] = ratio(samples_per_s(r.get("json")),
+                                                                    samples_per_s(s["rdrop"].get("json")))
 
     def train_ratios(self, rd, te, tc):
         rj, ej, cj = rd.get("json"), te.get("json"), tc.get("json")
