@@ -375,6 +375,8 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         out["ratio_rdrop_over_torch_compile"] = ratio(sp["rdrop"], sp["torch_compile"])
         out["mem_ratio_rdrop_over_torch_eager"] = ratio(dm["rdrop"], dm["torch_eager"])
         out["goal_rdrop_at_least_torch_eager"] = (out["ratio_rdrop_over_torch_eager"] or 0) >= 1.0
+        mr = out["mem_ratio_rdrop_over_torch_eager"]
+        out["goal_peak_mem_no_higher_than_torch_eager"] = None if mr is None else mr <= 1.0
         return out
 
     def max_part(self, s):
