@@ -107,8 +107,9 @@ pub enum Value<'a> {
     Int(i64),
     /// A float.
     Float(f64),
-    /// A unicode string (Python 3 `str`).
-    Str(&'a str),
+    /// A unicode string (Python 3 `str`) as the pickle's UTF-8 bytes. Not validated up front
+    /// (a protocol-2 pixel string is 232 MB); decoded where text is needed.
+    Str(&'a [u8]),
     /// Bytes: Python 3 `bytes`/`bytearray`, or a Python 2 `str`.
     Bytes(Buf<'a>),
     /// A tuple.
@@ -129,7 +130,7 @@ impl<'a> Value<'a> {
     /// Text of a `str` or (Python 2) byte string, for dict keys and names.
     pub fn as_text(&self) -> Option<&[u8]> {
         match self {
-            Value::Str(s) => Some(s.as_bytes()),
+            Value::Str(s) => Some(s),
             Value::Bytes(b) => Some(b.as_slice()),
             _ => None,
         }
@@ -291,8 +292,7 @@ impl<'a> Parser<'a, '_> {
 
     fn unicode(&mut self, len: u64) -> Result<()> {
         let b = self.take(len)?;
-        let s = std::str::from_utf8(b).map_err(|_| self.err("string is not valid UTF-8"))?;
-        self.stack.push(Value::Str(s));
+        self.stack.push(Value::Str(b));
         Ok(())
     }
 
@@ -526,7 +526,8 @@ impl<'a> Parser<'a, '_> {
                     let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
-                    let g = self.global(module, name)?;
+                    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    let g = self.global(&text(module), &text(name))?;
                     self.stack.push(g);
                 }
                 b'R' => {
@@ -613,10 +614,9 @@ impl<'a> Parser<'a, '_> {
         }
     }
 
-    /// Latin-1 encoding of valid UTF-8: code points < 256 are one byte, or the two bytes
-    /// `0xC2/0xC3, 0x80..0xBF`; anything else is not latin-1.
-    fn latin1(&self, s: &str) -> Result<Vec<u8>> {
-        let b = s.as_bytes();
+    /// Latin-1 encoding of a UTF-8 string: code points < 256 are one byte, or the two bytes
+    /// `0xC2/0xC3, 0x80..0xBF`; anything else (other code points, invalid UTF-8) is an error.
+    fn latin1(&self, b: &[u8]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(b.len());
         let mut i = 0;
         while i < b.len() {
@@ -624,11 +624,11 @@ impl<'a> Parser<'a, '_> {
             if x < 0x80 {
                 out.push(x);
                 i += 1;
-            } else if (x == 0xC2 || x == 0xC3) && i + 1 < b.len() {
+            } else if (x == 0xC2 || x == 0xC3) && i + 1 < b.len() && b[i + 1] & 0xC0 == 0x80 {
                 out.push(((x & 0x1F) << 6) | (b[i + 1] & 0x3F));
                 i += 2;
             } else {
-                return Err(self.err("non-latin1 character in bytes"));
+                return Err(self.err("bytes string holds a non-latin-1 character or bad UTF-8"));
             }
         }
         Ok(out)
