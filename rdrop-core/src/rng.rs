@@ -8,9 +8,13 @@
 //!   32-bit word of that stream. Chunks are filled in parallel (rayon;
 //!   `set_word_pos` seeks), so the bytes do not depend on the thread count.
 //! - CUDA: generating ~10^9 mask elements per ViT-B step on the host and uploading them would
-//!   double the step time, so the device's curand generator is used, re-seeded from
-//!   `(seed, calls)` at each call: reproducible for a given device, not bit-equal to CPU.
+//!   double the step time, so the device's curand generator is used. It is seeded from
+//!   `(seed, calls)` once, at the first mask after `new`/`set_state` (candle's `set_seed`
+//!   rebuilds the curand generator, far too slow to do for each of the ~25 masks of a step):
+//!   a run is reproducible on a given device, not bit-equal to CPU, and a resumed CUDA run
+//!   continues from a fresh seed rather than the exact stream.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
@@ -31,6 +35,8 @@ pub struct RngState {
 #[derive(Debug)]
 pub struct DropoutRng {
     state: Mutex<RngState>,
+    /// Whether an accelerator's generator has been seeded since `new`/`set_state`.
+    device_seeded: AtomicBool,
 }
 
 impl Clone for DropoutRng {
@@ -59,6 +65,7 @@ impl DropoutRng {
     pub fn from_state(state: RngState) -> Self {
         Self {
             state: Mutex::new(state),
+            device_seeded: AtomicBool::new(false),
         }
     }
 
@@ -76,6 +83,7 @@ impl DropoutRng {
             Ok(mut g) => *g = s,
             Err(p) => *p.into_inner() = s,
         }
+        self.device_seeded.store(false, Ordering::SeqCst);
     }
 
     fn next_call(&self) -> RngState {
@@ -110,10 +118,11 @@ impl DropoutRng {
             fill_mask(&mut out, s, threshold, scale as f32);
             Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)
         } else {
-            device.set_seed(mix64(s.seed, s.calls))?;
+            if !self.device_seeded.swap(true, Ordering::SeqCst) {
+                device.set_seed(mix64(s.seed, s.calls))?;
+            }
             let u = Tensor::rand(0f32, 1f32, shape, device)?;
-            let keep = u.ge(p)?.to_dtype(DType::F32)?;
-            (keep * scale)?.to_dtype(dtype)
+            u.ge(p)?.to_dtype(dtype)?.affine(scale, 0.0)
         }
     }
 
