@@ -1,8 +1,294 @@
-//! `rdrop bench` subcommands (not implemented yet).
+//! `rdrop bench train`: R-Drop training-step throughput on synthetic data with a randomly
+//! initialised model — the same step as `rdrop train` (rdrop-core's `Trainer::update`: two
+//! passes, loss, backward, clipping, SGD momentum), timed phase by phase.
+//!
+//! Comparable with `../shared/bench/torch_cpu_step.py THREADS cpu-small` (one forward of
+//! [x; x], α 0.3, SGD momentum 0.9, clip 1.0, 3 warm-up steps): "samples/s" counts each
+//! training sample once although it goes through the network twice.
+
+use candle_core::{Device, Tensor};
+use rdrop_core::{
+    DecayKind, LossConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer, TwoPass,
+};
+use rdrop_vit::ViTConfig;
+use serde::Serialize;
+
+use crate::config::{Passes, RunConfig};
+use crate::device::{set_threads, DeviceSpec, Precision};
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Time R-Drop training updates of a randomly initialised ViT on synthetic data.
+    Train(TrainArgs),
+}
+
+/// Arguments of `rdrop bench train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Architecture preset: cpu-small (image 32, patch 4, D 192, 6 layers, 3 heads, MLP 768),
+    /// tiny, vit-ti16, vit-s16, vit-b16, vit-b32, vit-l16.
+    #[arg(long, default_value = "cpu-small")]
+    pub model: String,
+    /// Input side in pixels.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Samples per update (each goes through two passes).
+    #[arg(long, default_value_t = 64)]
+    pub micro_batch: usize,
+    /// Timed updates.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed updates first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Forward precision: f32, bf16, f16.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// `concat` (one forward of [x; x]) or `sequential`.
+    #[arg(long, value_enum, default_value_t = Passes::Concat)]
+    pub passes: Passes,
+    /// Classes of the synthetic task (default: the preset's).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `rdrop bench train --json` prints.
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    /// Model preset.
+    pub model: String,
+    /// Input side.
+    pub image_size: usize,
+    /// Samples per update.
+    pub micro_batch: usize,
+    /// Timed updates.
+    pub steps: usize,
+    /// Precision.
+    pub precision: String,
+    /// Device.
+    pub device: String,
+    /// CPU threads used by candle.
+    pub threads: usize,
+    /// Parameters of the model.
+    pub params: usize,
+    /// R-Drop samples per second (each sample = two passes).
+    pub samples_per_s: f64,
+    /// Mean wall time per update in ms.
+    pub step_ms: f64,
+    /// Mean time in the two forward passes and the loss, ms per update.
+    pub forward_ms: f64,
+    /// Mean time in the backward pass, ms per update.
+    pub backward_ms: f64,
+    /// Mean time in clipping and the optimiser step, ms per update.
+    pub optimizer_ms: f64,
+    /// Peak memory in GiB: resident set of the process on CPU (VmHWM); on CUDA the largest
+    /// device memory in use seen after each update (cuMemGetInfo; all processes on the GPU).
+    pub peak_gib: Option<f64>,
+    /// What `peak_gib` measures.
+    pub peak_kind: String,
+}
 
 pub fn run(c: Command) -> anyhow::Result<()> {
-    match c {}
+    match c {
+        Command::Train(a) => {
+            let r = bench_train(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} @ {} px, micro-batch {}, {} on {} ({} threads): {:.1} R-Drop samples/s, {:.1} ms/update \
+                     (forward {:.1}, backward {:.1}, optimiser {:.1}); peak {} {}",
+                    r.model,
+                    r.image_size,
+                    r.micro_batch,
+                    r.precision,
+                    r.device,
+                    r.threads,
+                    r.samples_per_s,
+                    r.step_ms,
+                    r.forward_ms,
+                    r.backward_ms,
+                    r.optimizer_ms,
+                    r.peak_gib.map(|g| format!("{g:.2} GiB")).unwrap_or_else(|| "n/a".into()),
+                    r.peak_kind
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Peak resident set size of this process (Linux `/proc/self/status`, VmHWM), GiB.
+fn peak_rss_gib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / (1024.0 * 1024.0))
+}
+
+/// Device memory in use (total − free), GiB.
+#[cfg(feature = "cuda")]
+fn cuda_used_gib(device: &Device) -> Option<f64> {
+    let dev = device.as_cuda_device().ok()?;
+    let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+    Some((total - free) as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_used_gib(_device: &Device) -> Option<f64> {
+    None
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// Runs the benchmark.
+pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
+    set_threads(a.threads)?;
+    a.precision.check(&a.device)?;
+    anyhow::ensure!(
+        a.micro_batch > 0 && a.steps > 0,
+        "--micro-batch and --steps must be at least 1"
+    );
+    let device = a.device.open()?;
+    let mut vc = ViTConfig::preset(&a.model)?;
+    if let Some(s) = a.image_size {
+        vc.image_size = s;
+    }
+    if let Some(n) = a.num_classes {
+        vc.num_classes = n;
+    }
+    let cfg = RunConfig {
+        vit: Some(vc.clone()),
+        image_size: vc.image_size,
+        seed: 0,
+        dropout: None,
+        ..RunConfig::default()
+    };
+    let mut model = crate::cmd::train::scratch_model(&cfg, vc.num_classes, &device)?;
+    model.set_compute_dtype(a.precision.dtype())?;
+    let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let tcfg = TrainConfig {
+        loss: LossConfig::default(),
+        optim: OptimConfig {
+            lr: 0.01,
+            ..OptimConfig::default()
+        },
+        schedule: ScheduleConfig {
+            decay: DecayKind::Constant,
+            warmup_steps: 0,
+            total_steps: (a.steps + a.warmup) as u64,
+            cycles: 0.5,
+        },
+        clip_norm: Some(1.0),
+        accum_steps: 1,
+        micro_batch: a.micro_batch,
+        two_pass: match a.passes {
+            Passes::Concat => TwoPass::Concat,
+            Passes::Sequential => TwoPass::Sequential,
+        },
+        precision: crate::cmd::train::core_precision(a.precision),
+        sync_timing: true,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(tcfg, model.named_vars())?;
+    let s = vc.image_size;
+    let x =
+        Tensor::randn(0f32, 1f32, (a.micro_batch, 3, s, s), &Device::Cpu)?.to_device(&device)?;
+    let y: Vec<u32> = (0..a.micro_batch)
+        .map(|i| (i * 7 % vc.num_classes) as u32)
+        .collect();
+    let y = Tensor::from_vec(y, a.micro_batch, &device)?;
+    let batch = [(x, y)];
+    let mut peak_dev: Option<f64> = None;
+    for _ in 0..a.warmup {
+        trainer.update(&model, &batch)?;
+        peak_dev = max_opt(peak_dev, cuda_used_gib(&device));
+    }
+    let (mut f, mut b, mut o) = (0.0, 0.0, 0.0);
+    let t0 = std::time::Instant::now();
+    for _ in 0..a.steps {
+        let st = trainer.update(&model, &batch)?;
+        f += st.forward_s;
+        b += st.backward_s;
+        o += st.optimizer_s;
+        peak_dev = max_opt(peak_dev, cuda_used_gib(&device));
+    }
+    device.synchronize()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let n = a.steps as f64;
+    let (peak_gib, peak_kind) = if device.is_cpu() {
+        (peak_rss_gib(), "process peak RSS (VmHWM)".to_string())
+    } else {
+        (
+            peak_dev,
+            "device memory in use (cuMemGetInfo), max over updates".to_string(),
+        )
+    };
+    Ok(BenchResult {
+        model: a.model.clone(),
+        image_size: s,
+        micro_batch: a.micro_batch,
+        steps: a.steps,
+        precision: a.precision.to_string(),
+        device: a.device.to_string(),
+        threads: candle_core::utils::get_num_threads(),
+        params,
+        samples_per_s: a.micro_batch as f64 * n / wall,
+        step_ms: 1e3 * wall / n,
+        forward_ms: 1e3 * f / n,
+        backward_ms: 1e3 * b / n,
+        optimizer_ms: 1e3 * o / n,
+        peak_gib,
+        peak_kind,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_runs_a_tiny_model() {
+        let a = TrainArgs {
+            model: "tiny".into(),
+            image_size: Some(16),
+            micro_batch: 4,
+            steps: 2,
+            warmup: 1,
+            precision: Precision::F32,
+            device: DeviceSpec::Cpu,
+            threads: None,
+            passes: Passes::Concat,
+            num_classes: None,
+            json: true,
+        };
+        let r = bench_train(&a).unwrap();
+        assert!(r.samples_per_s > 0.0 && r.step_ms > 0.0);
+        assert!(r.forward_ms > 0.0 && r.backward_ms > 0.0 && r.optimizer_ms >= 0.0);
+        assert!(r.forward_ms + r.backward_ms + r.optimizer_ms <= r.step_ms * 1.05);
+        assert!(r.peak_gib.unwrap() > 0.0);
+        assert_eq!(
+            r.params,
+            ViTConfig {
+                image_size: 16,
+                ..ViTConfig::preset("tiny").unwrap()
+            }
+            .num_params()
+        );
+    }
 }

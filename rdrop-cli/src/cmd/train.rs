@@ -303,6 +303,7 @@ fn pretrained_model(
         device: device.clone(),
         seed: c.seed,
         hub_cache: None,
+        num_heads: None,
     };
     let loaded = load_model(spec, &opts).with_context(|| format!("loading weights `{spec}`"))?;
     eprint!("{}", loaded.report);
@@ -373,6 +374,17 @@ fn test_stall(step: u64) {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
+    }
+}
+
+/// Test hook: `RDROP_TEST_STEP_DELAY_MS=N` sleeps after each update, so that a test can
+/// interrupt a tiny run at a step of its choosing.
+fn test_delay() {
+    if let Some(ms) = std::env::var("RDROP_TEST_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
@@ -628,6 +640,7 @@ pub fn train(
             ));
         }
         progress.update(stats.step, ips, stats.loss, stats.lr);
+        test_delay();
         let step = stats.step;
         let last = step == cfg.steps;
         if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
