@@ -18,7 +18,11 @@ pub struct Interrupted {
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted; checkpoint saved. Resume with: {}", self.resume_hint)
+        write!(
+            f,
+            "interrupted; checkpoint saved. Resume with: {}",
+            self.resume_hint
+        )
     }
 }
 
