@@ -315,7 +315,7 @@ impl RunConfig {
         anyhow::ensure!(self.steps > 0, "steps must be at least 1");
         anyhow::ensure!(self.micro_batch > 0, "micro-batch must be at least 1");
         anyhow::ensure!(
-            self.batch_size >= self.micro_batch && self.batch_size % self.micro_batch == 0,
+            self.batch_size >= self.micro_batch && self.batch_size.is_multiple_of(self.micro_batch),
             "batch size {} must be a positive multiple of the micro-batch {}",
             self.batch_size,
             self.micro_batch

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a ViT with R-Drop (presets: demo, vit-b16-cifar100, vit-src).
-    Train(cmd::train::Args),
+    Train(Box<cmd::train::Args>),
     /// Continue a training run from its newest checkpoint (same as `train --resume OUT`).
     Resume(cmd::resume::Args),
     /// Evaluate weights (HF folder / hub id, timm file, npz, run folder) on the test split.
@@ -50,7 +50,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => cmd::train::run(a),
+        Command::Train(a) => cmd::train::run(*a),
         Command::Resume(a) => cmd::resume::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),

@@ -643,7 +643,7 @@ pub fn train(
         test_delay();
         let step = stats.step;
         let last = step == cfg.steps;
-        if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+        if last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) {
             let (top1, top5, loss) = run.evaluate(&test_loader)?;
             metrics.write(&MetricLine::Eval(EvalLine {
                 step,
@@ -680,7 +680,7 @@ pub fn train(
             }
             .into());
         }
-        if last || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+        if last || (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every)) {
             run.checkpoint(&trainer, pos_now, &mut metrics)?;
         }
     }
