@@ -53,6 +53,9 @@ pub struct TrainArgs {
     /// `concat` (one forward of [x; x]) or `sequential`.
     #[arg(long, value_enum, default_value_t = Passes::Concat)]
     pub passes: Passes,
+    /// Overrides every dropout rate of the model (0 measures the step without dropout masks).
+    #[arg(long, value_name = "P")]
+    pub dropout: Option<f64>,
     /// Classes of the synthetic task (default: the preset's).
     #[arg(long)]
     pub num_classes: Option<usize>,
@@ -176,7 +179,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         vit: Some(vc.clone()),
         image_size: vc.image_size,
         seed: 0,
-        dropout: None,
+        dropout: a.dropout,
         ..RunConfig::default()
     };
     let mut model = crate::cmd::train::scratch_model(&cfg, vc.num_classes, &device)?;
@@ -275,6 +278,7 @@ mod tests {
             threads: None,
             passes: Passes::Concat,
             num_classes: None,
+            dropout: None,
             json: true,
         };
         let r = bench_train(&a).unwrap();

@@ -198,11 +198,17 @@ fn panel<DB: DrawingBackend>(
         .x_desc("step")
         .label_style((FAMILY, 13))
         .axis_desc_style((FAMILY, 14))
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| {
+            let span = hi - lo;
             if v.abs() > 0.0 && (v.abs() < 1e-2 || v.abs() >= 1e4) {
                 format!("{v:.1e}")
+            } else if span >= 10.0 {
+                format!("{v:.0}")
+            } else if span >= 1.0 {
+                format!("{v:.1}")
             } else {
-                format!("{v:.3}")
+                format!("{v:.2}")
             }
         })
         .draw()?;
