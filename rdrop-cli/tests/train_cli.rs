@@ -557,3 +557,35 @@ fn cli_errors_are_clear_and_never_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn sigterm_also_checkpoints_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("run");
+    let mut child = rdrop(&["train", "--config", s(&cfg), "--out", s(&out)])
+        .env("RDROP_TEST_STEP_DELAY_MS", "150")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&mut child, "the first update", || train_lines(&out) >= 1);
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(130), "{err}");
+    let done = train_lines(&out);
+    assert!(
+        out.join(format!("checkpoints/step-{done}/model.safetensors"))
+            .is_file(),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("rdrop resume {}", out.display())),
+        "{err}"
+    );
+}
