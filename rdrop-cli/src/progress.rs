@@ -16,6 +16,7 @@ pub struct Progress {
     started: Instant,
     start_step: u64,
     last_top1: Option<f64>,
+    last_base: String,
 }
 
 impl Progress {
@@ -40,16 +41,14 @@ impl Progress {
             started: Instant::now(),
             start_step,
             last_top1: None,
+            last_base: String::new(),
         }
     }
 
     /// After update `step`.
     pub fn update(&mut self, step: u64, images_per_s: f64, loss: f64, lr: f64) {
-        let top1 = self
-            .last_top1
-            .map(|t| format!(" top1 {:.2}%", 100.0 * t))
-            .unwrap_or_default();
-        let msg = format!("{images_per_s:.0} img/s loss {loss:.4} lr {lr:.2e}{top1}");
+        self.last_base = format!("{images_per_s:.0} img/s loss {loss:.4} lr {lr:.2e}");
+        let msg = self.message();
         match &self.bar {
             Some(b) => {
                 b.set_position(step);
@@ -71,9 +70,20 @@ impl Progress {
         }
     }
 
+    fn message(&self) -> String {
+        let top1 = self
+            .last_top1
+            .map(|t| format!(" top1 {:.2}%", 100.0 * t))
+            .unwrap_or_default();
+        format!("{}{top1}", self.last_base)
+    }
+
     /// After an evaluation.
     pub fn eval(&mut self, step: u64, top1: f64, top5: f64, loss: f64) {
         self.last_top1 = Some(top1);
+        if let Some(b) = &self.bar {
+            b.set_message(self.message());
+        }
         self.println(&format!(
             "eval at step {step}: top-1 {:.2}%  top-5 {:.2}%  loss {loss:.4}",
             100.0 * top1,
