@@ -61,11 +61,44 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             match err.downcast_ref::<cmd::Interrupted>() {
                 Some(_) => ExitCode::from(130),
                 None => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+/// The error and its causes joined by ": ", skipping a cause whose text the message before it
+/// already contains (the library errors print their source inline, as `thiserror` users expect).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn error_chain_skips_causes_already_printed() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(io)
+            .context("x: No such file")
+            .context("reading dataset x");
+        assert_eq!(error_chain(&err), "reading dataset x: x: No such file");
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&err), "outer: inner");
     }
 }
