@@ -94,7 +94,9 @@ fn cuda_open_error(n: usize, e: candle_core::Error) -> anyhow::Error {
     anyhow::Error::new(e).context(what)
 }
 
-/// Numeric precision of the forward/backward pass (master weights stay f32).
+/// Numeric precision of the forward/backward pass (master weights stay f32): the `--precision`
+/// flag and config key. A CLI-side twin of `rdrop_core::Precision` only because clap's
+/// `ValueEnum` cannot be derived in rdrop-core (no clap there); everything else delegates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -110,11 +112,7 @@ pub enum Precision {
 impl Precision {
     /// The candle dtype of activations.
     pub fn dtype(self) -> DType {
-        match self {
-            Self::F32 => DType::F32,
-            Self::Bf16 => DType::BF16,
-            Self::F16 => DType::F16,
-        }
+        rdrop_core::Precision::from(self).dtype()
     }
 
     /// Refuses combinations candle cannot run (reduced precision on CPU: bf16 conv/matmul is
@@ -124,6 +122,16 @@ impl Precision {
             anyhow::bail!("precision {self} is only supported on CUDA; use --precision f32 on cpu");
         }
         Ok(())
+    }
+}
+
+impl From<Precision> for rdrop_core::Precision {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => Self::F32,
+            Precision::Bf16 => Self::Bf16,
+            Precision::F16 => Self::F16,
+        }
     }
 }
 

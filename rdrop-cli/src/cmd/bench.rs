@@ -204,7 +204,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
             Passes::Concat => TwoPass::Concat,
             Passes::Sequential => TwoPass::Sequential,
         },
-        precision: crate::cmd::train::core_precision(a.precision),
+        precision: a.precision.into(),
         sync_timing: true,
         ..TrainConfig::default()
     };

@@ -28,7 +28,7 @@ use crate::checkpoint::{clean_stale, list_steps, prune, step_name, write_dir_ato
 use crate::cmd::eval::Accumulator;
 use crate::cmd::Interrupted;
 use crate::config::{self, AugmentKind, LossReduction, OptimizerKind, Passes, RunConfig, Schedule};
-use crate::device::{set_threads, Precision};
+use crate::device::set_threads;
 use crate::progress::Progress;
 use crate::run_dir::{EvalLine, MetricLine, MetricsWriter, RunDir, TrainLine};
 use crate::signals::{self, StopFlag};
@@ -222,21 +222,12 @@ pub fn train_config(c: &RunConfig) -> TrainConfig {
             Passes::Concat => TwoPass::Concat,
             Passes::Sequential => TwoPass::Sequential,
         },
-        precision: core_precision(c.precision),
+        precision: c.precision.into(),
         scaler: ScalerConfig {
             init_scale: c.loss_scale,
             ..ScalerConfig::default()
         },
         sync_timing: false,
-    }
-}
-
-/// Our precision flag as rdrop-core's.
-pub fn core_precision(p: Precision) -> rdrop_core::Precision {
-    match p {
-        Precision::F32 => rdrop_core::Precision::F32,
-        Precision::Bf16 => rdrop_core::Precision::Bf16,
-        Precision::F16 => rdrop_core::Precision::F16,
     }
 }
 
