@@ -86,6 +86,79 @@ pub fn dropout_apply_reference(x: &mut [f32], n: usize, site: &Site, rows: &[Row
     }
 }
 
+/// The residual branch with dropout: `res[r·n + i] += mask(site, rows[r], i) · y[r·n + i]`
+/// (`y` is not modified; `res += y` when `p == 0`). The mask is [`dropout_apply`]'s, so the
+/// backward of the branch is `dy = dropout_apply(copy of dres)`. Parallel over rows; the result
+/// does not depend on the thread count.
+///
+/// # Panics
+/// If `res` or `y` is not `rows.len()` rows of `n`.
+pub fn residual_dropout_add(res: &mut [f32], y: &[f32], n: usize, site: &Site, rows: &[RowKey]) {
+    assert_eq!(
+        res.len(),
+        n * rows.len(),
+        "residual_dropout_add: res is not rows × n"
+    );
+    assert_eq!(
+        y.len(),
+        res.len(),
+        "residual_dropout_add: y and res differ in length"
+    );
+    if n == 0 {
+        return;
+    }
+    if site.p == 0.0 {
+        res.par_chunks_mut(n)
+            .zip(y.par_chunks(n))
+            .for_each(|(r, y)| {
+                for (r, &y) in r.iter_mut().zip(y) {
+                    *r += y;
+                }
+            });
+        return;
+    }
+    let (thr, scale) = (drop_threshold(site.p), keep_scale(site.p));
+    res.par_chunks_mut(n)
+        .zip(y.par_chunks(n))
+        .zip(rows.par_iter())
+        .for_each(|((res, y), &rk)| {
+            let key = site.key(rk);
+            for (blk, (r4, y4)) in res.chunks_mut(4).zip(y.chunks(4)).enumerate() {
+                let w = key.block(blk as u32);
+                for ((r, &y), &w) in r4.iter_mut().zip(y4).zip(w.iter()) {
+                    if w >= thr {
+                        *r += y * scale;
+                    }
+                }
+            }
+        });
+}
+
+/// Plain twin of [`residual_dropout_add`]: one element at a time, no threads.
+pub fn residual_dropout_add_reference(
+    res: &mut [f32],
+    y: &[f32],
+    n: usize,
+    site: &Site,
+    rows: &[RowKey],
+) {
+    assert_eq!(res.len(), n * rows.len());
+    assert_eq!(y.len(), res.len());
+    for (r, &rk) in rows.iter().enumerate() {
+        let key = site.key(rk);
+        for i in 0..n {
+            let m = if site.p == 0.0 {
+                1.0
+            } else if key.word(i) >= drop_threshold(site.p) {
+                keep_scale(site.p)
+            } else {
+                0.0
+            };
+            res[r * n + i] += m * y[r * n + i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +193,49 @@ mod tests {
         assert_eq!(a, c);
         // The two passes of a sample get different masks.
         assert_ne!(a[..n], a[3 * n..4 * n]);
+    }
+
+    #[test]
+    fn residual_add_matches_reference_and_dropout_apply() {
+        let rows: Vec<RowKey> = (0..5)
+            .map(|i| RowKey {
+                sample: i,
+                pass: i % 2,
+            })
+            .collect();
+        let n = 203;
+        let y: Vec<f32> = (0..n * rows.len())
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
+        let res0: Vec<f32> = (0..n * rows.len())
+            .map(|i| (i as f32 * 0.11).sin())
+            .collect();
+        for p in [0.0, 0.1, 0.5] {
+            let site = Site {
+                seed: 3,
+                update: 7,
+                site: 1,
+                p,
+            };
+            let mut outs = Vec::new();
+            for t in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap();
+                let mut res = res0.clone();
+                pool.install(|| residual_dropout_add(&mut res, &y, n, &site, &rows));
+                outs.push(res);
+            }
+            assert!(outs.iter().all(|o| o == &outs[0]), "thread-count dependent");
+            let mut want = res0.clone();
+            residual_dropout_add_reference(&mut want, &y, n, &site, &rows);
+            assert_eq!(outs[0], want);
+            // Same mask as dropout_apply: res0 + dropout(y).
+            let mut dy = y.clone();
+            dropout_apply(&mut dy, n, &site, &rows);
+            let sum: Vec<f32> = res0.iter().zip(&dy).map(|(a, b)| a + b).collect();
+            assert_eq!(outs[0], sum);
+        }
     }
 }
