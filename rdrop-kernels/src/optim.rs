@@ -214,7 +214,7 @@ impl AdamCoef {
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
         Self {
-            decay: (h.weight_decay != 0.0).then(|| (1.0 - lr * h.weight_decay as f64) as f32),
+            decay: (h.weight_decay != 0.0).then_some((1.0 - lr * h.weight_decay as f64) as f32),
             one_m_b1: (1.0 - b1) as f32,
             b2: h.beta2,
             one_m_b2: (1.0 - b2) as f32,
