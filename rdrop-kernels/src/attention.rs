@@ -147,16 +147,90 @@ fn active<'a>(dropout: Option<(&'a Site, &'a [RowKey])>) -> Option<(&'a Site, &'
     dropout.filter(|(s, _)| s.p != 0.0)
 }
 
-/// In-place softmax of one row (f32, max subtracted).
+/// `e^x` in f32 for the softmax: Cephes' `expf` (range reduction by ln 2 in two parts, degree-6
+/// polynomial, relative error ≈ 2 ulp), branch-free so that loops over it vectorise; `0` below
+/// −87.3 (the smallest normal), which a max-subtracted softmax can only round away.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let xc = if x > 88.0 { 88.0 } else { x };
+    let xc = if xc < -87.0 { -87.0 } else { xc };
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let bits = ((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23) as u32;
+    let e = y * f32::from_bits(bits);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// Sums eight lanes in a fixed tree.
+#[inline(always)]
+fn lanes_sum(a: [f32; 8]) -> f32 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// `Σ x·y` in eight lanes (fixed order: the result depends only on the inputs).
+#[inline]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    lanes_sum(acc) + tail
+}
+
+/// In-place softmax of one row (f32, max subtracted), vectorisable and in a fixed order.
 #[inline]
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for c in chunks {
+        for k in 0..8 {
+            mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
+        }
     }
-    let inv = 1.0 / sum;
+    for m in mx {
+        max = if m > max { m } else { max };
+    }
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            c[k] = exp_f32(c[k] - max);
+            acc[k] += c[k];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - max);
+        tail += *v;
+    }
+    let inv = 1.0 / (lanes_sum(acc) + tail);
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -203,52 +277,70 @@ pub fn attention_fwd(
     });
     let probs = &*probs;
     let drop = active(dropout);
-    // O = (P ⊙ M) V, one sample at a time (its heads interleave in `out`).
-    out.par_chunks_mut(t * d)
-        .enumerate()
-        .for_each(|(b, o)| match drop {
-            None => {
-                for h in 0..h_n {
-                    small_gemm(
-                        (t, dh, t),
-                        &mut o[h * dh..],
-                        d,
-                        (&probs[(b * h_n + h) * t * t..], t, 1),
-                        (&qkv[b * t * row3 + 2 * d + h * dh..], row3, 1),
-                        1.0,
-                        false,
+    // O = (P ⊙ M) V = s·(P V − Σ_{dropped j} P_ij V_j), one sample at a time (its heads
+    // interleave in `out`): a GEMM on P, then a correction over the few dropped elements.
+    out.par_chunks_mut(t * d).enumerate().for_each(|(b, o)| {
+        let v = &qkv[b * t * row3 + 2 * d..];
+        for h in 0..h_n {
+            let p = &probs[(b * h_n + h) * t * t..][..t * t];
+            small_gemm(
+                (t, dh, t),
+                &mut o[h * dh..],
+                d,
+                (p, t, 1),
+                (&v[h * dh..], row3, 1),
+                1.0,
+                false,
+            );
+            if let Some((site, rows)) = drop {
+                let key = site.key(rows[b]);
+                let (thr, ks) = (drop_threshold(site.p), keep_scale(site.p));
+                for (i, prow) in p.chunks(t).enumerate() {
+                    let orow = &mut o[i * d + h * dh..][..dh];
+                    drop_correction(
+                        orow,
+                        prow,
+                        v,
+                        (row3, h * dh),
+                        &key,
+                        (thr, ks),
+                        (h * t + i) * t,
                     );
                 }
             }
-            Some((site, rows)) => {
-                let key = site.key(rows[b]);
-                let (thr, ks) = (drop_threshold(site.p), keep_scale(site.p));
-                let v = &qkv[b * t * row3 + 2 * d..];
-                const J: usize = 64;
-                let mut a = [0f32; J];
-                for h in 0..h_n {
-                    for i in 0..t {
-                        let e0 = (h * t + i) * t;
-                        let prow = &probs[b * h_n * t * t + e0..][..t];
-                        let orow = &mut o[i * d + h * dh..][..dh];
-                        orow.fill(0.0);
-                        for j0 in (0..t).step_by(J) {
-                            let n = J.min(t - j0);
-                            mask_range(&key, thr, ks, e0 + j0, &mut a[..n]);
-                            for (jj, (&m, &pv)) in a[..n].iter().zip(&prow[j0..]).enumerate() {
-                                let aij = pv * m;
-                                if aij != 0.0 {
-                                    let vrow = &v[(j0 + jj) * row3 + h * dh..][..dh];
-                                    for (o, &vv) in orow.iter_mut().zip(vrow) {
-                                        *o += aij * vv;
-                                    }
-                                }
-                            }
-                        }
-                    }
+        }
+    });
+}
+
+/// `o ← s·(o − Σ_{j dropped} p_j · V_j)` for one output row `o = Σ_j p_j V_j`: mask elements
+/// `e0 ..` of `key`, `V_j = v[j·rs + c ..][..o.len()]`.
+#[inline]
+fn drop_correction(
+    o: &mut [f32],
+    p: &[f32],
+    v: &[f32],
+    (rs, c): (usize, usize),
+    key: &MaskKey,
+    (thr, scale): (u32, f32),
+    e0: usize,
+) {
+    const J: usize = 64;
+    let mut m = [0f32; J];
+    for j0 in (0..p.len()).step_by(J) {
+        let n = J.min(p.len() - j0);
+        mask_range(key, thr, 1.0, e0 + j0, &mut m[..n]);
+        for (jj, (&mk, &pv)) in m[..n].iter().zip(&p[j0..]).enumerate() {
+            if mk == 0.0 && pv != 0.0 {
+                let vrow = &v[(j0 + jj) * rs + c..][..o.len()];
+                for (o, &vv) in o.iter_mut().zip(vrow) {
+                    *o -= pv * vv;
                 }
             }
-        });
+        }
+    }
+    for o in o.iter_mut() {
+        *o *= scale;
+    }
 }
 
 /// Scratch length [`attention_bwd`] needs: two `(T, T)` blocks per sample.
@@ -338,7 +430,7 @@ pub fn attention_bwd(
                 );
                 // dS = P ⊙ (dP − Σ_j dP_j P_j), in place of dP
                 for (g, pr) in da.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f32 = g.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    let dot = dot(g, pr);
                     for (g, &pv) in g.iter_mut().zip(pr) {
                         *g = pv * (*g - dot);
                     }
@@ -750,6 +842,23 @@ mod tests {
                 .into();
             assert_eq!(res[0], res[1]);
         }
+    }
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -90.0 + 100.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if x < -87.0 {
+                assert_eq!(got, 0.0);
+            } else {
+                worst = worst.max((got - want).abs() / want);
+            }
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert!(exp_f32(f32::NAN).is_nan());
     }
 
     #[test]
