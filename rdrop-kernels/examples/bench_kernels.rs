@@ -2,6 +2,9 @@
 //! (B = 128 rows, T = 65, 3 heads of 64; 100 classes; ~2.7 M parameters) and ViT-B/16's
 //! attention (T = 197, 12 heads of 64).
 //!
+//! Times are CPU time summed over threads (robust to a shared machine), so with 2 threads the
+//! wall time is about half when both threads are busy.
+//!
 //! Run: `cargo run --release -p rdrop-kernels --example bench_kernels [threads]`
 
 use std::time::Instant;
@@ -20,14 +23,30 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// Median of `reps` timings of `f`, in milliseconds.
+/// CPU time of all the process's threads so far (ns, from /proc; 0 where unavailable): on a
+/// shared machine it approximates the wall time the work would take unloaded.
+fn cpu_ns() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Median of `reps` CPU-time measurements of `f`, in milliseconds (see [`cpu_ns`]).
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
-            let s = Instant::now();
+            let (s, c) = (Instant::now(), cpu_ns());
             f();
-            s.elapsed().as_secs_f64() * 1e3
+            let cpu = cpu_ns().saturating_sub(c) as f64 / 1e6;
+            if cpu > 0.0 {
+                cpu
+            } else {
+                s.elapsed().as_secs_f64() * 1e3
+            }
         })
         .collect();
     t.sort_by(|a, b| a.total_cmp(b));

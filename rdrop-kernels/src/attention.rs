@@ -17,9 +17,11 @@
 //! The mask element of `(h, i, j)` is element `h·T·T + i·T + j` of the sample's key (see
 //! [`crate::dropout`]): one mask covers the sample's whole `(H, T, T)` block of probabilities.
 //!
-//! Threads: the forward runs over `(b, h)` for `S` and the softmax and over `b` for `O`; the
-//! backward over `b`. Every output element is computed by one task in a fixed order, so results
-//! do not depend on the rayon thread count.
+//! Threads: forward and backward run one sample per rayon task (so `B` should be at least a
+//! few times the thread count); the small per-head products call `gemm` single-threaded. Every
+//! output element is computed by one task in a fixed order, so results do not depend on the
+//! rayon thread count. With dropout, the forward computes `s_keep·(P V − Σ_dropped P_ij V_j)`
+//! (a GEMM plus a correction over the dropped elements), which equals `(P ⊙ M) V` up to rounding.
 
 use rayon::prelude::*;
 
@@ -126,8 +128,8 @@ fn small_gemm(
     }
 }
 
-/// Mask values (`0` or `1/(1−p)`) of elements `e0 .. e0 + out.len()` of `key`'s stream.
-#[inline]
+/// Mask values (`0` or `scale`) of elements `e0 .. e0 + out.len()` of `key`'s stream.
+#[inline(never)]
 fn mask_range(key: &MaskKey, thr: u32, scale: f32, e0: usize, out: &mut [f32]) {
     let (mut e, mut i) = (e0, 0);
     while i < out.len() {
@@ -257,64 +259,92 @@ pub fn attention_fwd(
         qkv.len(),
         dropout.map(|(_, r)| r.len()),
     );
-    let (t, h_n, dh, d) = (dims.tokens, dims.heads, dims.head_dim, dims.width());
-    let scale = 1.0 / (dh as f32).sqrt();
+    let (t, h_n, d) = (dims.tokens, dims.heads, dims.width());
+    let drop = active(dropout);
+    // One sample per task: its heads interleave in `out`, and its (H, T, T) block of `probs`
+    // stays in cache between the softmax and the P·V product.
+    probs
+        .par_chunks_mut(h_n * t * t)
+        .zip(out.par_chunks_mut(t * d))
+        .enumerate()
+        .for_each(|(b, (p, o))| {
+            let mask = drop.map(|(site, rows)| SampleMask::new(site, rows[b]));
+            fwd_sample(
+                o,
+                p,
+                &qkv[b * t * 3 * d..][..t * 3 * d],
+                dims,
+                mask.as_ref(),
+            );
+        });
+}
+
+/// One sample's dropout mask: key, threshold and keep scale.
+struct SampleMask {
+    key: MaskKey,
+    thr: u32,
+    scale: f32,
+}
+
+impl SampleMask {
+    fn new(site: &Site, row: RowKey) -> Self {
+        Self {
+            key: site.key(row),
+            thr: drop_threshold(site.p),
+            scale: keep_scale(site.p),
+        }
+    }
+}
+
+/// The forward of one sample: `o` `(T, D)`, `p` `(H, T, T)`, `x` its `(T, 3D)` rows of `qkv`.
+/// Per head, `S = s·Q Kᵀ` into `p`, the softmax in place, then
+/// `O = (P ⊙ M) V = s_keep·(P V − Σ_{dropped j} P_ij V_j)`: a GEMM on `P` and a correction over
+/// the few dropped elements.
+#[inline(never)]
+fn fwd_sample(o: &mut [f32], p: &mut [f32], x: &[f32], dims: AttnDims, mask: Option<&SampleMask>) {
+    let (t, dh, d) = (dims.tokens, dims.head_dim, dims.width());
     let row3 = 3 * d;
-    // S = s·Q Kᵀ and the softmax, one (b, h) block at a time.
-    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
-        let (b, h) = (bh / h_n, bh % h_n);
-        let base = b * t * row3 + h * dh;
+    let scale = 1.0 / (dh as f32).sqrt();
+    for (h, ph) in p.chunks_mut(t * t).enumerate() {
+        let c = h * dh;
         small_gemm(
             (t, t, dh),
-            p,
+            ph,
             t,
-            (&qkv[base..], row3, 1),
-            (&qkv[base + d..], 1, row3),
+            (&x[c..], row3, 1),
+            (&x[d + c..], 1, row3),
             scale,
             false,
         );
-        p.chunks_mut(t).for_each(softmax_row);
-    });
-    let probs = &*probs;
-    let drop = active(dropout);
-    // O = (P ⊙ M) V = s·(P V − Σ_{dropped j} P_ij V_j), one sample at a time (its heads
-    // interleave in `out`): a GEMM on P, then a correction over the few dropped elements.
-    out.par_chunks_mut(t * d).enumerate().for_each(|(b, o)| {
-        let v = &qkv[b * t * row3 + 2 * d..];
-        for h in 0..h_n {
-            let p = &probs[(b * h_n + h) * t * t..][..t * t];
-            small_gemm(
-                (t, dh, t),
-                &mut o[h * dh..],
-                d,
-                (p, t, 1),
-                (&v[h * dh..], row3, 1),
-                1.0,
-                false,
-            );
-            if let Some((site, rows)) = drop {
-                let key = site.key(rows[b]);
-                let (thr, ks) = (drop_threshold(site.p), keep_scale(site.p));
-                for (i, prow) in p.chunks(t).enumerate() {
-                    let orow = &mut o[i * d + h * dh..][..dh];
-                    drop_correction(
-                        orow,
-                        prow,
-                        v,
-                        (row3, h * dh),
-                        &key,
-                        (thr, ks),
-                        (h * t + i) * t,
-                    );
-                }
+        ph.chunks_mut(t).for_each(softmax_row);
+        small_gemm(
+            (t, dh, t),
+            &mut o[c..],
+            d,
+            (ph, t, 1),
+            (&x[2 * d + c..], row3, 1),
+            1.0,
+            false,
+        );
+        if let Some(m) = mask {
+            for (i, prow) in ph.chunks(t).enumerate() {
+                drop_correction(
+                    &mut o[i * d + c..][..dh],
+                    prow,
+                    &x[2 * d..],
+                    (row3, c),
+                    &m.key,
+                    (m.thr, m.scale),
+                    (h * t + i) * t,
+                );
             }
         }
-    });
+    }
 }
 
 /// `o ← s·(o − Σ_{j dropped} p_j · V_j)` for one output row `o = Σ_j p_j V_j`: mask elements
 /// `e0 ..` of `key`, `V_j = v[j·rs + c ..][..o.len()]`.
-#[inline]
+#[inline(never)]
 fn drop_correction(
     o: &mut [f32],
     p: &[f32],
@@ -375,87 +405,102 @@ pub fn attention_bwd(
     assert_eq!(dqkv.len(), qkv.len(), "attention: dqkv is not (B, T, 3D)");
     let need = attention_bwd_scratch_len(dims);
     assert!(scratch.len() >= need, "attention: scratch too short");
-    let (t, h_n, dh, d) = (dims.tokens, dims.heads, dims.head_dim, dims.width());
-    let scale = 1.0 / (dh as f32).sqrt();
-    let row3 = 3 * d;
+    let (t, h_n, d) = (dims.tokens, dims.heads, dims.width());
     let drop = active(dropout);
-    dqkv.par_chunks_mut(t * row3)
+    dqkv.par_chunks_mut(t * 3 * d)
         .zip(scratch[..need].par_chunks_mut(2 * t * t))
         .enumerate()
-        .for_each(|(b, (dq, sc))| {
-            let (da, am) = sc.split_at_mut(t * t);
-            let x = &qkv[b * t * row3..][..t * row3];
-            let go = &dout[b * t * d..][..t * d];
-            let mask = drop.map(|(site, rows)| {
-                (
-                    site.key(rows[b]),
-                    drop_threshold(site.p),
-                    keep_scale(site.p),
-                )
-            });
-            for h in 0..h_n {
-                let p = &probs[(b * h_n + h) * t * t..][..t * t];
-                let c = h * dh;
-                // dA = dO Vᵀ
-                small_gemm(
-                    (t, t, dh),
-                    da,
-                    t,
-                    (&go[c..], d, 1),
-                    (&x[2 * d + c..], 1, row3),
-                    1.0,
-                    false,
-                );
-                // A = P ⊙ M and dP = dA ⊙ M
-                let a: &[f32] = match &mask {
-                    None => p,
-                    Some((key, thr, ks)) => {
-                        mask_range(key, *thr, *ks, h * t * t, am);
-                        for ((m, &pv), g) in am.iter_mut().zip(p).zip(da.iter_mut()) {
-                            *g *= *m;
-                            *m *= pv;
-                        }
-                        am
-                    }
-                };
-                // dV = Aᵀ dO
-                small_gemm(
-                    (t, dh, t),
-                    &mut dq[2 * d + c..],
-                    row3,
-                    (a, 1, t),
-                    (&go[c..], d, 1),
-                    1.0,
-                    false,
-                );
-                // dS = P ⊙ (dP − Σ_j dP_j P_j), in place of dP
-                for (g, pr) in da.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot = dot(g, pr);
-                    for (g, &pv) in g.iter_mut().zip(pr) {
-                        *g = pv * (*g - dot);
-                    }
-                }
-                // dQ = s·dS K,  dK = s·dSᵀ Q
-                small_gemm(
-                    (t, dh, t),
-                    &mut dq[c..],
-                    row3,
-                    (da, t, 1),
-                    (&x[d + c..], row3, 1),
-                    scale,
-                    false,
-                );
-                small_gemm(
-                    (t, dh, t),
-                    &mut dq[d + c..],
-                    row3,
-                    (da, 1, t),
-                    (&x[c..], row3, 1),
-                    scale,
-                    false,
-                );
-            }
+        .for_each(|(b, (dx, sc))| {
+            let mask = drop.map(|(site, rows)| SampleMask::new(site, rows[b]));
+            bwd_sample(
+                dx,
+                sc,
+                &dout[b * t * d..][..t * d],
+                &qkv[b * t * 3 * d..][..t * 3 * d],
+                &probs[b * h_n * t * t..][..h_n * t * t],
+                dims,
+                mask.as_ref(),
+            );
         });
+}
+
+/// The backward of one sample: `dx` `(T, 3D)`, `sc` two `(T, T)` scratch blocks, `go` `(T, D)`,
+/// `x` `(T, 3D)`, `p` `(H, T, T)`.
+#[inline(never)]
+fn bwd_sample(
+    dx: &mut [f32],
+    sc: &mut [f32],
+    go: &[f32],
+    x: &[f32],
+    p: &[f32],
+    dims: AttnDims,
+    mask: Option<&SampleMask>,
+) {
+    let (t, dh, d) = (dims.tokens, dims.head_dim, dims.width());
+    let row3 = 3 * d;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (da, am) = sc.split_at_mut(t * t);
+    for (h, p) in p.chunks(t * t).enumerate() {
+        let c = h * dh;
+        // dA = dO Vᵀ
+        small_gemm(
+            (t, t, dh),
+            da,
+            t,
+            (&go[c..], d, 1),
+            (&x[2 * d + c..], 1, row3),
+            1.0,
+            false,
+        );
+        // A = P ⊙ M and dP = dA ⊙ M
+        let a: &[f32] = match mask {
+            None => p,
+            Some(m) => {
+                mask_range(&m.key, m.thr, m.scale, h * t * t, am);
+                for ((m, &pv), g) in am.iter_mut().zip(p).zip(da.iter_mut()) {
+                    *g *= *m;
+                    *m *= pv;
+                }
+                am
+            }
+        };
+        // dV = Aᵀ dO
+        small_gemm(
+            (t, dh, t),
+            &mut dx[2 * d + c..],
+            row3,
+            (a, 1, t),
+            (&go[c..], d, 1),
+            1.0,
+            false,
+        );
+        // dS = P ⊙ (dP − Σ_j dP_j P_j), in place of dP
+        for (g, pr) in da.chunks_mut(t).zip(p.chunks(t)) {
+            let dot = dot(g, pr);
+            for (g, &pv) in g.iter_mut().zip(pr) {
+                *g = pv * (*g - dot);
+            }
+        }
+        // dQ = s·dS K,  dK = s·dSᵀ Q
+        small_gemm(
+            (t, dh, t),
+            &mut dx[c..],
+            row3,
+            (da, t, 1),
+            (&x[d + c..], row3, 1),
+            scale,
+            false,
+        );
+        small_gemm(
+            (t, dh, t),
+            &mut dx[d + c..],
+            row3,
+            (da, 1, t),
+            (&x[c..], row3, 1),
+            scale,
+            false,
+        );
+    }
 }
 
 /// f64 core of the reference: returns `(out, probs)` for `qkv` (same layouts as the fast one).
@@ -841,6 +886,25 @@ mod tests {
                 })
                 .into();
             assert_eq!(res[0], res[1]);
+        }
+    }
+
+    #[test]
+    fn mask_range_matches_philox_words() {
+        let key = MaskKey {
+            seed: 0xDEAD_BEEF_0123_4567,
+            update: 9,
+            site: 11,
+            sample: 3,
+            pass: 1,
+        };
+        for (e0, n) in [(0, 1), (7, 37), (4, 8), (130, 3)] {
+            let mut m = vec![f32::NAN; n];
+            mask_range(&key, drop_threshold(0.5), 2.0, e0, &mut m);
+            for (i, &v) in m.iter().enumerate() {
+                let keep = key.word(e0 + i) >= drop_threshold(0.5);
+                assert_eq!(v, if keep { 2.0 } else { 0.0 });
+            }
         }
     }
 
