@@ -749,8 +749,21 @@ mod tests {
 
     #[test]
     fn fast_matches_reference_with_and_without_dropout() {
-        // T = 13 (odd: mask rows straddle Philox blocks), dh = 8, 3 heads.
+        // T = 13 (odd: mask rows straddle Philox blocks), T = 70 (> one 64-wide mask chunk),
+        // and degenerate sizes.
         for dims in [
+            AttnDims {
+                batch: 1,
+                tokens: 1,
+                heads: 1,
+                head_dim: 1,
+            },
+            AttnDims {
+                batch: 3,
+                tokens: 2,
+                heads: 1,
+                head_dim: 3,
+            },
             AttnDims {
                 batch: 4,
                 tokens: 13,
