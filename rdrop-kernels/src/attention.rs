@@ -17,9 +17,11 @@
 //! The mask element of `(h, i, j)` is element `h·T·T + i·T + j` of the sample's key (see
 //! [`crate::dropout`]): one mask covers the sample's whole `(H, T, T)` block of probabilities.
 //!
-//! Threads: the forward runs over `(b, h)` for `S` and the softmax and over `b` for `O`; the
-//! backward over `b`. Every output element is computed by one task in a fixed order, so results
-//! do not depend on the rayon thread count.
+//! Threads: forward and backward run one sample per rayon task (so `B` should be at least a
+//! few times the thread count); the small per-head products call `gemm` single-threaded. Every
+//! output element is computed by one task in a fixed order, so results do not depend on the
+//! rayon thread count. With dropout, the forward computes `s_keep·(P V − Σ_dropped P_ij V_j)`
+//! (a GEMM plus a correction over the dropped elements), which equals `(P ⊙ M) V` up to rounding.
 
 use rayon::prelude::*;
 
@@ -126,8 +128,8 @@ fn small_gemm(
     }
 }
 
-/// Mask values (`0` or `1/(1−p)`) of elements `e0 .. e0 + out.len()` of `key`'s stream.
-#[inline]
+/// Mask values (`0` or `scale`) of elements `e0 .. e0 + out.len()` of `key`'s stream.
+#[inline(never)]
 fn mask_range(key: &MaskKey, thr: u32, scale: f32, e0: usize, out: &mut [f32]) {
     let (mut e, mut i) = (e0, 0);
     while i < out.len() {
@@ -147,16 +149,90 @@ fn active<'a>(dropout: Option<(&'a Site, &'a [RowKey])>) -> Option<(&'a Site, &'
     dropout.filter(|(s, _)| s.p != 0.0)
 }
 
-/// In-place softmax of one row (f32, max subtracted).
+/// `e^x` in f32 for the softmax: Cephes' `expf` (range reduction by ln 2 in two parts, degree-6
+/// polynomial, relative error ≈ 2 ulp), branch-free so that loops over it vectorise; `0` below
+/// −87.3 (the smallest normal), which a max-subtracted softmax can only round away.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let xc = if x > 88.0 { 88.0 } else { x };
+    let xc = if xc < -87.0 { -87.0 } else { xc };
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let bits = ((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23) as u32;
+    let e = y * f32::from_bits(bits);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// Sums eight lanes in a fixed tree.
+#[inline(always)]
+fn lanes_sum(a: [f32; 8]) -> f32 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// `Σ x·y` in eight lanes (fixed order: the result depends only on the inputs).
+#[inline]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    lanes_sum(acc) + tail
+}
+
+/// In-place softmax of one row (f32, max subtracted), vectorisable and in a fixed order.
 #[inline]
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for c in chunks {
+        for k in 0..8 {
+            mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
+        }
     }
-    let inv = 1.0 / sum;
+    for m in mx {
+        max = if m > max { m } else { max };
+    }
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            c[k] = exp_f32(c[k] - max);
+            acc[k] += c[k];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_f32(*v - max);
+        tail += *v;
+    }
+    let inv = 1.0 / (lanes_sum(acc) + tail);
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -183,72 +259,118 @@ pub fn attention_fwd(
         qkv.len(),
         dropout.map(|(_, r)| r.len()),
     );
-    let (t, h_n, dh, d) = (dims.tokens, dims.heads, dims.head_dim, dims.width());
-    let scale = 1.0 / (dh as f32).sqrt();
+    let (t, h_n, d) = (dims.tokens, dims.heads, dims.width());
+    let drop = active(dropout);
+    // One sample per task: its heads interleave in `out`, and its (H, T, T) block of `probs`
+    // stays in cache between the softmax and the P·V product.
+    probs
+        .par_chunks_mut(h_n * t * t)
+        .zip(out.par_chunks_mut(t * d))
+        .enumerate()
+        .for_each(|(b, (p, o))| {
+            let mask = drop.map(|(site, rows)| SampleMask::new(site, rows[b]));
+            fwd_sample(
+                o,
+                p,
+                &qkv[b * t * 3 * d..][..t * 3 * d],
+                dims,
+                mask.as_ref(),
+            );
+        });
+}
+
+/// One sample's dropout mask: key, threshold and keep scale.
+struct SampleMask {
+    key: MaskKey,
+    thr: u32,
+    scale: f32,
+}
+
+impl SampleMask {
+    fn new(site: &Site, row: RowKey) -> Self {
+        Self {
+            key: site.key(row),
+            thr: drop_threshold(site.p),
+            scale: keep_scale(site.p),
+        }
+    }
+}
+
+/// The forward of one sample: `o` `(T, D)`, `p` `(H, T, T)`, `x` its `(T, 3D)` rows of `qkv`.
+/// Per head, `S = s·Q Kᵀ` into `p`, the softmax in place, then
+/// `O = (P ⊙ M) V = s_keep·(P V − Σ_{dropped j} P_ij V_j)`: a GEMM on `P` and a correction over
+/// the few dropped elements.
+#[inline(never)]
+fn fwd_sample(o: &mut [f32], p: &mut [f32], x: &[f32], dims: AttnDims, mask: Option<&SampleMask>) {
+    let (t, dh, d) = (dims.tokens, dims.head_dim, dims.width());
     let row3 = 3 * d;
-    // S = s·Q Kᵀ and the softmax, one (b, h) block at a time.
-    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
-        let (b, h) = (bh / h_n, bh % h_n);
-        let base = b * t * row3 + h * dh;
+    let scale = 1.0 / (dh as f32).sqrt();
+    for (h, ph) in p.chunks_mut(t * t).enumerate() {
+        let c = h * dh;
         small_gemm(
             (t, t, dh),
-            p,
+            ph,
             t,
-            (&qkv[base..], row3, 1),
-            (&qkv[base + d..], 1, row3),
+            (&x[c..], row3, 1),
+            (&x[d + c..], 1, row3),
             scale,
             false,
         );
-        p.chunks_mut(t).for_each(softmax_row);
-    });
-    let probs = &*probs;
-    let drop = active(dropout);
-    // O = (P ⊙ M) V, one sample at a time (its heads interleave in `out`).
-    out.par_chunks_mut(t * d)
-        .enumerate()
-        .for_each(|(b, o)| match drop {
-            None => {
-                for h in 0..h_n {
-                    small_gemm(
-                        (t, dh, t),
-                        &mut o[h * dh..],
-                        d,
-                        (&probs[(b * h_n + h) * t * t..], t, 1),
-                        (&qkv[b * t * row3 + 2 * d + h * dh..], row3, 1),
-                        1.0,
-                        false,
-                    );
+        ph.chunks_mut(t).for_each(softmax_row);
+        small_gemm(
+            (t, dh, t),
+            &mut o[c..],
+            d,
+            (ph, t, 1),
+            (&x[2 * d + c..], row3, 1),
+            1.0,
+            false,
+        );
+        if let Some(m) = mask {
+            for (i, prow) in ph.chunks(t).enumerate() {
+                drop_correction(
+                    &mut o[i * d + c..][..dh],
+                    prow,
+                    &x[2 * d..],
+                    (row3, c),
+                    &m.key,
+                    (m.thr, m.scale),
+                    (h * t + i) * t,
+                );
+            }
+        }
+    }
+}
+
+/// `o ← s·(o − Σ_{j dropped} p_j · V_j)` for one output row `o = Σ_j p_j V_j`: mask elements
+/// `e0 ..` of `key`, `V_j = v[j·rs + c ..][..o.len()]`.
+#[inline(never)]
+fn drop_correction(
+    o: &mut [f32],
+    p: &[f32],
+    v: &[f32],
+    (rs, c): (usize, usize),
+    key: &MaskKey,
+    (thr, scale): (u32, f32),
+    e0: usize,
+) {
+    const J: usize = 64;
+    let mut m = [0f32; J];
+    for j0 in (0..p.len()).step_by(J) {
+        let n = J.min(p.len() - j0);
+        mask_range(key, thr, 1.0, e0 + j0, &mut m[..n]);
+        for (jj, (&mk, &pv)) in m[..n].iter().zip(&p[j0..]).enumerate() {
+            if mk == 0.0 && pv != 0.0 {
+                let vrow = &v[(j0 + jj) * rs + c..][..o.len()];
+                for (o, &vv) in o.iter_mut().zip(vrow) {
+                    *o -= pv * vv;
                 }
             }
-            Some((site, rows)) => {
-                let key = site.key(rows[b]);
-                let (thr, ks) = (drop_threshold(site.p), keep_scale(site.p));
-                let v = &qkv[b * t * row3 + 2 * d..];
-                const J: usize = 64;
-                let mut a = [0f32; J];
-                for h in 0..h_n {
-                    for i in 0..t {
-                        let e0 = (h * t + i) * t;
-                        let prow = &probs[b * h_n * t * t + e0..][..t];
-                        let orow = &mut o[i * d + h * dh..][..dh];
-                        orow.fill(0.0);
-                        for j0 in (0..t).step_by(J) {
-                            let n = J.min(t - j0);
-                            mask_range(&key, thr, ks, e0 + j0, &mut a[..n]);
-                            for (jj, (&m, &pv)) in a[..n].iter().zip(&prow[j0..]).enumerate() {
-                                let aij = pv * m;
-                                if aij != 0.0 {
-                                    let vrow = &v[(j0 + jj) * row3 + h * dh..][..dh];
-                                    for (o, &vv) in orow.iter_mut().zip(vrow) {
-                                        *o += aij * vv;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        });
+        }
+    }
+    for o in o.iter_mut() {
+        *o *= scale;
+    }
 }
 
 /// Scratch length [`attention_bwd`] needs: two `(T, T)` blocks per sample.
@@ -283,87 +405,102 @@ pub fn attention_bwd(
     assert_eq!(dqkv.len(), qkv.len(), "attention: dqkv is not (B, T, 3D)");
     let need = attention_bwd_scratch_len(dims);
     assert!(scratch.len() >= need, "attention: scratch too short");
-    let (t, h_n, dh, d) = (dims.tokens, dims.heads, dims.head_dim, dims.width());
-    let scale = 1.0 / (dh as f32).sqrt();
-    let row3 = 3 * d;
+    let (t, h_n, d) = (dims.tokens, dims.heads, dims.width());
     let drop = active(dropout);
-    dqkv.par_chunks_mut(t * row3)
+    dqkv.par_chunks_mut(t * 3 * d)
         .zip(scratch[..need].par_chunks_mut(2 * t * t))
         .enumerate()
-        .for_each(|(b, (dq, sc))| {
-            let (da, am) = sc.split_at_mut(t * t);
-            let x = &qkv[b * t * row3..][..t * row3];
-            let go = &dout[b * t * d..][..t * d];
-            let mask = drop.map(|(site, rows)| {
-                (
-                    site.key(rows[b]),
-                    drop_threshold(site.p),
-                    keep_scale(site.p),
-                )
-            });
-            for h in 0..h_n {
-                let p = &probs[(b * h_n + h) * t * t..][..t * t];
-                let c = h * dh;
-                // dA = dO Vᵀ
-                small_gemm(
-                    (t, t, dh),
-                    da,
-                    t,
-                    (&go[c..], d, 1),
-                    (&x[2 * d + c..], 1, row3),
-                    1.0,
-                    false,
-                );
-                // A = P ⊙ M and dP = dA ⊙ M
-                let a: &[f32] = match &mask {
-                    None => p,
-                    Some((key, thr, ks)) => {
-                        mask_range(key, *thr, *ks, h * t * t, am);
-                        for ((m, &pv), g) in am.iter_mut().zip(p).zip(da.iter_mut()) {
-                            *g *= *m;
-                            *m *= pv;
-                        }
-                        am
-                    }
-                };
-                // dV = Aᵀ dO
-                small_gemm(
-                    (t, dh, t),
-                    &mut dq[2 * d + c..],
-                    row3,
-                    (a, 1, t),
-                    (&go[c..], d, 1),
-                    1.0,
-                    false,
-                );
-                // dS = P ⊙ (dP − Σ_j dP_j P_j), in place of dP
-                for (g, pr) in da.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f32 = g.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    for (g, &pv) in g.iter_mut().zip(pr) {
-                        *g = pv * (*g - dot);
-                    }
-                }
-                // dQ = s·dS K,  dK = s·dSᵀ Q
-                small_gemm(
-                    (t, dh, t),
-                    &mut dq[c..],
-                    row3,
-                    (da, t, 1),
-                    (&x[d + c..], row3, 1),
-                    scale,
-                    false,
-                );
-                small_gemm(
-                    (t, dh, t),
-                    &mut dq[d + c..],
-                    row3,
-                    (da, 1, t),
-                    (&x[c..], row3, 1),
-                    scale,
-                    false,
-                );
-            }
+        .for_each(|(b, (dx, sc))| {
+            let mask = drop.map(|(site, rows)| SampleMask::new(site, rows[b]));
+            bwd_sample(
+                dx,
+                sc,
+                &dout[b * t * d..][..t * d],
+                &qkv[b * t * 3 * d..][..t * 3 * d],
+                &probs[b * h_n * t * t..][..h_n * t * t],
+                dims,
+                mask.as_ref(),
+            );
         });
+}
+
+/// The backward of one sample: `dx` `(T, 3D)`, `sc` two `(T, T)` scratch blocks, `go` `(T, D)`,
+/// `x` `(T, 3D)`, `p` `(H, T, T)`.
+#[inline(never)]
+fn bwd_sample(
+    dx: &mut [f32],
+    sc: &mut [f32],
+    go: &[f32],
+    x: &[f32],
+    p: &[f32],
+    dims: AttnDims,
+    mask: Option<&SampleMask>,
+) {
+    let (t, dh, d) = (dims.tokens, dims.head_dim, dims.width());
+    let row3 = 3 * d;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (da, am) = sc.split_at_mut(t * t);
+    for (h, p) in p.chunks(t * t).enumerate() {
+        let c = h * dh;
+        // dA = dO Vᵀ
+        small_gemm(
+            (t, t, dh),
+            da,
+            t,
+            (&go[c..], d, 1),
+            (&x[2 * d + c..], 1, row3),
+            1.0,
+            false,
+        );
+        // A = P ⊙ M and dP = dA ⊙ M
+        let a: &[f32] = match mask {
+            None => p,
+            Some(m) => {
+                mask_range(&m.key, m.thr, m.scale, h * t * t, am);
+                for ((m, &pv), g) in am.iter_mut().zip(p).zip(da.iter_mut()) {
+                    *g *= *m;
+                    *m *= pv;
+                }
+                am
+            }
+        };
+        // dV = Aᵀ dO
+        small_gemm(
+            (t, dh, t),
+            &mut dx[2 * d + c..],
+            row3,
+            (a, 1, t),
+            (&go[c..], d, 1),
+            1.0,
+            false,
+        );
+        // dS = P ⊙ (dP − Σ_j dP_j P_j), in place of dP
+        for (g, pr) in da.chunks_mut(t).zip(p.chunks(t)) {
+            let dot = dot(g, pr);
+            for (g, &pv) in g.iter_mut().zip(pr) {
+                *g = pv * (*g - dot);
+            }
+        }
+        // dQ = s·dS K,  dK = s·dSᵀ Q
+        small_gemm(
+            (t, dh, t),
+            &mut dx[c..],
+            row3,
+            (da, t, 1),
+            (&x[d + c..], row3, 1),
+            scale,
+            false,
+        );
+        small_gemm(
+            (t, dh, t),
+            &mut dx[d + c..],
+            row3,
+            (da, 1, t),
+            (&x[c..], row3, 1),
+            scale,
+            false,
+        );
+    }
 }
 
 /// f64 core of the reference: returns `(out, probs)` for `qkv` (same layouts as the fast one).
@@ -612,8 +749,21 @@ mod tests {
 
     #[test]
     fn fast_matches_reference_with_and_without_dropout() {
-        // T = 13 (odd: mask rows straddle Philox blocks), dh = 8, 3 heads.
+        // T = 13 (odd: mask rows straddle Philox blocks), T = 70 (> one 64-wide mask chunk),
+        // and degenerate sizes.
         for dims in [
+            AttnDims {
+                batch: 1,
+                tokens: 1,
+                heads: 1,
+                head_dim: 1,
+            },
+            AttnDims {
+                batch: 3,
+                tokens: 2,
+                heads: 1,
+                head_dim: 3,
+            },
             AttnDims {
                 batch: 4,
                 tokens: 13,
@@ -750,6 +900,42 @@ mod tests {
                 .into();
             assert_eq!(res[0], res[1]);
         }
+    }
+
+    #[test]
+    fn mask_range_matches_philox_words() {
+        let key = MaskKey {
+            seed: 0xDEAD_BEEF_0123_4567,
+            update: 9,
+            site: 11,
+            sample: 3,
+            pass: 1,
+        };
+        for (e0, n) in [(0, 1), (7, 37), (4, 8), (130, 3)] {
+            let mut m = vec![f32::NAN; n];
+            mask_range(&key, drop_threshold(0.5), 2.0, e0, &mut m);
+            for (i, &v) in m.iter().enumerate() {
+                let keep = key.word(e0 + i) >= drop_threshold(0.5);
+                assert_eq!(v, if keep { 2.0 } else { 0.0 });
+            }
+        }
+    }
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -90.0 + 100.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if x < -87.0 {
+                assert_eq!(got, 0.0);
+            } else {
+                worst = worst.max((got - want).abs() / want);
+            }
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert!(exp_f32(f32::NAN).is_nan());
     }
 
     #[test]

@@ -18,7 +18,10 @@
 //! (With zero-initialised moments the first step equals rdrop-core's `m = (1−β1)·g'`,
 //! `v = (1−β2)·g'²` exactly.) Scalar coefficients are derived in f64 from the f32
 //! hyper-parameters and rounded to f32 once, as candle's `affine` does with rdrop-core's f64
-//! configuration.
+//! configuration. SGD therefore equals rdrop-core bitwise when its hyper-parameters are the
+//! f32 roundings of rdrop-core's; AdamW agrees to a few ulp only, because `1 − β` from an f32
+//! β differs from `1 − β` in f64 (β2 = 0.999: relative 1.3e-5 in `1 − β2`, which the bias
+//! correction, computed from the same β, largely cancels).
 //!
 //! Everything runs over fixed-size chunks in parallel; element updates are independent and the
 //! norm's partial sums combine in a fixed tree, so results do not depend on the thread count.
@@ -107,20 +110,16 @@ pub fn sgd_step(
     h: &SgdHyper,
 ) {
     assert_eq!(params.len(), grads.len(), "sgd: params and grads differ");
-    let (lr, mu, wd) = (h.lr, h.momentum, h.weight_decay);
-    if mu == 0.0 {
+    if h.momentum == 0.0 {
+        let f = if h.weight_decay != 0.0 {
+            sgd_plain::<true>
+        } else {
+            sgd_plain::<false>
+        };
         params
             .par_chunks_mut(CHUNK)
             .zip(grads.par_chunks(CHUNK))
-            .for_each(|(p, g)| {
-                for (p, &g) in p.iter_mut().zip(g) {
-                    let mut d = grad_scale * g;
-                    if wd != 0.0 {
-                        d += *p * wd;
-                    }
-                    *p -= d * lr;
-                }
-            });
+            .for_each(|(p, g)| f(p, g, grad_scale, h));
         return;
     }
     assert_eq!(
@@ -128,21 +127,52 @@ pub fn sgd_step(
         params.len(),
         "sgd: momentum buffer and params differ"
     );
+    // One monomorphised loop per case, so that the element loop has no branches and vectorises.
+    let f = match (first_step, h.nesterov, h.weight_decay != 0.0) {
+        (false, false, false) => sgd_momentum::<false, false, false>,
+        (false, false, true) => sgd_momentum::<false, false, true>,
+        (false, true, false) => sgd_momentum::<false, true, false>,
+        (false, true, true) => sgd_momentum::<false, true, true>,
+        (true, false, false) => sgd_momentum::<true, false, false>,
+        (true, false, true) => sgd_momentum::<true, false, true>,
+        (true, true, false) => sgd_momentum::<true, true, false>,
+        (true, true, true) => sgd_momentum::<true, true, true>,
+    };
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(momentum_buf.par_chunks_mut(CHUNK))
-        .for_each(|((p, g), b)| {
-            for ((p, &g), b) in p.iter_mut().zip(g).zip(b) {
-                let mut d = grad_scale * g;
-                if wd != 0.0 {
-                    d += *p * wd;
-                }
-                *b = if first_step { d } else { *b * mu + d };
-                let d = if h.nesterov { d + *b * mu } else { *b };
-                *p -= d * lr;
-            }
-        });
+        .for_each(|((p, g), b)| f(p, g, b, grad_scale, h));
+}
+
+fn sgd_plain<const WD: bool>(p: &mut [f32], g: &[f32], c: f32, h: &SgdHyper) {
+    let (lr, wd) = (h.lr, h.weight_decay);
+    for (p, &g) in p.iter_mut().zip(g) {
+        let mut d = c * g;
+        if WD {
+            d += *p * wd;
+        }
+        *p -= d * lr;
+    }
+}
+
+fn sgd_momentum<const FIRST: bool, const NESTEROV: bool, const WD: bool>(
+    p: &mut [f32],
+    g: &[f32],
+    b: &mut [f32],
+    c: f32,
+    h: &SgdHyper,
+) {
+    let (lr, mu, wd) = (h.lr, h.momentum, h.weight_decay);
+    for ((p, &g), b) in p.iter_mut().zip(g).zip(b) {
+        let mut d = c * g;
+        if WD {
+            d += *p * wd;
+        }
+        *b = if FIRST { d } else { *b * mu + d };
+        let d = if NESTEROV { d + *b * mu } else { *b };
+        *p -= d * lr;
+    }
 }
 
 /// Plain twin of [`sgd_step`]: the same formula, one element at a time, no threads.
@@ -198,7 +228,7 @@ pub struct AdamWHyper {
 /// The f32 coefficients of one AdamW step.
 #[derive(Clone, Copy)]
 struct AdamCoef {
-    decay: Option<f32>,
+    decay: f32,
     one_m_b1: f32,
     b2: f32,
     one_m_b2: f32,
@@ -214,7 +244,7 @@ impl AdamCoef {
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
         Self {
-            decay: (h.weight_decay != 0.0).then_some((1.0 - lr * h.weight_decay as f64) as f32),
+            decay: (1.0 - lr * h.weight_decay as f64) as f32,
             one_m_b1: (1.0 - b1) as f32,
             b2: h.beta2,
             one_m_b2: (1.0 - b2) as f32,
@@ -224,15 +254,28 @@ impl AdamCoef {
         }
     }
 
-    #[inline]
-    fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
-        if let Some(k) = self.decay {
-            *p *= k;
+    #[inline(always)]
+    fn update<const DECAY: bool>(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+        if DECAY {
+            *p *= self.decay;
         }
         *m += (g - *m) * self.one_m_b1;
         *v = *v * self.b2 + g * g * self.one_m_b2;
         let denom = v.sqrt() * self.inv_bc2_sqrt + self.eps;
         *p -= *m / denom * self.step_size;
+    }
+
+    fn chunk<const DECAY: bool>(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        c: f32,
+    ) {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+            self.update::<DECAY>(p, c * g, m, v);
+        }
     }
 }
 
@@ -264,8 +307,10 @@ pub fn adamw_step(
         .zip(exp_avg.par_chunks_mut(CHUNK))
         .zip(exp_avg_sq.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                k.update(p, grad_scale * g, m, v);
+            if h.weight_decay != 0.0 {
+                k.chunk::<true>(p, g, m, v, grad_scale);
+            } else {
+                k.chunk::<false>(p, g, m, v, grad_scale);
             }
         });
 }
