@@ -10,6 +10,7 @@
 //! - [`optim`]: SGD with (Nesterov) momentum and AdamW, PyTorch semantics, exportable state;
 //! - [`clip`]: `clip_grad_norm_`; [`scaler`]: dynamic loss scaling for f16;
 //! - [`schedule`]: warm-up + cosine/linear learning-rate multiplier `lr_lambda(k)`;
+//! - [`flat`]: the same update over flat parameter/gradient/moment buffers (explicit engines);
 //! - [`trainer`]: one composed update (accumulation, scaling, clipping, schedule, step);
 //! - [`state`], [`checkpoint`]: the training state and atomic checkpoint files.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -17,6 +18,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
+pub mod flat;
 pub mod loss;
 pub mod model;
 pub mod optim;
@@ -30,6 +32,7 @@ pub mod trainer;
 pub use checkpoint::{load_vars, save_vars};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{CoreError, Result};
+pub use flat::{FlatLayout, FlatOptimizer, FlatRDropModel, FlatTrainer, FlatView, MicroLoss};
 pub use loss::{mean_to_reference, rdrop_loss, reference_to_mean, LossConfig, LossMode, LossParts};
 pub use model::RDropModel;
 pub use optim::{OptimConfig, Optimizer, OptimizerKind, OptimizerState, WeightDecayScope};

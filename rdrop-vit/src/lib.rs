@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod layouts;
@@ -20,6 +21,7 @@ pub mod posembed;
 pub mod save;
 
 pub use config::ViTConfig;
+pub use engine::Engine;
 pub use error::{Result, VitError};
 pub use load::{load_model, HeadStatus, LoadOptions, LoadReport, Loaded, WeightsLayout};
 pub use model::VisionTransformer;

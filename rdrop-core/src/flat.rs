@@ -1,0 +1,586 @@
+//! Training over flat buffers: the update of an explicit engine (a model that computes its own
+//! gradients into one flat `f32` buffer, such as `rdrop_vit::engine`).
+//!
+//! Parameters, gradients and the optimiser's moments each live in one `Vec<f32>`; a
+//! [`FlatLayout`] names the views (checkpoint names and shapes), so the optimiser state still
+//! exports as `momentum.<name>` / `exp_avg.<name>` / `exp_avg_sq.<name>` tensors and a
+//! [`TrainState`] from either trainer loads into the other.
+//!
+//! One update (the same sequence and the same f32 arithmetic as [`crate::Trainer`]):
+//! ```text
+//! G = 0;  for each micro-batch j:  G += ∇(w_j · L_j)        (the model accumulates into G)
+//! total = √(Σ G²)                                            (one pass, f64 partials)
+//! coef  = min(1, max_norm / (total + 1e-6))                  (torch clip_grad_norm_)
+//! θ     = optimiser(θ, coef · G, lr = base_lr · lr_lambda(k)) (one pass per decay segment)
+//! ```
+//! The steady-state update allocates nothing.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, sum_squares, AdamWHyper, SgdHyper};
+
+use crate::error::{CoreError, Result};
+use crate::loss::LossMode;
+use crate::optim::{OptimConfig, OptimizerKind, OptimizerState, WeightDecayScope};
+use crate::rng::RngState;
+use crate::schedule::lr_lambda;
+use crate::state::TrainState;
+use crate::trainer::{Precision, StepStats, TrainConfig};
+
+/// One named tensor inside a flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatView {
+    /// The checkpoint name (e.g. `vit.encoder.layer.0.attention.attention.query.weight`).
+    pub name: String,
+    /// The tensor's shape.
+    pub shape: Vec<usize>,
+    /// Offset of its first element in the flat buffer.
+    pub offset: usize,
+}
+
+impl FlatView {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor with no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element range in the flat buffer.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// The named views of a flat buffer, in buffer order, without gaps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlatLayout {
+    views: Vec<FlatView>,
+    len: usize,
+}
+
+impl FlatLayout {
+    /// An empty layout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a view and returns its offset.
+    pub fn push(&mut self, name: impl Into<String>, shape: &[usize]) -> usize {
+        let offset = self.len;
+        let v = FlatView {
+            name: name.into(),
+            shape: shape.to_vec(),
+            offset,
+        };
+        self.len += v.len();
+        self.views.push(v);
+        offset
+    }
+
+    /// Total elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there is no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The views in buffer order.
+    pub fn views(&self) -> &[FlatView] {
+        &self.views
+    }
+
+    /// The view named `name`.
+    pub fn get(&self, name: &str) -> Option<&FlatView> {
+        self.views.iter().find(|v| v.name == name)
+    }
+
+    /// Maximal runs of consecutive views with the same weight-decay setting under `cfg`
+    /// (`(range, decays)`): the optimiser makes one pass per run.
+    pub fn decay_segments(&self, cfg: &OptimConfig) -> Vec<(std::ops::Range<usize>, bool)> {
+        let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
+        for v in &self.views {
+            let decay = cfg.weight_decay > 0.0
+                && match cfg.weight_decay_scope {
+                    WeightDecayScope::All => true,
+                    WeightDecayScope::RankAtLeast2 => v.shape.len() >= 2,
+                };
+            match out.last_mut() {
+                Some((r, d)) if *d == decay && r.end == v.offset => r.end = v.offset + v.len(),
+                _ => out.push((v.range(), decay)),
+            }
+        }
+        out
+    }
+
+    /// The views of `buf` as CPU tensors, keyed `prefix + name`.
+    pub fn export(&self, buf: &[f32], prefix: &str) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for v in &self.views {
+            let t = Tensor::from_slice(&buf[v.range()], v.shape.as_slice(), &Device::Cpu)?;
+            out.insert(format!("{prefix}{}", v.name), t);
+        }
+        Ok(out)
+    }
+
+    /// Copies `prefix + name` tensors of `src` (f32, matching shapes) into `buf`; returns how
+    /// many views were found. A view missing from `src` is left as it is.
+    pub fn import(
+        &self,
+        buf: &mut [f32],
+        src: &BTreeMap<String, Tensor>,
+        prefix: &str,
+    ) -> Result<usize> {
+        let mut found = 0;
+        for v in &self.views {
+            let key = format!("{prefix}{}", v.name);
+            let Some(t) = src.get(&key) else { continue };
+            if t.dims() != v.shape.as_slice() {
+                return Err(CoreError::Config(format!(
+                    "{key}: shape {:?}, expected {:?}",
+                    t.dims(),
+                    v.shape
+                )));
+            }
+            let data = t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            buf[v.range()].copy_from_slice(&data);
+            found += 1;
+        }
+        Ok(found)
+    }
+}
+
+/// What one micro-batch contributed (host values).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MicroLoss {
+    /// The micro-batch's objective (unweighted).
+    pub loss: f64,
+    /// Its cross-entropy term.
+    pub ce: f64,
+    /// Its symmetric KL term (before α).
+    pub kl: f64,
+    /// Seconds in the forward passes and the loss.
+    pub forward_s: f64,
+    /// Seconds in the backward.
+    pub backward_s: f64,
+}
+
+/// A model that computes its own gradients into flat buffers (an explicit engine).
+pub trait FlatRDropModel {
+    /// The names and shapes of the flat parameter buffer.
+    fn layout(&self) -> &FlatLayout;
+    /// Parameters (mutable, for the optimiser) and the accumulated gradients.
+    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]);
+    /// Sets every gradient to zero (start of an update).
+    fn zero_grads(&mut self);
+    /// Two training passes of micro-batch `x` `(m, …)` with labels `y` (`u32`, `(m,)`), the
+    /// R-Drop loss, and its backward: adds `weight · ∇loss` to the gradients. `update` is the
+    /// 1-based update being computed and `first_sample` the micro-batch's offset in the update's
+    /// global batch (both key the dropout masks).
+    fn accumulate(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &crate::loss::LossConfig,
+        weight: f64,
+    ) -> Result<MicroLoss>;
+    /// The dropout generator's state (saved in checkpoints).
+    fn rng_state(&self) -> RngState;
+}
+
+/// SGD-momentum / AdamW over a flat buffer, PyTorch semantics (as [`crate::Optimizer`]).
+#[derive(Debug, Clone)]
+pub struct FlatOptimizer {
+    cfg: OptimConfig,
+    layout: FlatLayout,
+    segments: Vec<(std::ops::Range<usize>, bool)>,
+    /// SGD momentum buffer or AdamW's first moment (empty until first needed).
+    m: Vec<f32>,
+    /// AdamW's second moment.
+    v: Vec<f32>,
+    /// Updates applied (every parameter is stepped together here).
+    steps: u64,
+}
+
+impl FlatOptimizer {
+    /// An optimiser for the parameters described by `layout`.
+    pub fn new(cfg: OptimConfig, layout: FlatLayout) -> Result<Self> {
+        cfg.validate().map_err(CoreError::Config)?;
+        let segments = layout.decay_segments(&cfg);
+        Ok(Self {
+            cfg,
+            layout,
+            segments,
+            m: Vec::new(),
+            v: Vec::new(),
+            steps: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OptimConfig {
+        &self.cfg
+    }
+
+    /// One update with learning rate `lr` of `params` from `grad_scale · grads`.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, grad_scale: f32) {
+        let n = self.layout.len();
+        assert!(
+            params.len() == n && grads.len() == n,
+            "flat optimiser: sizes"
+        );
+        let first = self.steps == 0;
+        self.steps += 1;
+        let cfg = self.cfg;
+        match cfg.kind {
+            OptimizerKind::Sgd => {
+                if cfg.momentum != 0.0 && self.m.len() != n {
+                    self.m = vec![0.0; n];
+                }
+                for (r, decay) in &self.segments {
+                    let h = SgdHyper {
+                        lr: lr as f32,
+                        momentum: cfg.momentum as f32,
+                        nesterov: cfg.nesterov,
+                        weight_decay: if *decay { cfg.weight_decay as f32 } else { 0.0 },
+                    };
+                    let buf: &mut [f32] = if cfg.momentum != 0.0 {
+                        &mut self.m[r.clone()]
+                    } else {
+                        &mut []
+                    };
+                    sgd_step(
+                        &mut params[r.clone()],
+                        &grads[r.clone()],
+                        buf,
+                        first,
+                        grad_scale,
+                        &h,
+                    );
+                }
+            }
+            OptimizerKind::AdamW => {
+                if self.m.len() != n {
+                    self.m = vec![0.0; n];
+                    self.v = vec![0.0; n];
+                }
+                for (r, decay) in &self.segments {
+                    let h = AdamWHyper {
+                        lr: lr as f32,
+                        beta1: cfg.beta1 as f32,
+                        beta2: cfg.beta2 as f32,
+                        eps: cfg.eps as f32,
+                        weight_decay: if *decay { cfg.weight_decay as f32 } else { 0.0 },
+                    };
+                    adamw_step(
+                        &mut params[r.clone()],
+                        &grads[r.clone()],
+                        &mut self.m[r.clone()],
+                        &mut self.v[r.clone()],
+                        self.steps,
+                        grad_scale,
+                        &h,
+                    );
+                }
+            }
+        }
+    }
+
+    fn names(&self) -> (&'static str, &'static str) {
+        match self.cfg.kind {
+            OptimizerKind::Sgd => ("momentum", "unused"),
+            OptimizerKind::AdamW => ("exp_avg", "exp_avg_sq"),
+        }
+    }
+
+    /// The state in [`crate::Optimizer`]'s format (named tensors, per-parameter step counts).
+    pub fn state(&self) -> Result<OptimizerState> {
+        let mut s = OptimizerState {
+            kind: self.cfg.kind,
+            ..Default::default()
+        };
+        for v in self.layout.views() {
+            s.param_steps.insert(v.name.clone(), self.steps);
+        }
+        let (mn, vn) = self.names();
+        if !self.m.is_empty() {
+            s.tensors
+                .extend(self.layout.export(&self.m, &format!("{mn}."))?);
+        }
+        if !self.v.is_empty() {
+            s.tensors
+                .extend(self.layout.export(&self.v, &format!("{vn}."))?);
+        }
+        Ok(s)
+    }
+
+    /// Restores a state exported by either optimiser for the same parameters.
+    pub fn load_state(&mut self, s: &OptimizerState) -> Result<()> {
+        if s.kind != self.cfg.kind {
+            return Err(CoreError::Config(format!(
+                "optimizer state is for {:?}, the configuration says {:?}",
+                s.kind, self.cfg.kind
+            )));
+        }
+        let mut steps = None;
+        for v in self.layout.views() {
+            let st = s.param_steps.get(&v.name).copied().unwrap_or(0);
+            match steps {
+                None => steps = Some(st),
+                Some(prev) if prev != st => {
+                    return Err(CoreError::Config(format!(
+                        "optimizer state: {} was stepped {st} times, other parameters {prev}; \
+                         the flat optimiser steps every parameter together",
+                        v.name
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let steps = steps.unwrap_or(0);
+        let (mn, vn) = self.names();
+        let n = self.layout.len();
+        let known: std::collections::HashSet<String> = self
+            .layout
+            .views()
+            .iter()
+            .flat_map(|v| [format!("{mn}.{}", v.name), format!("{vn}.{}", v.name)])
+            .collect();
+        if let Some(extra) = s.tensors.keys().find(|k| !known.contains(*k)) {
+            return Err(CoreError::Config(format!(
+                "optimizer state has a tensor for an unknown parameter: {extra}"
+            )));
+        }
+        let needs_m = self.cfg.kind == OptimizerKind::AdamW || self.cfg.momentum != 0.0;
+        let mut m = vec![0.0; if needs_m && steps > 0 { n } else { 0 }];
+        if !m.is_empty() {
+            let found = self.layout.import(&mut m, &s.tensors, &format!("{mn}."))?;
+            if found != self.layout.views().len() {
+                return Err(CoreError::Config(format!(
+                    "optimizer state lacks {} of {} {mn} tensors (stepped {steps} times)",
+                    self.layout.views().len() - found,
+                    self.layout.views().len()
+                )));
+            }
+        }
+        let mut v = Vec::new();
+        if self.cfg.kind == OptimizerKind::AdamW && steps > 0 {
+            v = vec![0.0; n];
+            let found = self.layout.import(&mut v, &s.tensors, &format!("{vn}."))?;
+            if found != self.layout.views().len() {
+                return Err(CoreError::Config(format!(
+                    "optimizer state lacks {vn} tensors (stepped {steps} times)"
+                )));
+            }
+        }
+        self.m = m;
+        self.v = v;
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// [`crate::Trainer`]'s update for a [`FlatRDropModel`]: accumulation, clipping, schedule and
+/// the optimiser over flat buffers. f32 only (the explicit engine has no reduced precision on
+/// CPU), so there is no loss scaler.
+#[derive(Debug)]
+pub struct FlatTrainer {
+    cfg: TrainConfig,
+    opt: FlatOptimizer,
+    step: u64,
+}
+
+impl FlatTrainer {
+    /// A trainer at update 0 for a model with `layout`.
+    pub fn new(cfg: TrainConfig, layout: FlatLayout) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.precision != Precision::F32 {
+            return Err(CoreError::Config(format!(
+                "the explicit engine trains in f32 on CPU; precision {:?} needs --engine autograd",
+                cfg.precision
+            )));
+        }
+        Ok(Self {
+            opt: FlatOptimizer::new(cfg.optim, layout)?,
+            cfg,
+            step: 0,
+        })
+    }
+
+    /// A trainer resumed from `state` (optimiser and update count).
+    pub fn restore(cfg: TrainConfig, layout: FlatLayout, state: &TrainState) -> Result<Self> {
+        let mut t = Self::new(cfg, layout)?;
+        if state.scaler.enabled {
+            return Err(CoreError::Config(
+                "the checkpoint was trained with f16 loss scaling; resume it with --engine autograd"
+                    .into(),
+            ));
+        }
+        t.opt.load_state(&state.optimizer)?;
+        t.step = state.step;
+        Ok(t)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Updates completed so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The learning rate of the next update.
+    pub fn next_lr(&self) -> f64 {
+        self.cfg.optim.lr * lr_lambda(self.step + 1, &self.cfg.schedule)
+    }
+
+    /// The checkpointable state, in the same format as [`crate::Trainer::state`].
+    pub fn state<M: FlatRDropModel + ?Sized>(
+        &self,
+        model: &M,
+        epoch: u64,
+        batch_index: u64,
+    ) -> Result<TrainState> {
+        Ok(TrainState {
+            step: self.step,
+            epoch,
+            batch_index,
+            rng: model.rng_state(),
+            scaler: crate::scaler::LossScaler::new(self.cfg.scaler, false).state(),
+            optimizer: self.opt.state()?,
+            extra: serde_json::Value::Null,
+        })
+    }
+
+    /// One full update over `micro_batches` (`x`, labels `y` as `u32`), which must number
+    /// `accum_steps`. Errors: [`CoreError::NonFinite`] when the loss or the gradient norm is
+    /// not finite (the parameters are left unchanged).
+    pub fn update<M: FlatRDropModel + ?Sized>(
+        &mut self,
+        model: &mut M,
+        micro_batches: &[(Tensor, Tensor)],
+    ) -> Result<StepStats> {
+        if micro_batches.len() != self.cfg.accum_steps {
+            return Err(CoreError::Config(format!(
+                "update got {} micro-batches, accum_steps is {}",
+                micro_batches.len(),
+                self.cfg.accum_steps
+            )));
+        }
+        let total: usize = micro_batches
+            .iter()
+            .map(|(x, _)| x.dim(0))
+            .sum::<candle_core::Result<usize>>()?;
+        if total == 0 {
+            return Err(CoreError::Config("update got no samples".into()));
+        }
+        let k = self.step + 1;
+        model.zero_grads();
+        let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
+        let (mut fwd, mut bwd) = (0f64, 0f64);
+        let mut first = 0usize;
+        for (x, y) in micro_batches {
+            let m = x.dim(0)?;
+            let w = match self.cfg.loss.mode {
+                LossMode::Mean => m as f64 / total as f64,
+                LossMode::Reference => 1.0 / micro_batches.len() as f64,
+            };
+            let l = model.accumulate(x, y, k, first, &self.cfg.loss, w)?;
+            loss += w * l.loss;
+            ce += w * l.ce;
+            kl += w * l.kl;
+            fwd += l.forward_s;
+            bwd += l.backward_s;
+            first += m;
+        }
+        let t1 = Instant::now();
+        let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
+        let (params, grads) = model.params_and_grads();
+        let grad_norm = sum_squares(grads).sqrt();
+        if !loss.is_finite() {
+            return Err(CoreError::NonFinite {
+                step: k,
+                what: "loss",
+                value: loss,
+            });
+        }
+        if !grad_norm.is_finite() {
+            return Err(CoreError::NonFinite {
+                step: k,
+                what: "gradient norm",
+                value: grad_norm,
+            });
+        }
+        let coef = match self.cfg.clip_norm {
+            Some(max) => clip_coef(grad_norm, max),
+            None => 1.0,
+        };
+        self.opt.step(params, grads, lr, coef);
+        self.step = k;
+        Ok(StepStats {
+            step: k,
+            lr,
+            loss,
+            ce,
+            kl,
+            grad_norm,
+            loss_scale: 1.0,
+            skipped: false,
+            skipped_total: 0,
+            micro_batches: micro_batches.len(),
+            samples: total,
+            forward_s: fwd,
+            backward_s: bwd,
+            optimizer_s: t1.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_views_segments_and_round_trip() -> Result<()> {
+        let mut l = FlatLayout::new();
+        l.push("a.weight", &[2, 3]);
+        l.push("a.bias", &[2]);
+        l.push("b.weight", &[1, 2]);
+        assert_eq!(l.len(), 10);
+        assert_eq!(l.get("a.bias").map(|v| v.range()), Some(6..8));
+        let cfg = OptimConfig {
+            weight_decay: 0.1,
+            weight_decay_scope: WeightDecayScope::RankAtLeast2,
+            ..OptimConfig::default()
+        };
+        assert_eq!(
+            l.decay_segments(&cfg),
+            vec![(0..6, true), (6..8, false), (8..10, true)]
+        );
+        assert_eq!(
+            l.decay_segments(&OptimConfig::default()),
+            vec![(0..10, false)]
+        );
+        let buf: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let t = l.export(&buf, "m.")?;
+        let mut back = vec![0f32; 10];
+        assert_eq!(l.import(&mut back, &t, "m.")?, 3);
+        assert_eq!(back, buf);
+        Ok(())
+    }
+}

@@ -1,0 +1,259 @@
+//! The engine's hand-derived backward (formulas in `shared/reference/engine.md` and in each
+//! kernel's documentation): from `∂loss/∂logits` in `plan.dlogits` to every parameter's
+//! gradient, accumulated (`+=`) into the flat gradient buffer. Dropout masks are regenerated
+//! from their keys; LayerNorm outputs and GELU outputs are recomputed from saved inputs.
+
+use rayon::prelude::*;
+use rdrop_kernels::attention::attention_bwd;
+use rdrop_kernels::dropout::dropout_apply;
+use rdrop_kernels::gelu::{gelu_bwd_inplace, gelu_fwd};
+use rdrop_kernels::layernorm::{layernorm_bwd, layernorm_fwd};
+use rdrop_kernels::linear::linear_bwd;
+
+use super::forward::Masks;
+use super::params::Offsets;
+use super::plan::{attn_dims, Plan};
+use super::sites;
+use crate::config::ViTConfig;
+
+/// Two disjoint mutable views `[a, a + na)` and `[b, b + nb)` of `g`, with `a + na <= b`.
+fn pair(g: &mut [f32], a: usize, na: usize, b: usize, nb: usize) -> (&mut [f32], &mut [f32]) {
+    let (lo, hi) = g.split_at_mut(b);
+    (&mut lo[a..a + na], &mut hi[..nb])
+}
+
+/// Backward of the forward that filled `plan` (same `masks`), adding into `grads`.
+pub(crate) fn backward(
+    cfg: &ViTConfig,
+    p: &[f32],
+    grads: &mut [f32],
+    off: &Offsets,
+    plan: &mut Plan,
+    masks: &Masks,
+) {
+    let rows = plan.rows;
+    let (t, d, m, c) = (
+        cfg.num_tokens(),
+        cfg.hidden_size,
+        cfg.mlp_dim,
+        cfg.num_classes,
+    );
+    let n = rows * t;
+    let eps = cfg.layer_norm_eps as f32;
+    let td = t * d;
+
+    // Classifier and final LayerNorm (class rows only).
+    {
+        let (dw, db) = pair(grads, off.head_w, c * d, off.head_b, c);
+        linear_bwd(
+            Some(&mut plan.dcls),
+            false,
+            dw,
+            Some(db),
+            &plan.dlogits,
+            &plan.lnf,
+            &p[off.head_w..off.head_w + c * d],
+            rows,
+            d,
+            c,
+        );
+        let dx = &mut plan.dtmp[..rows * d];
+        dx.fill(0.0);
+        let (dg, db) = pair(grads, off.lnf_w, d, off.lnf_b, d);
+        layernorm_bwd(
+            dx,
+            dg,
+            db,
+            &mut plan.ln_scratch,
+            &plan.dcls,
+            &plan.cls,
+            &plan.meanf,
+            &plan.rstdf,
+            &p[off.lnf_w..off.lnf_w + d],
+            d,
+        );
+        plan.dres.fill(0.0);
+        for (bi, row) in dx.chunks(d).enumerate() {
+            plan.dres[bi * td..bi * td + d].copy_from_slice(row);
+        }
+    }
+
+    for l in (0..cfg.num_layers).rev() {
+        let o = &off.layers[l];
+        let acts = &mut plan.layers[l];
+        // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
+        plan.dtmp.copy_from_slice(&plan.dres);
+        if let Some(s) = masks.site(sites::mlp_output(l), cfg.dropout) {
+            dropout_apply(&mut plan.dtmp, td, &s, masks.rows);
+        }
+        let fc1_site = masks.site(sites::mlp_hidden(l), cfg.dropout);
+        gelu_fwd(&mut plan.hidden, &acts.pre);
+        if let Some(s) = fc1_site {
+            dropout_apply(&mut plan.hidden, t * m, &s, masks.rows);
+        }
+        let (dw, db) = pair(grads, o.fc2_w, d * m, o.fc2_b, d);
+        linear_bwd(
+            Some(&mut plan.dhidden),
+            false,
+            dw,
+            Some(db),
+            &plan.dtmp,
+            &plan.hidden,
+            &p[o.fc2_w..o.fc2_w + d * m],
+            n,
+            m,
+            d,
+        );
+        if let Some(s) = fc1_site {
+            dropout_apply(&mut plan.dhidden, t * m, &s, masks.rows);
+        }
+        gelu_bwd_inplace(&mut plan.dhidden, &acts.pre);
+        layernorm_fwd(
+            &mut plan.ln,
+            &mut acts.mean2,
+            &mut acts.rstd2,
+            &acts.mid,
+            &p[o.ln2_w..o.ln2_w + d],
+            &p[o.ln2_b..o.ln2_b + d],
+            eps,
+            d,
+        );
+        let (dw, db) = pair(grads, o.fc1_w, m * d, o.fc1_b, m);
+        linear_bwd(
+            Some(&mut plan.dln),
+            false,
+            dw,
+            Some(db),
+            &plan.dhidden,
+            &plan.ln,
+            &p[o.fc1_w..o.fc1_w + m * d],
+            n,
+            d,
+            m,
+        );
+        let (dg, db) = pair(grads, o.ln2_w, d, o.ln2_b, d);
+        layernorm_bwd(
+            &mut plan.dres,
+            dg,
+            db,
+            &mut plan.ln_scratch,
+            &plan.dln,
+            &acts.mid,
+            &acts.mean2,
+            &acts.rstd2,
+            &p[o.ln2_w..o.ln2_w + d],
+            d,
+        );
+
+        // mid = x + drop(out(attn)),  attn = attention(qkv(LN1(x)))
+        plan.dtmp.copy_from_slice(&plan.dres);
+        if let Some(s) = masks.site(sites::attention_output(l), cfg.attention_output_dropout) {
+            dropout_apply(&mut plan.dtmp, td, &s, masks.rows);
+        }
+        let (dw, db) = pair(grads, o.out_w, d * d, o.out_b, d);
+        linear_bwd(
+            Some(&mut plan.dattn),
+            false,
+            dw,
+            Some(db),
+            &plan.dtmp,
+            &acts.attn,
+            &p[o.out_w..o.out_w + d * d],
+            n,
+            d,
+            d,
+        );
+        let probs_site = masks.site(sites::attention_probs(l), cfg.attention_dropout);
+        attention_bwd(
+            &mut plan.dqkv,
+            &mut plan.attn_scratch,
+            &plan.dattn,
+            &acts.qkv,
+            &acts.probs,
+            attn_dims(cfg, rows),
+            probs_site.as_ref().map(|s| (s, masks.rows)),
+        );
+        layernorm_fwd(
+            &mut plan.ln,
+            &mut acts.mean1,
+            &mut acts.rstd1,
+            &acts.x,
+            &p[o.ln1_w..o.ln1_w + d],
+            &p[o.ln1_b..o.ln1_b + d],
+            eps,
+            d,
+        );
+        let (dw, db) = pair(grads, o.qkv_w, 3 * d * d, o.qkv_b, 3 * d);
+        linear_bwd(
+            Some(&mut plan.dln),
+            false,
+            dw,
+            Some(db),
+            &plan.dqkv,
+            &plan.ln,
+            &p[o.qkv_w..o.qkv_w + 3 * d * d],
+            n,
+            d,
+            3 * d,
+        );
+        let (dg, db) = pair(grads, o.ln1_w, d, o.ln1_b, d);
+        layernorm_bwd(
+            &mut plan.dres,
+            dg,
+            db,
+            &mut plan.ln_scratch,
+            &plan.dln,
+            &acts.x,
+            &acts.mean1,
+            &acts.rstd1,
+            &p[o.ln1_w..o.ln1_w + d],
+            d,
+        );
+    }
+
+    // Embeddings: x0 = drop([cls; tok] + pos).
+    if let Some(s) = masks.site(sites::EMBEDDINGS, cfg.dropout) {
+        dropout_apply(&mut plan.dres, td, &s, masks.rows);
+    }
+    let dres = &plan.dres;
+    {
+        // Σ over the batch in a fixed order (thread-count independent): split the (T·D)
+        // columns, never the batch.
+        let (dcls, dpos) = pair(grads, off.cls, d, off.pos, td);
+        dpos.par_chunks_mut(1024)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let base = ci * 1024;
+                for bi in 0..rows {
+                    let src = &dres[bi * td + base..bi * td + base + chunk.len()];
+                    for (g, s) in chunk.iter_mut().zip(src) {
+                        *g += s;
+                    }
+                }
+            });
+        for bi in 0..rows {
+            for (g, s) in dcls.iter_mut().zip(&dres[bi * td..bi * td + d]) {
+                *g += s;
+            }
+        }
+    }
+    let g2 = t - 1;
+    plan.tok
+        .par_chunks_mut(g2 * d)
+        .enumerate()
+        .for_each(|(bi, tk)| tk.copy_from_slice(&dres[bi * td + d..(bi + 1) * td]));
+    let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    let (dw, db) = pair(grads, off.patch_w, d * cpp, off.patch_b, d);
+    linear_bwd(
+        None,
+        false,
+        dw,
+        Some(db),
+        &plan.tok,
+        &plan.patches,
+        &p[off.patch_w..off.patch_w + d * cpp],
+        rows * g2,
+        cpp,
+        d,
+    );
+}

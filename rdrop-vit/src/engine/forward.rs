@@ -1,0 +1,287 @@
+//! The engine's forward: patch embedding, class token and position embeddings, `L` pre-LN
+//! blocks, the final LayerNorm of the class tokens and the classifier, over planned buffers.
+//! The arithmetic follows the autograd model (`crate::model`) op for op.
+
+use rayon::prelude::*;
+use rdrop_kernels::attention::attention_fwd;
+use rdrop_kernels::dropout::{dropout_apply, residual_dropout_add, RowKey, Site};
+use rdrop_kernels::layernorm::layernorm_fwd;
+use rdrop_kernels::linear::{linear_fwd, linear_gelu_fwd};
+use rdrop_kernels::patch::im2col;
+
+use super::params::{LayerOffsets, Offsets};
+use super::plan::{attn_dims, LayerActs, Plan};
+use super::sites;
+use crate::config::ViTConfig;
+
+/// Where the dropout masks of a forward come from (`None` sites: no dropout there).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Masks<'a> {
+    pub seed: u64,
+    pub update: u32,
+    pub rows: &'a [RowKey],
+    pub train: bool,
+}
+
+impl Masks<'_> {
+    /// The site `s` with rate `p`, or `None` when it drops nothing.
+    pub fn site(&self, s: u32, p: f64) -> Option<Site> {
+        (self.train && p > 0.0).then_some(Site {
+            seed: self.seed,
+            update: self.update,
+            site: s,
+            p: p as f32,
+        })
+    }
+}
+
+/// `res += y`, or `res += mask ⊙ y` at a dropout site.
+pub(crate) fn residual_add(
+    res: &mut [f32],
+    y: &[f32],
+    n: usize,
+    site: Option<Site>,
+    rows: &[RowKey],
+) {
+    match site {
+        Some(s) => residual_dropout_add(res, y, n, &s, rows),
+        None => res
+            .par_chunks_mut(n.max(1))
+            .zip(y.par_chunks(n.max(1)))
+            .for_each(|(r, y)| r.iter_mut().zip(y).for_each(|(r, y)| *r += y)),
+    }
+}
+
+/// Embeddings into `out` `(B, T, D)`: `[cls; patches·Wᵀ + b] + pos`, then dropout.
+/// `plan.patches` must already hold the im2col rows of the `B` images.
+pub(crate) fn embed(cfg: &ViTConfig, p: &[f32], off: &Offsets, plan: &mut Plan, masks: &Masks) {
+    let (b, t, d) = (plan.rows, cfg.num_tokens(), cfg.hidden_size);
+    let g2 = t - 1;
+    let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    linear_fwd(
+        &mut plan.tok,
+        &plan.patches,
+        &p[off.patch_w..off.patch_w + d * cpp],
+        Some(&p[off.patch_b..off.patch_b + d]),
+        b * g2,
+        cpp,
+        d,
+    );
+    let cls = &p[off.cls..off.cls + d];
+    let pos = &p[off.pos..off.pos + t * d];
+    let out: &mut [f32] = match plan.layers.first_mut() {
+        Some(l) => &mut l.x,
+        None => &mut plan.x_out,
+    };
+    let tok = &plan.tok;
+    out.par_chunks_mut(t * d).enumerate().for_each(|(bi, x)| {
+        for (j, v) in x[..d].iter_mut().enumerate() {
+            *v = cls[j] + pos[j];
+        }
+        let src = &tok[bi * g2 * d..(bi + 1) * g2 * d];
+        for ((v, s), q) in x[d..].iter_mut().zip(src).zip(&pos[d..]) {
+            *v = s + q;
+        }
+    });
+    if let Some(s) = masks.site(sites::EMBEDDINGS, cfg.dropout) {
+        dropout_apply(out, t * d, &s, masks.rows);
+    }
+}
+
+/// One block: `acts.x` → `out` (both `(B, T, D)`), saving what the backward needs in `acts`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn block(
+    cfg: &ViTConfig,
+    l: usize,
+    p: &[f32],
+    o: &LayerOffsets,
+    acts: &mut LayerActs,
+    out: &mut [f32],
+    ln: &mut [f32],
+    proj: &mut [f32],
+    hidden: &mut [f32],
+    rows: usize,
+    masks: &Masks,
+) {
+    let (t, d, m) = (cfg.num_tokens(), cfg.hidden_size, cfg.mlp_dim);
+    let n = rows * t;
+    let eps = cfg.layer_norm_eps as f32;
+    layernorm_fwd(
+        ln,
+        &mut acts.mean1,
+        &mut acts.rstd1,
+        &acts.x,
+        &p[o.ln1_w..o.ln1_w + d],
+        &p[o.ln1_b..o.ln1_b + d],
+        eps,
+        d,
+    );
+    linear_fwd(
+        &mut acts.qkv,
+        ln,
+        &p[o.qkv_w..o.qkv_w + 3 * d * d],
+        Some(&p[o.qkv_b..o.qkv_b + 3 * d]),
+        n,
+        d,
+        3 * d,
+    );
+    let probs_site = masks.site(sites::attention_probs(l), cfg.attention_dropout);
+    attention_fwd(
+        &mut acts.attn,
+        &mut acts.probs,
+        &acts.qkv,
+        attn_dims(cfg, rows),
+        probs_site.as_ref().map(|s| (s, masks.rows)),
+    );
+    linear_fwd(
+        proj,
+        &acts.attn,
+        &p[o.out_w..o.out_w + d * d],
+        Some(&p[o.out_b..o.out_b + d]),
+        n,
+        d,
+        d,
+    );
+    acts.mid.copy_from_slice(&acts.x);
+    let s = masks.site(sites::attention_output(l), cfg.attention_output_dropout);
+    residual_add(&mut acts.mid, proj, t * d, s, masks.rows);
+
+    layernorm_fwd(
+        ln,
+        &mut acts.mean2,
+        &mut acts.rstd2,
+        &acts.mid,
+        &p[o.ln2_w..o.ln2_w + d],
+        &p[o.ln2_b..o.ln2_b + d],
+        eps,
+        d,
+    );
+    linear_gelu_fwd(
+        &mut acts.pre,
+        hidden,
+        ln,
+        &p[o.fc1_w..o.fc1_w + m * d],
+        &p[o.fc1_b..o.fc1_b + m],
+        n,
+        d,
+        m,
+    );
+    if let Some(s) = masks.site(sites::mlp_hidden(l), cfg.dropout) {
+        dropout_apply(hidden, t * m, &s, masks.rows);
+    }
+    linear_fwd(
+        proj,
+        hidden,
+        &p[o.fc2_w..o.fc2_w + d * m],
+        Some(&p[o.fc2_b..o.fc2_b + d]),
+        n,
+        m,
+        d,
+    );
+    out.copy_from_slice(&acts.mid);
+    let s = masks.site(sites::mlp_output(l), cfg.dropout);
+    residual_add(out, proj, t * d, s, masks.rows);
+}
+
+/// The whole forward of `plan.rows` rows: logits in `plan.logits`. `img` holds the images
+/// `(B, C, S, S)`, or with `duplicate` only the first half of them (R-Drop's `[x; x]`: the
+/// second half's patch rows are copied). A plan with fewer layer slots than the model
+/// (inference) reuses slot 0 for every block.
+pub(crate) fn forward(
+    cfg: &ViTConfig,
+    p: &[f32],
+    off: &Offsets,
+    plan: &mut Plan,
+    img: &[f32],
+    duplicate: bool,
+    masks: &Masks,
+) {
+    let rows = plan.rows;
+    let (t, d, c) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_classes);
+    let images = if duplicate { rows / 2 } else { rows };
+    let half = images * (t - 1) * cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    im2col(
+        &mut plan.patches[..half],
+        img,
+        images,
+        cfg.num_channels,
+        cfg.image_size,
+        cfg.patch_size,
+    );
+    if duplicate {
+        let (a, b) = plan.patches.split_at_mut(half);
+        b.copy_from_slice(a);
+    }
+    embed(cfg, p, off, plan, masks);
+    let nl = cfg.num_layers;
+    let slots = plan.layers.len();
+    for l in 0..nl {
+        let Plan {
+            layers,
+            x_out,
+            ln,
+            proj,
+            hidden,
+            ..
+        } = plan;
+        if slots == nl {
+            let (head, tail) = layers.split_at_mut(l + 1);
+            let out: &mut [f32] = match tail.first_mut() {
+                Some(next) => &mut next.x,
+                None => x_out,
+            };
+            block(
+                cfg,
+                l,
+                p,
+                &off.layers[l],
+                &mut head[l],
+                out,
+                ln,
+                proj,
+                hidden,
+                rows,
+                masks,
+            );
+        } else {
+            block(
+                cfg,
+                l,
+                p,
+                &off.layers[l],
+                &mut layers[0],
+                x_out,
+                ln,
+                proj,
+                hidden,
+                rows,
+                masks,
+            );
+            if l + 1 < nl {
+                layers[0].x.copy_from_slice(x_out);
+            }
+        }
+    }
+    for (bi, row) in plan.cls.chunks_mut(d).enumerate() {
+        row.copy_from_slice(&plan.x_out[bi * t * d..bi * t * d + d]);
+    }
+    layernorm_fwd(
+        &mut plan.lnf,
+        &mut plan.meanf,
+        &mut plan.rstdf,
+        &plan.cls,
+        &p[off.lnf_w..off.lnf_w + d],
+        &p[off.lnf_b..off.lnf_b + d],
+        cfg.layer_norm_eps as f32,
+        d,
+    );
+    linear_fwd(
+        &mut plan.logits,
+        &plan.lnf,
+        &p[off.head_w..off.head_w + c * d],
+        Some(&p[off.head_b..off.head_b + c]),
+        rows,
+        d,
+        c,
+    );
+}

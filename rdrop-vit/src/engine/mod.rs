@@ -1,0 +1,334 @@
+//! The explicit training engine: the ViT's forward and hand-derived backward over flat
+//! parameter/gradient buffers and activations planned once per batch size (after karpathy's
+//! llm.c). The candle-autograd model ([`crate::VisionTransformer`]) is its reference: both draw
+//! the same dropout masks (Philox keys, [`sites`]) and tests hold logits and every gradient
+//! together.
+//!
+//! - [`params`]: the flat layout (checkpoint names, fused q/k/v), copies to and from the model;
+//! - [`plan`]: the saved activations and scratch, and their size;
+//! - [`forward`], [`backward`]: the passes, block by block;
+//! - [`Engine`]: the composition, an R-Drop micro-batch step ([`rdrop_core::FlatRDropModel`])
+//!   and inference.
+//!
+//! Covers every architecture [`ViTConfig`] describes, on CPU in f32. After the first step at
+//! a given micro-batch, a step allocates nothing of its own.
+
+pub(crate) mod backward;
+pub(crate) mod forward;
+pub(crate) mod params;
+pub(crate) mod plan;
+pub mod sites;
+
+use candle_core::{Device, Storage, Tensor};
+use rdrop_core::{FlatLayout, FlatRDropModel, LossConfig, LossMode, MicroLoss, RngState};
+use rdrop_kernels::dropout::RowKey;
+use rdrop_kernels::loss::{rdrop_loss, LossConfig as KLoss, Reduction};
+
+use crate::config::ViTConfig;
+use crate::error::{Result, VitError};
+use crate::model::VisionTransformer;
+use forward::Masks;
+use params::Offsets;
+use plan::Plan;
+
+/// The explicit engine of one ViT: parameters and gradients in flat buffers.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: ViTConfig,
+    layout: FlatLayout,
+    off: Offsets,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    plan: Option<Plan>,
+    rng: RngState,
+    rows: Vec<RowKey>,
+}
+
+/// Borrows the data of a contiguous CPU tensor of dtype `T` without copying (converts first
+/// when the tensor is elsewhere or of another dtype).
+fn with_cpu<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = if t.dtype() == T::DTYPE && t.device().is_cpu() && t.is_contiguous() {
+        t.clone()
+    } else {
+        t.to_device(&Device::Cpu)?
+            .to_dtype(T::DTYPE)?
+            .contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(VitError::Config("the engine runs on CPU tensors".into()));
+    };
+    let all = cpu.as_slice::<T>()?;
+    let start = layout.start_offset();
+    Ok(f(&all[start..start + t.elem_count()]))
+}
+
+/// Labels as `u32`, checked against the batch.
+fn with_labels<R>(y: &Tensor, f: impl FnOnce(&[u32]) -> R) -> Result<R> {
+    with_cpu(y, f)
+}
+
+/// The plan for `rows` rows (training: every block's activations; inference: one slot),
+/// re-planned only when the shape changes.
+fn ensure_plan<'a>(
+    slot: &'a mut Option<Plan>,
+    cfg: &ViTConfig,
+    rows: usize,
+    train: bool,
+) -> &'a mut Plan {
+    let slots = if train { cfg.num_layers } else { 1 };
+    if !slot
+        .as_ref()
+        .is_some_and(|p| p.rows == rows && p.layers.len() == slots && p.train == train)
+    {
+        *slot = None; // free the old plan before allocating the new one
+    }
+    slot.get_or_insert_with(|| Plan::new(cfg, rows, train))
+}
+
+impl Engine {
+    /// An engine holding a copy of `model`'s parameters (CPU, f32).
+    pub fn from_model(model: &VisionTransformer) -> Result<Self> {
+        let cfg = model.config().clone();
+        let (layout, off) = params::layout(&cfg);
+        let mut p = vec![0f32; layout.len()];
+        params::read_from_model(&layout, model, &mut p)?;
+        Ok(Self {
+            grads: vec![0f32; layout.len()],
+            params: p,
+            layout,
+            off,
+            plan: None,
+            rng: model.rng().state(),
+            rows: Vec::new(),
+            cfg,
+        })
+    }
+
+    /// Writes the engine's parameters into `model` (to save it with the model's writers).
+    pub fn write_to(&self, model: &VisionTransformer) -> Result<()> {
+        params::write_to_model(&self.layout, &self.params, model)
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ViTConfig {
+        &self.cfg
+    }
+
+    /// The flat parameters.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The accumulated gradients (same layout as the parameters).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// Sets the dropout generator's state (resume).
+    pub fn set_rng_state(&mut self, s: RngState) {
+        self.rng = s;
+    }
+
+    /// Bytes of activations and scratch currently planned.
+    pub fn plan_bytes(&self) -> usize {
+        self.plan.as_ref().map_or(0, Plan::bytes)
+    }
+
+    fn check_images(&self, x: &Tensor) -> Result<usize> {
+        let (b, c, h, w) = x.dims4()?;
+        let s = self.cfg.image_size;
+        if c != self.cfg.num_channels || h != s || w != s {
+            return Err(VitError::Config(format!(
+                "input of shape {:?} does not match the model ({} channels, {s}×{s} pixels)",
+                x.dims(),
+                self.cfg.num_channels
+            )));
+        }
+        Ok(b)
+    }
+
+    /// Logits `(B, classes)` of images `x (B, C, S, S)` in eval mode (no dropout). Uses an
+    /// inference plan (one block's activations, reused by every block).
+    pub fn forward_eval(&mut self, x: &Tensor) -> Result<Tensor> {
+        let b = self.check_images(x)?;
+        let plan = ensure_plan(&mut self.plan, &self.cfg, b, false);
+        let masks = Masks {
+            seed: 0,
+            update: 0,
+            rows: &[],
+            train: false,
+        };
+        with_cpu(x, |img: &[f32]| {
+            forward::forward(&self.cfg, &self.params, &self.off, plan, img, false, &masks)
+        })?;
+        Ok(Tensor::from_slice(
+            &plan.logits,
+            (b, self.cfg.num_classes),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Training-mode logits `(B, classes)` with the masks of `update` and `rows` (one per image:
+    /// sample index in the update's batch and R-Drop pass). Keeps the activations for
+    /// [`Engine::backward`].
+    pub fn forward_train(&mut self, x: &Tensor, update: u32, rows: &[RowKey]) -> Result<Tensor> {
+        let b = self.check_images(x)?;
+        if rows.len() != b {
+            return Err(VitError::Config(format!(
+                "{} row keys for {b} images",
+                rows.len()
+            )));
+        }
+        let plan = ensure_plan(&mut self.plan, &self.cfg, b, true);
+        let masks = Masks {
+            seed: self.rng.seed,
+            update,
+            rows,
+            train: true,
+        };
+        with_cpu(x, |img: &[f32]| {
+            forward::forward(&self.cfg, &self.params, &self.off, plan, img, false, &masks)
+        })?;
+        Ok(Tensor::from_slice(
+            &plan.logits,
+            (b, self.cfg.num_classes),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Backward of the last [`Engine::forward_train`] (same `update`, `rows`) from
+    /// `dlogits (B, classes)`: adds every parameter's gradient into [`Engine::grads`].
+    pub fn backward(&mut self, dlogits: &Tensor, update: u32, rows: &[RowKey]) -> Result<()> {
+        let nl = self.cfg.num_layers;
+        let plan = self
+            .plan
+            .as_mut()
+            .filter(|p| p.rows == rows.len() && p.layers.len() == nl)
+            .ok_or_else(|| {
+                VitError::Config("backward without a matching training forward".into())
+            })?;
+        if dlogits.dims() != [rows.len(), self.cfg.num_classes] {
+            return Err(VitError::Config(format!(
+                "dlogits of shape {:?}, expected [{}, {}]",
+                dlogits.dims(),
+                rows.len(),
+                self.cfg.num_classes
+            )));
+        }
+        with_cpu(dlogits, |g: &[f32]| plan.dlogits.copy_from_slice(g))?;
+        let masks = Masks {
+            seed: self.rng.seed,
+            update,
+            rows,
+            train: true,
+        };
+        backward::backward(
+            &self.cfg,
+            &self.params,
+            &mut self.grads,
+            &self.off,
+            plan,
+            &masks,
+        );
+        Ok(())
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+}
+
+impl FlatRDropModel for Engine {
+    fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]) {
+        (&mut self.params, &self.grads)
+    }
+
+    fn zero_grads(&mut self) {
+        Engine::zero_grads(self)
+    }
+
+    fn accumulate(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &LossConfig,
+        weight: f64,
+    ) -> rdrop_core::Result<MicroLoss> {
+        let m = self.check_images(x).map_err(core_err)?;
+        if y.dims() != [m] {
+            return Err(rdrop_core::CoreError::Config(format!(
+                "labels of shape {:?} for {m} images",
+                y.dims()
+            )));
+        }
+        let update = u32::try_from(update)
+            .map_err(|_| rdrop_core::CoreError::Config(format!("update {update} > 2^32")))?;
+        // Rows 0..m are pass 0, rows m..2m pass 1 of the same samples (one forward of [x; x]).
+        self.rows.clear();
+        for pass in 0..2 {
+            self.rows.extend((0..m).map(|i| RowKey {
+                sample: (first_sample + i) as u32,
+                pass,
+            }));
+        }
+        let classes = self.cfg.num_classes;
+        let t0 = std::time::Instant::now();
+        let plan = ensure_plan(&mut self.plan, &self.cfg, 2 * m, true);
+        let masks = Masks {
+            seed: self.rng.seed,
+            update,
+            rows: &self.rows,
+            train: true,
+        };
+        let (cfg, off, params) = (&self.cfg, &self.off, &self.params);
+        // The images once: the second pass's patch rows are a copy of the first's.
+        with_cpu(x, |img: &[f32]| {
+            forward::forward(cfg, params, off, plan, img, true, &masks)
+        })
+        .map_err(core_err)?;
+        let kcfg = KLoss {
+            alpha: loss.alpha,
+            reduction: match loss.mode {
+                LossMode::Mean => Reduction::Mean,
+                LossMode::Reference => Reduction::Reference,
+            },
+            label_smoothing: loss.label_smoothing,
+        };
+        let v = with_labels(y, |labels| {
+            let (p, q) = plan.logits.split_at(m * classes);
+            let (dp, dq) = plan.dlogits.split_at_mut(m * classes);
+            rdrop_loss(dp, dq, p, q, labels, classes, &kcfg, weight as f32)
+                .map_err(|e| VitError::Config(format!("R-Drop loss: {e}")))
+        })
+        .and_then(|r| r)
+        .map_err(core_err)?;
+        let t1 = std::time::Instant::now();
+        backward::backward(cfg, params, &mut self.grads, off, plan, &masks);
+        Ok(MicroLoss {
+            loss: v.loss,
+            ce: v.ce,
+            kl: v.kl,
+            forward_s: (t1 - t0).as_secs_f64(),
+            backward_s: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn rng_state(&self) -> RngState {
+        self.rng
+    }
+}
+
+fn core_err(e: VitError) -> rdrop_core::CoreError {
+    match e {
+        VitError::Candle(c) => rdrop_core::CoreError::Candle(c),
+        other => rdrop_core::CoreError::Config(other.to_string()),
+    }
+}
