@@ -82,12 +82,12 @@ fn main() {
         let mut c = vec![0f32; m * n];
         let flop = 2.0 * (m * k * n) as f64;
         let mut line = format!("{label:24} {m:5}x{k:5}x{n:5}");
-        for split in [Split::Blocks, Split::GemmRayon] {
+        for split in [Split::Blocks, Split::GemmRayon, Split::Auto] {
             let (best, med) = time(reps, || {
                 linear::matmul_with(split, &mut c, &a, &b, m, k, n, ta, tb, 1.0, 0.0, |_, _| {})
             });
             line += &format!(
-                "  {split:?} {:6.1} / {:6.1} GFLOP/s",
+                "  {split:?} {:5.1}/{:5.1}",
                 flop / best / 1e9,
                 flop / med / 1e9
             );

@@ -19,10 +19,13 @@ use rayon::prelude::*;
 use crate::gelu::gelu_scalar;
 
 /// How a product is spread over threads (the bench compares them; the kernels use
-/// [`Split::Blocks`]).
+/// [`Split::Auto`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
+    /// [`Split::Blocks`] when C has many rows (≥ [`BLOCKS_MIN_ROWS`]), else
+    /// [`Split::GemmRayon`]: a function of the shape only.
+    Auto,
     /// Fixed blocks of rows of C, one single-threaded `gemm` call each, run by rayon.
     Blocks,
     /// One `gemm` call with `Parallelism::Rayon(current_num_threads)`.
@@ -109,11 +112,26 @@ fn gemm_call(
     }
 }
 
-/// Rows of C per block: about 16 blocks for large products (enough to balance a few threads),
-/// never below 64 rows (each block packs B once), a multiple of 16. A function of the shape only.
-fn block_rows(m: usize, k: usize, n: usize) -> usize {
-    let _ = (k, n);
+/// Rows of C from which [`Split::Auto`] runs blocks of rows itself. Measured on 2 threads
+/// (`examples/kernels_bench.rs`): with 8320 rows, blocks beat one rayon-parallel `gemm` call by
+/// 15–30% (x·Wᵀ and dy·W of the cpu-small ViT); with few rows (dyᵀ·x's 192–768 rows, ViT-B's
+/// 1576) every block would pack all of B again, and the one call (which packs B once for all
+/// threads) is faster.
+pub const BLOCKS_MIN_ROWS: usize = 4096;
+
+/// Rows of C per block: 16 blocks (enough to balance a few threads; each block packs B once,
+/// so not more), a multiple of 16, at least 64. A function of the shape only.
+fn block_rows(m: usize) -> usize {
     (m.div_ceil(16)).next_multiple_of(16).max(64)
+}
+
+/// The split [`Split::Auto`] resolves to for an m-row C.
+fn resolve(split: Split, m: usize) -> Split {
+    match split {
+        Split::Auto if m >= BLOCKS_MIN_ROWS => Split::Blocks,
+        Split::Auto => Split::GemmRayon,
+        s => s,
+    }
 }
 
 /// `C (m×n) = alpha·op(A)·op(B) + beta·C`: A is m×k (stored k×m when `trans_a`), B is k×n
@@ -188,18 +206,9 @@ pub fn matmul_with<F>(
     if m == 0 || n == 0 {
         return;
     }
-    match split {
-        Split::Serial | Split::GemmRayon => {
-            let threads = if split == Split::Serial {
-                1
-            } else {
-                rayon::current_num_threads()
-            };
-            gemm_call(c, n, a, ls, b, rs, (m, k, n), alpha, beta, threads);
-            epilogue(0, c);
-        }
+    let br = block_rows(m);
+    match resolve(split, m) {
         Split::Blocks => {
-            let br = block_rows(m, k, n);
             c.par_chunks_mut(br * n).enumerate().for_each(|(i, cb)| {
                 let r0 = i * br;
                 let mb = cb.len() / n;
@@ -208,6 +217,17 @@ pub fn matmul_with<F>(
                 gemm_call(cb, n, &a[a0..], ls, b, rs, (mb, k, n), alpha, beta, 1);
                 epilogue(r0, cb);
             });
+        }
+        one_call => {
+            let threads = if one_call == Split::Serial {
+                1
+            } else {
+                rayon::current_num_threads()
+            };
+            gemm_call(c, n, a, ls, b, rs, (m, k, n), alpha, beta, threads);
+            c.par_chunks_mut(br * n)
+                .enumerate()
+                .for_each(|(i, cb)| epilogue(i * br, cb));
         }
     }
 }
@@ -272,7 +292,7 @@ pub fn linear_fwd(
         assert_eq!(b.len(), d_out, "linear: bias is not d_out");
     }
     matmul_with(
-        Split::Blocks,
+        Split::Auto,
         y,
         x,
         w,
@@ -317,32 +337,54 @@ pub fn linear_gelu_fwd(
     if rows == 0 || d_out == 0 {
         return;
     }
-    let br = block_rows(rows, d_in, d_out);
-    pre.par_chunks_mut(br * d_out)
-        .zip(y.par_chunks_mut(br * d_out))
-        .enumerate()
-        .for_each(|(i, (pb, yb))| {
-            let r0 = i * br;
-            let mb = pb.len() / d_out;
-            gemm_call(
-                pb,
-                d_out,
-                &x[r0 * d_in..],
-                Strides { rs: d_in, cs: 1 },
-                w,
-                Strides { rs: 1, cs: d_in },
-                (mb, d_in, d_out),
-                1.0,
-                0.0,
-                1,
-            );
-            for (prow, yrow) in pb.chunks_exact_mut(d_out).zip(yb.chunks_exact_mut(d_out)) {
-                for ((p, yv), &bv) in prow.iter_mut().zip(yrow.iter_mut()).zip(bias) {
-                    *p += bv;
-                    *yv = gelu_scalar(*p);
-                }
+    let br = block_rows(rows);
+    let finish = |pb: &mut [f32], yb: &mut [f32]| {
+        for (prow, yrow) in pb.chunks_exact_mut(d_out).zip(yb.chunks_exact_mut(d_out)) {
+            for ((p, yv), &bv) in prow.iter_mut().zip(yrow.iter_mut()).zip(bias) {
+                *p += bv;
+                *yv = gelu_scalar(*p);
             }
-        });
+        }
+    };
+    let (xs, ws) = (Strides { rs: d_in, cs: 1 }, Strides { rs: 1, cs: d_in });
+    if resolve(Split::Auto, rows) == Split::Blocks {
+        pre.par_chunks_mut(br * d_out)
+            .zip(y.par_chunks_mut(br * d_out))
+            .enumerate()
+            .for_each(|(i, (pb, yb))| {
+                let (r0, mb) = (i * br, pb.len() / d_out);
+                gemm_call(
+                    pb,
+                    d_out,
+                    &x[r0 * d_in..],
+                    xs,
+                    w,
+                    ws,
+                    (mb, d_in, d_out),
+                    1.0,
+                    0.0,
+                    1,
+                );
+                finish(pb, yb);
+            });
+    } else {
+        let threads = rayon::current_num_threads();
+        gemm_call(
+            pre,
+            d_out,
+            x,
+            xs,
+            w,
+            ws,
+            (rows, d_in, d_out),
+            1.0,
+            0.0,
+            threads,
+        );
+        pre.par_chunks_mut(br * d_out)
+            .zip(y.par_chunks_mut(br * d_out))
+            .for_each(|(pb, yb)| finish(pb, yb));
+    }
 }
 
 /// Columns of dy per task in the bias-gradient reduction.
@@ -564,31 +606,45 @@ mod tests {
 
     #[test]
     fn splits_agree_and_are_thread_independent() {
-        let (m, k, n) = (1000, 96, 80);
-        let a = randn(m * k, 6);
-        let b = randn(k * n, 7);
-        for &(ta, tb) in &[(false, true), (false, false), (true, false)] {
-            let run = |split| {
-                let mut c = vec![0f32; m * n];
-                matmul_with(split, &mut c, &a, &b, m, k, n, ta, tb, 1.0, 0.0, |_, _| {});
-                c
-            };
-            let outs: Vec<_> = pools()
-                .iter()
-                .map(|p| p.install(|| (run(Split::Blocks), run(Split::GemmRayon))))
-                .collect();
-            for o in &outs[1..] {
-                assert_eq!(o.0, outs[0].0, "Blocks depends on the thread count");
-                assert_eq!(o.1, outs[0].1, "GemmRayon depends on the thread count");
+        // k = 1500 is above gemm's depth blocking (so partial sums over k are added to C).
+        for &(m, k, n) in &[(1000, 96, 80), (300, 1500, 70)] {
+            let a = randn(m * k, 6);
+            let b = randn(k * n, 7);
+            for &(ta, tb) in &[(false, true), (false, false), (true, false)] {
+                let run = |split| {
+                    let mut c = vec![0f32; m * n];
+                    matmul_with(split, &mut c, &a, &b, m, k, n, ta, tb, 1.0, 0.0, |_, _| {});
+                    c
+                };
+                let splits = [Split::Blocks, Split::GemmRayon, Split::Auto];
+                let outs: Vec<Vec<_>> = pools()
+                    .iter()
+                    .map(|p| p.install(|| splits.iter().map(|&s| run(s)).collect()))
+                    .collect();
+                for o in &outs[1..] {
+                    assert_eq!(o, &outs[0], "a split depends on the thread count");
+                }
+                let serial = run(Split::Serial);
+                let (blocks, one_call) = (&outs[0][0], &outs[0][1]);
+                close(blocks, &serial, &abs(&serial), 1e-5, "blocks vs serial");
+                assert_eq!(
+                    one_call, &serial,
+                    "rayon inside gemm does not change the sums"
+                );
             }
-            let serial = run(Split::Serial);
-            close(&outs[0].0, &serial, &abs(&serial), 1e-5, "blocks vs serial");
         }
     }
 
     #[test]
     fn linear_fwd_and_gelu_match_reference() {
-        let (rows, d_in, d_out) = (150, 48, 70);
+        // Both sides of BLOCKS_MIN_ROWS.
+        for rows in [150, BLOCKS_MIN_ROWS + 3] {
+            linear_fwd_and_gelu_case(rows);
+        }
+    }
+
+    fn linear_fwd_and_gelu_case(rows: usize) {
+        let (d_in, d_out) = (48, 70);
         let x = randn(rows * d_in, 8);
         let w = randn(d_out * d_in, 9);
         let b = randn(d_out, 10);
@@ -749,7 +805,13 @@ mod tests {
 
     #[test]
     fn linear_is_thread_independent() {
-        let (rows, d_in, d_out) = (1100, 40, 130);
+        for rows in [1100, BLOCKS_MIN_ROWS + 5] {
+            linear_thread_case(rows);
+        }
+    }
+
+    fn linear_thread_case(rows: usize) {
+        let (d_in, d_out) = (40, 130);
         let x = randn(rows * d_in, 21);
         let w = randn(d_out * d_in, 22);
         let b = randn(d_out, 23);
