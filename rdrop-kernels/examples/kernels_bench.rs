@@ -4,13 +4,16 @@
 //! ```text
 //! RAYON_NUM_THREADS=2 nice cargo run --release -p rdrop-kernels --example kernels_bench [reps]
 //! ```
-//! Prints, per kernel, the best and the median of `reps` timed runs (after one warm-up).
-//! `gemm-rayon` is one `gemm` call with `Parallelism::Rayon`, which is how candle's CPU matmul
+//! Per kernel: the rate from the best and from the median of `reps` timed runs (after one
+//! warm-up), and the rate per CPU-second (process CPU time from /proc/self/stat, all threads):
+//! on a shared machine the wall-clock rates fall with the load, the per-CPU-second one much
+//! less (×threads estimates an idle machine's rate when the threads scale).
+//! `GemmRayon` is one `gemm` call with `Parallelism::Rayon`, which is how candle's CPU matmul
 //! calls the same crate: it stands in for candle's matmul on these shapes.
 use std::time::Instant;
 
 use rdrop_kernels::linear::Split;
-use rdrop_kernels::{gelu, layernorm, linear};
+use rdrop_kernels::{dropout, gelu, layernorm, linear};
 
 fn fill(len: usize, seed: u32) -> Vec<f32> {
     (0..len)
@@ -21,9 +24,21 @@ fn fill(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// Best and median seconds of `reps` runs of `f` after a warm-up.
-fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+/// This process's user + system CPU seconds (all threads), or 0 where /proc is missing.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name start at field 3 (state); utime and stime
+    // are fields 14 and 15, in clock ticks (100 a second on Linux).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Rates for `work` units per run: (best wall, median wall, per CPU-second).
+fn rate(reps: usize, work: f64, mut f: impl FnMut()) -> (f64, f64, f64) {
     f();
+    let c0 = cpu_seconds();
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
             let s = Instant::now();
@@ -31,25 +46,30 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
             s.elapsed().as_secs_f64()
         })
         .collect();
+    let cpu = (cpu_seconds() - c0) / reps as f64;
     t.sort_by(|a, b| a.total_cmp(b));
-    (t[0], t[t.len() / 2])
+    (work / t[0], work / t[t.len() / 2], work / cpu)
+}
+
+fn show(r: (f64, f64, f64)) -> String {
+    format!("{:6.1} {:6.1} {:6.1}", r.0, r.1, r.2)
 }
 
 fn main() {
     let reps: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
+        .unwrap_or(9);
     println!(
-        "threads {}, reps {reps} (best / median)",
+        "threads {}, reps {reps}; each figure: best, median, per CPU-second",
         rayon::current_num_threads()
     );
-    // (label, m, k, n, trans_a, trans_b)
+    println!("GEMM GFLOP/s");
     let n_rows = 8320;
     let mut shapes = Vec::new();
     for &(d_in, d_out) in &[(192, 576), (192, 768), (768, 192), (192, 192)] {
         shapes.push((
-            format!("fwd  x·Wᵀ {d_in}->{d_out}"),
+            format!("x·Wᵀ {d_in}->{d_out}"),
             n_rows,
             d_in,
             d_out,
@@ -57,7 +77,7 @@ fn main() {
             true,
         ));
         shapes.push((
-            format!("bwd  dy·W {d_in}<-{d_out}"),
+            format!("dy·W {d_in}<-{d_out}"),
             n_rows,
             d_out,
             d_in,
@@ -65,7 +85,7 @@ fn main() {
             false,
         ));
         shapes.push((
-            format!("bwd dyᵀ·x {d_out}x{d_in}"),
+            format!("dyᵀ·x {d_out}x{d_in}"),
             d_out,
             n_rows,
             d_in,
@@ -73,71 +93,55 @@ fn main() {
             false,
         ));
     }
-    shapes.push(("vitb qkv 768->2304".into(), 1576, 768, 2304, false, true));
-    shapes.push(("vitb fc1 768->3072".into(), 1576, 768, 3072, false, true));
-    shapes.push(("vitb fc2 3072->768".into(), 1576, 3072, 768, false, true));
+    shapes.push(("ViT-B qkv".into(), 1576, 768, 2304, false, true));
+    shapes.push(("ViT-B fc1".into(), 1576, 768, 3072, false, true));
+    shapes.push(("ViT-B fc2".into(), 1576, 3072, 768, false, true));
     for (label, m, k, n, ta, tb) in shapes {
         let a = fill(m * k, 1);
         let b = fill(k * n, 2);
         let mut c = vec![0f32; m * n];
-        let flop = 2.0 * (m * k * n) as f64;
-        let mut line = format!("{label:24} {m:5}x{k:5}x{n:5}");
+        let gflop = 2.0 * (m * k * n) as f64 / 1e9;
+        let mut line = format!("{label:16} {m:4}x{k:4}x{n:4}");
         for split in [Split::Blocks, Split::GemmRayon, Split::Auto] {
-            let (best, med) = time(reps, || {
+            let r = rate(reps, gflop, || {
                 linear::matmul_with(split, &mut c, &a, &b, m, k, n, ta, tb, 1.0, 0.0, |_, _| {})
             });
-            line += &format!(
-                "  {split:?} {:5.1}/{:5.1}",
-                flop / best / 1e9,
-                flop / med / 1e9
-            );
+            line += &format!(" | {split:?} {}", show(r));
         }
         println!("{line}");
     }
 
-    // Fused linear + GELU against linear then GELU, fc1 of cpu-small.
+    // fc1 of cpu-small: fused linear + GELU against linear then GELU; the backward.
     let (rows, d_in, d_out) = (n_rows, 192, 768);
     let x = fill(rows * d_in, 3);
     let w = fill(d_out * d_in, 4);
     let bias = fill(d_out, 5);
     let mut pre = vec![0f32; rows * d_out];
     let mut y = vec![0f32; rows * d_out];
-    let (b1, m1) = time(reps, || {
+    let per_s = 1.0; // runs per second
+    let r = rate(reps, per_s, || {
         linear::linear_gelu_fwd(&mut pre, &mut y, &x, &w, &bias, rows, d_in, d_out)
     });
-    let (b2, m2) = time(reps, || {
+    println!(
+        "fc1 {rows}x{d_in}->{d_out} runs/s: linear_gelu_fwd {}",
+        show(r)
+    );
+    let r = rate(reps, per_s, || {
         linear::linear_fwd(&mut pre, &x, &w, Some(&bias), rows, d_in, d_out);
         gelu::gelu_fwd(&mut y, &pre);
     });
-    println!(
-        "fc1 8320x192->768: linear_gelu_fwd {:.2} / {:.2} ms, linear_fwd+gelu_fwd {:.2} / {:.2} ms",
-        b1 * 1e3,
-        m1 * 1e3,
-        b2 * 1e3,
-        m2 * 1e3
-    );
-    let (b3, m3) = time(reps, || {
+    println!("                     linear_fwd + gelu_fwd {}", show(r));
+    let r = rate(reps, per_s, || {
         linear::linear_fwd(&mut pre, &x, &w, Some(&bias), rows, d_in, d_out)
     });
-    println!("   linear_fwd alone {:.2} / {:.2} ms", b3 * 1e3, m3 * 1e3);
-    let el = (rows * d_out) as f64;
-    let (b, m) = time(reps, || gelu::gelu_fwd(&mut y, &pre));
-    println!(
-        "gelu_fwd  {:.0} / {:.0} Melem/s",
-        el / b / 1e6,
-        el / m / 1e6
-    );
+    println!("                     linear_fwd {}", show(r));
     let dy = fill(rows * d_out, 6);
-    let (b, m) = time(reps, || gelu::gelu_bwd(&mut y, &dy, &pre));
-    println!(
-        "gelu_bwd  {:.0} / {:.0} Melem/s",
-        el / b / 1e6,
-        el / m / 1e6
+    let (mut dx, mut dw, mut db) = (
+        vec![0f32; rows * d_in],
+        vec![0f32; d_out * d_in],
+        vec![0f32; d_out],
     );
-    let mut dx = vec![0f32; rows * d_in];
-    let mut dw = vec![0f32; d_out * d_in];
-    let mut db = vec![0f32; d_out];
-    let (b, m) = time(reps, || {
+    let r = rate(reps, per_s, || {
         linear::linear_bwd(
             Some(&mut dx),
             false,
@@ -151,14 +155,8 @@ fn main() {
             d_out,
         )
     });
-    let flop = 4.0 * (rows * d_in * d_out) as f64;
-    println!(
-        "linear_bwd fc1 (dx, dW, db) {:.2} / {:.2} ms = {:.1} GFLOP/s best",
-        b * 1e3,
-        m * 1e3,
-        flop / b / 1e9
-    );
-    let (b, m) = time(reps, || {
+    println!("                     linear_bwd (dx, dW, db) {}", show(r));
+    let r = rate(reps, per_s, || {
         linear::linear_bwd(
             Some(&mut dx),
             false,
@@ -172,13 +170,41 @@ fn main() {
             d_out,
         )
     });
-    println!(
-        "linear_bwd fc1 without db {:.2} / {:.2} ms",
-        b * 1e3,
-        m * 1e3
-    );
+    println!("                     linear_bwd (dx, dW) {}", show(r));
+    let mel = (rows * d_out) as f64 / 1e6;
+    let r = rate(reps, mel, || gelu::gelu_fwd(&mut y, &pre));
+    println!("gelu_fwd Melem/s {}", show(r));
+    let r = rate(reps, mel, || gelu::gelu_bwd(&mut y, &dy, &pre));
+    println!("gelu_bwd Melem/s {}", show(r));
 
-    // LayerNorm, cpu-small and ViT-B.
+    // Residual dropout add at fc2's output size and at fc1's (the largest dropout site).
+    let rows_keys: Vec<dropout::RowKey> = (0..n_rows as u32)
+        .map(|i| dropout::RowKey {
+            sample: i / 65,
+            pass: i % 2,
+        })
+        .collect();
+    let site = dropout::Site {
+        seed: 1,
+        update: 2,
+        site: 3,
+        p: 0.1,
+    };
+    for n in [192, 768] {
+        let yv = fill(n_rows * n, 11);
+        let mut res = fill(n_rows * n, 12);
+        let mel = (n_rows * n) as f64 / 1e6;
+        let r = rate(reps, mel, || {
+            dropout::residual_dropout_add(&mut res, &yv, n, &site, &rows_keys)
+        });
+        println!("residual_dropout_add {n_rows}x{n} Melem/s {}", show(r));
+        let r = rate(reps, mel, || {
+            dropout::dropout_apply(&mut res, n, &site, &rows_keys)
+        });
+        println!("dropout_apply        {n_rows}x{n} Melem/s {}", show(r));
+    }
+
+    // LayerNorm, cpu-small and ViT-B: GB/s counting x and y (fwd), x, dy, dx read+write (bwd).
     for &(rows, d) in &[(n_rows, 192), (1576, 768)] {
         let x = fill(rows * d, 7);
         let g = fill(d, 8);
@@ -186,28 +212,17 @@ fn main() {
         let dy = fill(rows * d, 10);
         let mut y = vec![0f32; rows * d];
         let (mut mu, mut rs) = (vec![0f32; rows], vec![0f32; rows]);
-        let (b, m) = time(reps, || {
+        let gb = (rows * d * 4) as f64 / 1e9;
+        let r = rate(reps, 2.0 * gb, || {
             layernorm::layernorm_fwd(&mut y, &mut mu, &mut rs, &x, &g, &be, 1e-6, d)
         });
-        let bytes = (2 * rows * d * 4) as f64;
-        println!(
-            "layernorm_fwd {rows}x{d}: {:.2} / {:.2} ms, {:.1} GB/s best",
-            b * 1e3,
-            m * 1e3,
-            bytes / b / 1e9
-        );
+        println!("layernorm_fwd {rows}x{d} GB/s {}", show(r));
         let mut dx = vec![0f32; rows * d];
         let (mut dg, mut dbe) = (vec![0f32; d], vec![0f32; d]);
         let mut s = vec![0f32; layernorm::layernorm_bwd_scratch_len(rows, d)];
-        let (b, m) = time(reps, || {
+        let r = rate(reps, 4.0 * gb, || {
             layernorm::layernorm_bwd(&mut dx, &mut dg, &mut dbe, &mut s, &dy, &x, &mu, &rs, &g, d)
         });
-        let bytes = (4 * rows * d * 4) as f64;
-        println!(
-            "layernorm_bwd {rows}x{d}: {:.2} / {:.2} ms, {:.1} GB/s best",
-            b * 1e3,
-            m * 1e3,
-            bytes / b / 1e9
-        );
+        println!("layernorm_bwd {rows}x{d} GB/s {}", show(r));
     }
 }

@@ -149,6 +149,15 @@ pub fn gelu_candle(x: f32) -> f32 {
     (libm::erff(x * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * x
 }
 
+/// Runs `f` compiled for the best instruction set the CPU has (pulp's runtime dispatch: AVX2
+/// on x86-64 where present), so that the elementwise loops in it vectorise 8 wide instead of
+/// SSE2's 4. The arithmetic is the same IEEE operations either way (Rust never contracts
+/// `a * b + c` into an FMA), so the results are identical on every path.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// `y = gelu(x)` elementwise.
 ///
 /// # Panics
@@ -158,9 +167,11 @@ pub fn gelu_fwd(y: &mut [f32], x: &[f32]) {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = gelu_scalar(x);
-            }
+            simd(|| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = gelu_scalar(x);
+                }
+            })
         });
 }
 
@@ -174,9 +185,11 @@ pub fn gelu_bwd(dx: &mut [f32], dy: &[f32], x: &[f32]) {
     dx.par_chunks_mut(CHUNK)
         .zip(dy.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
         .for_each(|(dx, (dy, x))| {
-            for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                *dx = dy * gelu_grad_scalar(x);
-            }
+            simd(|| {
+                for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+                    *dx = dy * gelu_grad_scalar(x);
+                }
+            })
         });
 }
 
@@ -189,9 +202,11 @@ pub fn gelu_bwd_inplace(d: &mut [f32], x: &[f32]) {
     d.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(d, x)| {
-            for (d, &x) in d.iter_mut().zip(x) {
-                *d *= gelu_grad_scalar(x);
-            }
+            simd(|| {
+                for (d, &x) in d.iter_mut().zip(x) {
+                    *d *= gelu_grad_scalar(x);
+                }
+            })
         });
 }
 
