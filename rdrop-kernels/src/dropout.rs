@@ -111,6 +111,7 @@ fn philox_block(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// first + LANES`), i.e. `[key.word(4·first + e) for e in 0..BATCH]`, the blocks computed
 /// side by side so that the rounds vectorise (`MaskKey::block` computes one at a time).
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // the lane index is the vectorised dimension
 fn words_batch(key: &MaskKey, first: u32) -> [u32; BATCH] {
     let k = [key.seed as u32, (key.seed >> 32) as u32];
     let (c1, c2, c3) = (key.sample, (key.site << 1) | (key.pass & 1), key.update);
