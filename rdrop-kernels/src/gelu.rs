@@ -51,7 +51,7 @@ const ERFC_R: [f32; 12] = [
 fn horner(c: &[f32], x: f32) -> f32 {
     let mut acc = c[0];
     for &ci in &c[1..] {
-        acc = acc * x + ci;
+        acc = acc.mul_add(x, ci);
     }
     acc
 }
@@ -82,7 +82,7 @@ fn exp_nonpos(v: f32) -> f32 {
         1.0,
         1.0,
     ];
-    let p = horner(&INV_FACT[..7], r) * r + INV_FACT[7];
+    let p = horner(&INV_FACT[..7], r).mul_add(r, INV_FACT[7]);
     p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
@@ -94,7 +94,7 @@ fn erf_parts(z: f32) -> (f32, f32) {
     // z·P(u) as z + z·(P(u) − 1): z is exact and the rest is < 0.13·z, so the result is
     // rounded about once (z·P(u) directly loses ~2 ulp to the rounding of z·P(0)).
     const C0_MINUS_1: f32 = 0.128_379_17; // 2/√π − 1
-    let small = z + z * (horner(&ERF_P[..6], u) * u + C0_MINUS_1);
+    let small = z.mul_add(horner(&ERF_P[..6], u).mul_add(u, C0_MINUS_1), z);
     let ac = z.abs().clamp(1.0, 4.0);
     let erfc = exp_nonpos(-(ac * ac)) * horner(&ERFC_R, (ac - 2.5) * (1.0 / 1.5));
     (small, erfc)
@@ -130,14 +130,15 @@ fn one_plus_erf(z: f32) -> f32 {
     }
 }
 
-/// GELU of one value, in candle's `gelu_erf` order `(1 + erf(x·(1/√2)))·½·x`, with
+/// GELU of one value (for loops: called outside an FMA-enabled function its `mul_add`s are
+/// `fmaf` calls, correct but slow; the slice kernels dispatch properly), in candle's `gelu_erf` order `(1 + erf(x·(1/√2)))·½·x`, with
 /// `1 + erf` from [`one_plus_erf`] (accurate also where it is small).
 #[inline(always)]
 pub fn gelu_scalar(x: f32) -> f32 {
     one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2) * 0.5 * x
 }
 
-/// `d gelu / dx = Φ(x) + x·φ(x)` of one value.
+/// `d gelu / dx = Φ(x) + x·φ(x)` of one value (see [`gelu_scalar`] on calling it in loops).
 #[inline(always)]
 pub fn gelu_grad_scalar(x: f32) -> f32 {
     let cdf = 0.5 * one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2);
@@ -150,12 +151,83 @@ pub fn gelu_candle(x: f32) -> f32 {
 }
 
 /// Runs `f` compiled for the best instruction set the CPU has (pulp's runtime dispatch: AVX2
-/// on x86-64 where present), so that the elementwise loops in it vectorise 8 wide instead of
-/// SSE2's 4. The arithmetic is the same IEEE operations either way (Rust never contracts
-/// `a * b + c` into an FMA), so the results are identical on every path.
+/// and FMA on x86-64 where present), so that the loops in it vectorise 8 wide instead of
+/// SSE2's 4. Only for code without `mul_add` (LLVM inlines the closure at its discretion, and
+/// a `mul_add` left outside the FMA-enabled function becomes a slow `fmaf` call): the GELU
+/// loops, which use `mul_add`, are [`pulp::WithSimd`] items whose `with_simd` is
+/// `#[inline(always)]` instead.
 #[inline(always)]
 pub fn simd<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
+}
+
+/// `y[i] = gelu(x[i])`.
+struct Fwd<'a> {
+    y: &'a mut [f32],
+    x: &'a [f32],
+}
+
+impl pulp::WithSimd for Fwd<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for (y, &x) in self.y.iter_mut().zip(self.x) {
+            *y = gelu_scalar(x);
+        }
+    }
+}
+
+/// `dx[i] = dy[i]·gelu'(x[i])`; `dy` is `None` in place (dx holds dy on entry).
+struct Bwd<'a> {
+    dx: &'a mut [f32],
+    dy: Option<&'a [f32]>,
+    x: &'a [f32],
+}
+
+impl pulp::WithSimd for Bwd<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        match self.dy {
+            Some(dy) => {
+                for ((dx, &dy), &x) in self.dx.iter_mut().zip(dy).zip(self.x) {
+                    *dx = dy * gelu_grad_scalar(x);
+                }
+            }
+            None => {
+                for (d, &x) in self.dx.iter_mut().zip(self.x) {
+                    *d *= gelu_grad_scalar(x);
+                }
+            }
+        }
+    }
+}
+
+/// Rows of `pre` (width `bias.len()`): `pre += bias`, then `y = gelu(pre)`.
+struct BiasGelu<'a> {
+    pre: &'a mut [f32],
+    y: &'a mut [f32],
+    bias: &'a [f32],
+}
+
+impl pulp::WithSimd for BiasGelu<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let d = self.bias.len();
+        for (prow, yrow) in self.pre.chunks_exact_mut(d).zip(self.y.chunks_exact_mut(d)) {
+            for ((p, yv), &bv) in prow.iter_mut().zip(yrow.iter_mut()).zip(self.bias) {
+                *p += bv;
+                *yv = gelu_scalar(*p);
+            }
+        }
+    }
+}
+
+/// `pre += bias` row by row (rows of width `bias.len()`), then `y = gelu(pre)`: the epilogue
+/// of [`crate::linear::linear_gelu_fwd`], on one block of rows (no threads).
+pub(crate) fn bias_gelu_rows(pre: &mut [f32], y: &mut [f32], bias: &[f32]) {
+    pulp::Arch::new().dispatch(BiasGelu { pre, y, bias });
 }
 
 /// `y = gelu(x)` elementwise.
@@ -166,13 +238,7 @@ pub fn gelu_fwd(y: &mut [f32], x: &[f32]) {
     assert_eq!(y.len(), x.len(), "gelu: y and x differ in length");
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            simd(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = gelu_scalar(x);
-                }
-            })
-        });
+        .for_each(|(y, x)| pulp::Arch::new().dispatch(Fwd { y, x }));
 }
 
 /// `dx = dy ⊙ gelu'(x)` (dx overwritten).
@@ -185,10 +251,10 @@ pub fn gelu_bwd(dx: &mut [f32], dy: &[f32], x: &[f32]) {
     dx.par_chunks_mut(CHUNK)
         .zip(dy.par_chunks(CHUNK).zip(x.par_chunks(CHUNK)))
         .for_each(|(dx, (dy, x))| {
-            simd(|| {
-                for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                    *dx = dy * gelu_grad_scalar(x);
-                }
+            pulp::Arch::new().dispatch(Bwd {
+                dx,
+                dy: Some(dy),
+                x,
             })
         });
 }
@@ -201,13 +267,7 @@ pub fn gelu_bwd_inplace(d: &mut [f32], x: &[f32]) {
     assert_eq!(d.len(), x.len(), "gelu_bwd: d and x differ in length");
     d.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(d, x)| {
-            simd(|| {
-                for (d, &x) in d.iter_mut().zip(x) {
-                    *d *= gelu_grad_scalar(x);
-                }
-            })
-        });
+        .for_each(|(d, x)| pulp::Arch::new().dispatch(Bwd { dx: d, dy: None, x }));
 }
 
 /// GELU in f64 (`libm::erf`): the reference the f32 kernels are held to.

@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use crate::gelu::{gelu_scalar, simd};
+use crate::gelu::bias_gelu_rows;
 
 /// How a product is spread over threads (the bench compares them; the kernels use
 /// [`Split::Auto`]).
@@ -338,16 +338,7 @@ pub fn linear_gelu_fwd(
         return;
     }
     let br = block_rows(rows);
-    let finish = |pb: &mut [f32], yb: &mut [f32]| {
-        simd(|| {
-            for (prow, yrow) in pb.chunks_exact_mut(d_out).zip(yb.chunks_exact_mut(d_out)) {
-                for ((p, yv), &bv) in prow.iter_mut().zip(yrow.iter_mut()).zip(bias) {
-                    *p += bv;
-                    *yv = gelu_scalar(*p);
-                }
-            }
-        })
-    };
+    let finish = |pb: &mut [f32], yb: &mut [f32]| bias_gelu_rows(pb, yb, bias);
     let (xs, ws) = (Strides { rs: d_in, cs: 1 }, Strides { rs: 1, cs: d_in });
     if resolve(Split::Auto, rows) == Split::Blocks {
         pre.par_chunks_mut(br * d_out)
