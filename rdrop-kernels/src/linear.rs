@@ -213,8 +213,10 @@ pub fn matmul_with<F>(
                 let r0 = i * br;
                 let mb = cb.len() / n;
                 // Row r0 of op(A) starts at r0·k (row-major) or at column r0 (transposed).
+                // (A is empty when k = 0.)
                 let a0 = if trans_a { r0 } else { r0 * k };
-                gemm_call(cb, n, &a[a0..], ls, b, rs, (mb, k, n), alpha, beta, 1);
+                let ab = a.get(a0..).unwrap_or_default();
+                gemm_call(cb, n, ab, ls, b, rs, (mb, k, n), alpha, beta, 1);
                 epilogue(r0, cb);
             });
         }
@@ -595,6 +597,50 @@ mod tests {
             |_, _| {},
         );
         assert!(c.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn empty_inner_dimension_scales_c() {
+        let (m, n) = (70, 9);
+        let c0 = randn(m * n, 30);
+        for split in [Split::Blocks, Split::GemmRayon] {
+            let mut c = vec![f32::NAN; m * n];
+            matmul_with(
+                split,
+                &mut c,
+                &[],
+                &[],
+                m,
+                0,
+                n,
+                false,
+                true,
+                1.0,
+                0.0,
+                |_, _| {},
+            );
+            assert!(
+                c.iter().all(|&v| v == 0.0),
+                "{split:?}: beta = 0 gives zeros"
+            );
+            let mut c = c0.clone();
+            matmul_with(
+                split,
+                &mut c,
+                &[],
+                &[],
+                m,
+                0,
+                n,
+                true,
+                false,
+                1.0,
+                0.5,
+                |_, _| {},
+            );
+            let want: Vec<f32> = c0.iter().map(|v| 0.5 * v).collect();
+            assert_eq!(c, want, "{split:?}: beta·C");
+        }
     }
 
     #[test]
