@@ -8,11 +8,11 @@
 //! ```
 //! All matrices are row-major and dense (row stride = number of columns).
 //!
-//! Thread-count independence: the products are split into fixed blocks of rows of C whose
-//! size depends on the shape only; each block is one single-threaded `gemm` call, and the
-//! reduction over `k` inside a call is ordered by the shape alone (`gemm` picks its depth
-//! blocking from `m, n, k` and the cache sizes), so the bits do not depend on how many
-//! rayon threads run the blocks.
+//! Thread-count independence: inside one `gemm` call the reduction over `k` is ordered by the
+//! shape alone (`gemm` picks its depth blocking from `m, n, k` and the cache sizes; its rayon
+//! threads split the output into tiles, never the sum), and products with many rows are split
+//! into blocks of rows of C whose size depends on the shape only. So the bits do not depend on
+//! the thread count (tests compare 1, 2 and 3 threads, and gemm's threads with none).
 
 use rayon::prelude::*;
 
@@ -83,10 +83,11 @@ fn gemm_call(
     } else {
         gemm::Parallelism::None
     };
+    // gemm computes dst := α_gemm·dst + β_gemm·lhs·rhs: our beta is its α, our alpha its β.
     // SAFETY: the asserts above check that every index the strided m×n, m×k and k×n
     // matrices touch is inside `dst`, `lhs` and `rhs`; `dst` is an exclusive borrow so it
     // aliases neither input; strides fit in isize because they index real slices. With
-    // read_dst = false gemm never reads dst (it writes before any read).
+    // read_dst = false gemm overwrites dst without reading it (test: C full of NaN).
     unsafe {
         gemm::gemm(
             m,
@@ -112,11 +113,12 @@ fn gemm_call(
     }
 }
 
-/// Rows of C from which [`Split::Auto`] runs blocks of rows itself. Measured on 2 threads
-/// (`examples/kernels_bench.rs`): with 8320 rows, blocks beat one rayon-parallel `gemm` call by
-/// 15–30% (x·Wᵀ and dy·W of the cpu-small ViT); with few rows (dyᵀ·x's 192–768 rows, ViT-B's
-/// 1576) every block would pack all of B again, and the one call (which packs B once for all
-/// threads) is faster.
+/// Rows of C from which [`Split::Auto`] runs blocks of rows itself. Measured with
+/// `examples/kernels_bench.rs` (GFLOP per CPU-second, 2 threads, shared AMD EPYC with AVX-512):
+/// with 8320 rows (x·Wᵀ and dy·W of the cpu-small ViT) blocks give 92–100 against 75–87 for
+/// one rayon-parallel `gemm` call; with few rows (dyᵀ·x's 192–768 rows, ViT-B's 1576) every
+/// block packs all of B again and the one call, which packs it once for all threads, wins
+/// (84–97 against 69–86).
 pub const BLOCKS_MIN_ROWS: usize = 4096;
 
 /// Rows of C per block: 16 blocks (enough to balance a few threads; each block packs B once,
@@ -136,8 +138,9 @@ fn resolve(split: Split, m: usize) -> Split {
 
 /// `C (m×n) = alpha·op(A)·op(B) + beta·C`: A is m×k (stored k×m when `trans_a`), B is k×n
 /// (stored n×k when `trans_b`), all row-major and dense; C's row stride is `n`. `beta == 0`
-/// does not read C (it may hold garbage or NaN). Parallel with rayon over fixed blocks of
-/// rows of C; the result does not depend on the thread count.
+/// does not read C (it may hold garbage or NaN). Parallel with rayon (the current pool):
+/// over fixed blocks of rows of C from [`BLOCKS_MIN_ROWS`] rows, inside `gemm` below; the
+/// result does not depend on the thread count.
 ///
 /// # Panics
 /// If `c`, `a` or `b` does not hold exactly m·n, m·k, k·n elements.
@@ -155,7 +158,7 @@ pub fn matmul(
     beta: f32,
 ) {
     matmul_with(
-        Split::Blocks,
+        Split::Auto,
         c,
         a,
         b,
