@@ -3,7 +3,9 @@
 //!
 //! The kernels evaluate candle's `gelu_erf` formula for f32, `(1 + erf(x·(1/√2)))·½·x`, with a
 //! branch-free, vectorisable erf in place of `libm::erff` (scalar, branchy, two `expf` calls:
-//! 4–5× slower here): [`erf_f32`] is within 2 ulp of `libm::erff` and of erf, and `1 + erf` is
+//! about 10× slower in `examples/kernels_bench.rs`); its polynomials use `mul_add`, FMA under
+//! the AVX2 dispatch ([`simd`]; `fmaf` elsewhere, exactly rounded too, so every path gives the
+//! same bits). [`erf_f32`] is within 2 ulp of `libm::erff` and of erf, and `1 + erf` is
 //! taken as erfc(|z|) itself for z ≤ −1, so it does not cancel. Tests hold the kernels' GELU to
 //! candle's within 1e-6 relative for x ≥ −1.5 and 2e-7·|x| absolute everywhere (for x ≪ 0
 //! candle's own value cancels to that accuracy), and to f64 within 1e-6 relative for x ≥ −5.5.
@@ -132,7 +134,7 @@ fn one_plus_erf(z: f32) -> f32 {
 
 /// GELU of one value (for loops: called outside an FMA-enabled function its `mul_add`s are
 /// `fmaf` calls, correct but slow; the slice kernels dispatch properly), in candle's `gelu_erf` order `(1 + erf(x·(1/√2)))·½·x`, with
-/// `1 + erf` from [`one_plus_erf`] (accurate also where it is small).
+/// `1 + erf` taken as erfc(|z|) for z ≤ −1 (accurate also where it is small).
 #[inline(always)]
 pub fn gelu_scalar(x: f32) -> f32 {
     one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2) * 0.5 * x
