@@ -132,9 +132,9 @@ fn one_plus_erf(z: f32) -> f32 {
     }
 }
 
-/// GELU of one value (for loops: called outside an FMA-enabled function its `mul_add`s are
-/// `fmaf` calls, correct but slow; the slice kernels dispatch properly), in candle's `gelu_erf` order `(1 + erf(x·(1/√2)))·½·x`, with
-/// `1 + erf` taken as erfc(|z|) for z ≤ −1 (accurate also where it is small).
+/// GELU of one value in candle's `gelu_erf` order, `(1 + erf(x·(1/√2)))·½·x`, with `1 + erf`
+/// taken as erfc(|z|) for z ≤ −1 (accurate also where it is small). For loops use the slice
+/// kernels: outside an FMA-enabled function its `mul_add`s are `fmaf` calls (right but slow).
 #[inline(always)]
 pub fn gelu_scalar(x: f32) -> f32 {
     one_plus_erf(x * std::f32::consts::FRAC_1_SQRT_2) * 0.5 * x
