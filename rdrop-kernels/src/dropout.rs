@@ -190,6 +190,37 @@ pub fn residual_dropout_add(res: &mut [f32], y: &[f32], n: usize, site: &Site, r
         });
 }
 
+/// `out = mask ⊙ x` for the site's mask (`x` is not modified; `out = x` when `p == 0`): one
+/// pass where a copy and [`dropout_apply`] take two, e.g. for the gradient of a residual
+/// branch, `dy_branch = mask ⊙ dres`, which must leave `dres` (the stream's gradient) intact.
+/// Parallel over rows; the result does not depend on the thread count.
+///
+/// # Panics
+/// If `out` or `x` is not `rows.len()` rows of `n`.
+pub fn dropout_to(out: &mut [f32], x: &[f32], n: usize, site: &Site, rows: &[RowKey]) {
+    assert_eq!(out.len(), n * rows.len(), "dropout_to: out is not rows × n");
+    assert_eq!(x.len(), out.len(), "dropout_to: x and out differ in length");
+    if site.p == 0.0 || n == 0 {
+        out.copy_from_slice(x);
+        return;
+    }
+    let (thr, scale) = (drop_threshold(site.p), keep_scale(site.p));
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .zip(rows.par_iter())
+        .for_each(|((out, x), &rk)| {
+            let key = site.key(rk);
+            simd(|| {
+                for (b, (ob, xb)) in out.chunks_mut(BATCH).zip(x.chunks(BATCH)).enumerate() {
+                    let w = words_batch(&key, (b * LANES) as u32);
+                    for ((o, &x), &w) in ob.iter_mut().zip(xb).zip(w.iter()) {
+                        *o = if w < thr { 0.0 } else { x * scale };
+                    }
+                }
+            })
+        });
+}
+
 /// Plain twin of [`residual_dropout_add`]: one element at a time, no threads.
 pub fn residual_dropout_add_reference(
     res: &mut [f32],
@@ -298,18 +329,25 @@ mod tests {
                     .build()
                     .unwrap();
                 let mut res = res0.clone();
-                pool.install(|| residual_dropout_add(&mut res, &y, n, &site, &rows));
-                outs.push(res);
+                let mut to = vec![0.0; y.len()];
+                pool.install(|| {
+                    residual_dropout_add(&mut res, &y, n, &site, &rows);
+                    dropout_to(&mut to, &y, n, &site, &rows);
+                });
+                outs.push((res, to));
             }
             assert!(outs.iter().all(|o| o == &outs[0]), "thread-count dependent");
             let mut want = res0.clone();
             residual_dropout_add_reference(&mut want, &y, n, &site, &rows);
-            assert_eq!(outs[0], want);
+            assert_eq!(outs[0].0, want);
             // Same mask as dropout_apply: res0 + dropout(y).
             let mut dy = y.clone();
             dropout_apply(&mut dy, n, &site, &rows);
+            let mut to = vec![f32::NAN; y.len()];
+            dropout_to(&mut to, &y, n, &site, &rows);
+            assert_eq!(to, dy, "dropout_to is dropout_apply on a copy");
             let sum: Vec<f32> = res0.iter().zip(&dy).map(|(a, b)| a + b).collect();
-            assert_eq!(outs[0], sum);
+            assert_eq!(outs[0].0, sum);
         }
     }
 }
