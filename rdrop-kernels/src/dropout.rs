@@ -10,6 +10,7 @@
 
 use rayon::prelude::*;
 
+use crate::gelu::simd;
 use crate::philox::{drop_threshold, keep_scale, MaskKey};
 
 /// Which sample and which R-Drop pass a row of the batch is.
@@ -62,12 +63,66 @@ pub fn dropout_apply(x: &mut [f32], n: usize, site: &Site, rows: &[RowKey]) {
 
 #[inline]
 fn apply_row(row: &mut [f32], key: &MaskKey, thr: u32, scale: f32) {
-    for (b, chunk) in row.chunks_mut(4).enumerate() {
-        let w = key.block(b as u32);
-        for (v, &w) in chunk.iter_mut().zip(w.iter()) {
-            *v = if w < thr { 0.0 } else { *v * scale };
+    simd(|| {
+        for (b, chunk) in row.chunks_mut(BATCH).enumerate() {
+            let w = words_batch(key, (b * LANES) as u32);
+            for (v, &w) in chunk.iter_mut().zip(w.iter()) {
+                *v = if w < thr { 0.0 } else { *v * scale };
+            }
+        }
+    })
+}
+
+// Philox4x32 round multipliers and key increments, as in `crate::philox` (the test
+// `batched_words_are_mask_key_blocks` holds the batched generator to `MaskKey::block`).
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+/// Philox blocks generated together (one vector lane each).
+const LANES: usize = 16;
+/// Mask elements per batch: four words a block.
+const BATCH: usize = 4 * LANES;
+
+/// Philox4x32-10 of one block, written as `crate::philox::philox4x32_10` is, inlined so that
+/// the loop over lanes in [`words_batch`] vectorises (32×32→64-bit products as `vpmuludq`).
+#[inline(always)]
+fn philox_block(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (ctr, key);
+    for r in 0..10 {
+        if r > 0 {
+            k[0] = k[0].wrapping_add(W0);
+            k[1] = k[1].wrapping_add(W1);
+        }
+        let p0 = (M0 as u64) * (c[0] as u64);
+        let p1 = (M1 as u64) * (c[2] as u64);
+        c = [
+            ((p1 >> 32) as u32) ^ c[1] ^ k[0],
+            p1 as u32,
+            ((p0 >> 32) as u32) ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+    }
+    c
+}
+
+/// The words of elements `4·first .. 4·first + BATCH` of `key`'s mask (blocks `first ..
+/// first + LANES`), i.e. `[key.word(4·first + e) for e in 0..BATCH]`, the blocks computed
+/// side by side so that the rounds vectorise (`MaskKey::block` computes one at a time).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // the lane index is the vectorised dimension
+fn words_batch(key: &MaskKey, first: u32) -> [u32; BATCH] {
+    let k = [key.seed as u32, (key.seed >> 32) as u32];
+    let (c1, c2, c3) = (key.sample, (key.site << 1) | (key.pass & 1), key.update);
+    let mut soa = [[0u32; LANES]; 4];
+    for l in 0..LANES {
+        let w = philox_block([first.wrapping_add(l as u32), c1, c2, c3], k);
+        for (j, w) in w.into_iter().enumerate() {
+            soa[j][l] = w;
         }
     }
+    std::array::from_fn(|e| soa[e % 4][e / 4])
 }
 
 /// Plain twin of [`dropout_apply`]: one element at a time, no threads.
@@ -123,14 +178,46 @@ pub fn residual_dropout_add(res: &mut [f32], y: &[f32], n: usize, site: &Site, r
         .zip(rows.par_iter())
         .for_each(|((res, y), &rk)| {
             let key = site.key(rk);
-            for (blk, (r4, y4)) in res.chunks_mut(4).zip(y.chunks(4)).enumerate() {
-                let w = key.block(blk as u32);
-                for ((r, &y), &w) in r4.iter_mut().zip(y4).zip(w.iter()) {
-                    if w >= thr {
-                        *r += y * scale;
+            simd(|| {
+                for (b, (rb, yb)) in res.chunks_mut(BATCH).zip(y.chunks(BATCH)).enumerate() {
+                    let w = words_batch(&key, (b * LANES) as u32);
+                    for ((r, &y), &w) in rb.iter_mut().zip(yb).zip(w.iter()) {
+                        // m·y with m ∈ {0, scale}, exactly as the reference (and the backward).
+                        *r += if w < thr { 0.0 } else { scale } * y;
                     }
                 }
-            }
+            })
+        });
+}
+
+/// `out = mask ⊙ x` for the site's mask (`x` is not modified; `out = x` when `p == 0`): one
+/// pass where a copy and [`dropout_apply`] take two, e.g. for the gradient of a residual
+/// branch, `dy_branch = mask ⊙ dres`, which must leave `dres` (the stream's gradient) intact.
+/// Parallel over rows; the result does not depend on the thread count.
+///
+/// # Panics
+/// If `out` or `x` is not `rows.len()` rows of `n`.
+pub fn dropout_to(out: &mut [f32], x: &[f32], n: usize, site: &Site, rows: &[RowKey]) {
+    assert_eq!(out.len(), n * rows.len(), "dropout_to: out is not rows × n");
+    assert_eq!(x.len(), out.len(), "dropout_to: x and out differ in length");
+    if site.p == 0.0 || n == 0 {
+        out.copy_from_slice(x);
+        return;
+    }
+    let (thr, scale) = (drop_threshold(site.p), keep_scale(site.p));
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .zip(rows.par_iter())
+        .for_each(|((out, x), &rk)| {
+            let key = site.key(rk);
+            simd(|| {
+                for (b, (ob, xb)) in out.chunks_mut(BATCH).zip(x.chunks(BATCH)).enumerate() {
+                    let w = words_batch(&key, (b * LANES) as u32);
+                    for ((o, &x), &w) in ob.iter_mut().zip(xb).zip(w.iter()) {
+                        *o = if w < thr { 0.0 } else { x * scale };
+                    }
+                }
+            })
         });
 }
 
@@ -196,6 +283,24 @@ mod tests {
     }
 
     #[test]
+    fn batched_words_are_mask_key_blocks() {
+        let key = MaskKey {
+            seed: 0x0123_4567_89ab_cdef,
+            update: 77,
+            site: 5,
+            sample: 1234,
+            pass: 1,
+        };
+        for first in [0u32, 8, 1000, u32::MAX - 3] {
+            let w = words_batch(&key, first);
+            for (e, &w) in w.iter().enumerate() {
+                let b = first.wrapping_add((e / 4) as u32);
+                assert_eq!(w, key.block(b)[e % 4], "block {b} word {}", e % 4);
+            }
+        }
+    }
+
+    #[test]
     fn residual_add_matches_reference_and_dropout_apply() {
         let rows: Vec<RowKey> = (0..5)
             .map(|i| RowKey {
@@ -224,18 +329,25 @@ mod tests {
                     .build()
                     .unwrap();
                 let mut res = res0.clone();
-                pool.install(|| residual_dropout_add(&mut res, &y, n, &site, &rows));
-                outs.push(res);
+                let mut to = vec![0.0; y.len()];
+                pool.install(|| {
+                    residual_dropout_add(&mut res, &y, n, &site, &rows);
+                    dropout_to(&mut to, &y, n, &site, &rows);
+                });
+                outs.push((res, to));
             }
             assert!(outs.iter().all(|o| o == &outs[0]), "thread-count dependent");
             let mut want = res0.clone();
             residual_dropout_add_reference(&mut want, &y, n, &site, &rows);
-            assert_eq!(outs[0], want);
+            assert_eq!(outs[0].0, want);
             // Same mask as dropout_apply: res0 + dropout(y).
             let mut dy = y.clone();
             dropout_apply(&mut dy, n, &site, &rows);
+            let mut to = vec![f32::NAN; y.len()];
+            dropout_to(&mut to, &y, n, &site, &rows);
+            assert_eq!(to, dy, "dropout_to is dropout_apply on a copy");
             let sum: Vec<f32> = res0.iter().zip(&dy).map(|(a, b)| a + b).collect();
-            assert_eq!(outs[0], sum);
+            assert_eq!(outs[0].0, sum);
         }
     }
 }

@@ -9,6 +9,8 @@
 
 use rayon::prelude::*;
 
+use crate::gelu::simd;
+
 /// Rows per task in the forward.
 const FWD_ROWS: usize = 16;
 /// Rows per dγ/dβ partial in the backward.
@@ -46,22 +48,53 @@ pub fn layernorm_fwd(
                 .zip(rstd.par_chunks_mut(FWD_ROWS)),
         )
         .for_each(|((yb, xb), (mb, rb))| {
-            for (((yr, xr), m), r) in yb
-                .chunks_exact_mut(d)
-                .zip(xb.chunks_exact(d))
-                .zip(mb.iter_mut())
-                .zip(rb.iter_mut())
-            {
-                let mu = xr.iter().sum::<f32>() / d as f32;
-                let var = xr.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-                let rs = 1.0 / (var + eps).sqrt();
-                for (((yv, &xv), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
-                    *yv = (xv - mu) * rs * g + b;
+            simd(|| {
+                for (((yr, xr), m), r) in yb
+                    .chunks_exact_mut(d)
+                    .zip(xb.chunks_exact(d))
+                    .zip(mb.iter_mut())
+                    .zip(rb.iter_mut())
+                {
+                    let mu = lane_sum(xr, xr, xr, |v, _, _| v) / d as f32;
+                    let var = lane_sum(xr, xr, xr, |v, _, _| (v - mu) * (v - mu)) / d as f32;
+                    let rs = 1.0 / (var + eps).sqrt();
+                    for (((yv, &xv), &g), &b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                        *yv = (xv - mu) * rs * g + b;
+                    }
+                    *m = mu;
+                    *r = rs;
                 }
-                *m = mu;
-                *r = rs;
-            }
+            })
         });
+}
+
+/// Accumulators of [`lane_sum`]: one vector of partial sums.
+const SUM_LANES: usize = 16;
+
+/// `Σ_i f(a[i], b[i], c[i])` in f32 with [`SUM_LANES`] partial sums (element i goes to
+/// partial i mod SUM_LANES; the partials are then added in order): vectorises, unlike one
+/// running sum, and the order depends on the length only. The slices have equal lengths.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; SUM_LANES];
+    let full = a.len() / SUM_LANES * SUM_LANES;
+    fn chunks(v: &[f32], full: usize) -> std::slice::ChunksExact<'_, f32> {
+        v[..full].chunks_exact(SUM_LANES)
+    }
+    for ((ca, cb), cc) in chunks(a, full).zip(chunks(b, full)).zip(chunks(c, full)) {
+        for ((((acc, &x), &y), &z), _) in acc.iter_mut().zip(ca).zip(cb).zip(cc).zip(0..SUM_LANES) {
+            *acc += f(x, y, z);
+        }
+    }
+    for (((acc, &x), &y), &z) in acc
+        .iter_mut()
+        .zip(&a[full..])
+        .zip(&b[full..])
+        .zip(&c[full..])
+    {
+        *acc += f(x, y, z);
+    }
+    acc.iter().sum()
 }
 
 /// The rows of a rows×d buffer of `len` elements.
@@ -125,35 +158,33 @@ pub fn layernorm_bwd(
         .zip(mean.par_chunks(BWD_ROWS).zip(rstd.par_chunks(BWD_ROWS)))
         .zip(scratch.par_chunks_mut(2 * d))
         .for_each(|(((dxb, (dyb, xb)), (mb, rb)), part)| {
-            let (pg, pb) = part.split_at_mut(d);
-            pg.fill(0.0);
-            pb.fill(0.0);
-            for ((dxr, (dyr, xr)), (&mu, &rs)) in dxb
-                .chunks_exact_mut(d)
-                .zip(dyb.chunks_exact(d).zip(xb.chunks_exact(d)))
-                .zip(mb.iter().zip(rb))
-            {
-                let (mut sg, mut sgx) = (0f32, 0f32);
-                for ((&g, &dyv), &xv) in gamma.iter().zip(dyr).zip(xr) {
-                    let gv = dyv * g;
-                    sg += gv;
-                    sgx += gv * (xv - mu) * rs;
-                }
-                let (mg, mgx) = (sg * inv_d, sgx * inv_d);
-                for (((((dxv, &dyv), &xv), &g), pgv), pbv) in dxr
-                    .iter_mut()
-                    .zip(dyr)
-                    .zip(xr)
-                    .zip(gamma)
-                    .zip(pg.iter_mut())
-                    .zip(pb.iter_mut())
+            simd(|| {
+                let (pg, pb) = part.split_at_mut(d);
+                pg.fill(0.0);
+                pb.fill(0.0);
+                for ((dxr, (dyr, xr)), (&mu, &rs)) in dxb
+                    .chunks_exact_mut(d)
+                    .zip(dyb.chunks_exact(d).zip(xb.chunks_exact(d)))
+                    .zip(mb.iter().zip(rb))
                 {
-                    let xh = (xv - mu) * rs;
-                    *dxv += rs * (dyv * g - mg - xh * mgx);
-                    *pgv += dyv * xh;
-                    *pbv += dyv;
+                    let sg = lane_sum(dyr, gamma, xr, |dyv, g, _| dyv * g);
+                    let sgx = lane_sum(dyr, gamma, xr, |dyv, g, xv| dyv * g * ((xv - mu) * rs));
+                    let (mg, mgx) = (sg * inv_d, sgx * inv_d);
+                    for (((((dxv, &dyv), &xv), &g), pgv), pbv) in dxr
+                        .iter_mut()
+                        .zip(dyr)
+                        .zip(xr)
+                        .zip(gamma)
+                        .zip(pg.iter_mut())
+                        .zip(pb.iter_mut())
+                    {
+                        let xh = (xv - mu) * rs;
+                        *dxv += rs * (dyv * g - mg - xh * mgx);
+                        *pgv += dyv * xh;
+                        *pbv += dyv;
+                    }
                 }
-            }
+            })
         });
     for part in scratch.chunks_exact(2 * d) {
         let (pg, pb) = part.split_at(d);

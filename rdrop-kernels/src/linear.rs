@@ -8,21 +8,24 @@
 //! ```
 //! All matrices are row-major and dense (row stride = number of columns).
 //!
-//! Thread-count independence: the products are split into fixed blocks of rows of C whose
-//! size depends on the shape only; each block is one single-threaded `gemm` call, and the
-//! reduction over `k` inside a call is ordered by the shape alone (`gemm` picks its depth
-//! blocking from `m, n, k` and the cache sizes), so the bits do not depend on how many
-//! rayon threads run the blocks.
+//! Thread-count independence: inside one `gemm` call the reduction over `k` is ordered by the
+//! shape alone (`gemm` picks its depth blocking from `m, n, k` and the cache sizes; its rayon
+//! threads split the output into tiles, never the sum), and products with many rows are split
+//! into blocks of rows of C whose size depends on the shape only. So the bits do not depend on
+//! the thread count (tests compare 1, 2 and 3 threads, and gemm's threads with none).
 
 use rayon::prelude::*;
 
-use crate::gelu::gelu_scalar;
+use crate::gelu::bias_gelu_rows;
 
 /// How a product is spread over threads (the bench compares them; the kernels use
-/// [`Split::Blocks`]).
+/// [`Split::Auto`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
+    /// [`Split::Blocks`] when C has many rows (≥ [`BLOCKS_MIN_ROWS`]), else
+    /// [`Split::GemmRayon`]: a function of the shape only.
+    Auto,
     /// Fixed blocks of rows of C, one single-threaded `gemm` call each, run by rayon.
     Blocks,
     /// One `gemm` call with `Parallelism::Rayon(current_num_threads)`.
@@ -80,10 +83,11 @@ fn gemm_call(
     } else {
         gemm::Parallelism::None
     };
+    // gemm computes dst := α_gemm·dst + β_gemm·lhs·rhs: our beta is its α, our alpha its β.
     // SAFETY: the asserts above check that every index the strided m×n, m×k and k×n
     // matrices touch is inside `dst`, `lhs` and `rhs`; `dst` is an exclusive borrow so it
     // aliases neither input; strides fit in isize because they index real slices. With
-    // read_dst = false gemm never reads dst (it writes before any read).
+    // read_dst = false gemm overwrites dst without reading it (test: C full of NaN).
     unsafe {
         gemm::gemm(
             m,
@@ -109,17 +113,34 @@ fn gemm_call(
     }
 }
 
-/// Rows of C per block: about 16 blocks for large products (enough to balance a few threads),
-/// never below 64 rows (each block packs B once), a multiple of 16. A function of the shape only.
-fn block_rows(m: usize, k: usize, n: usize) -> usize {
-    let _ = (k, n);
+/// Rows of C from which [`Split::Auto`] runs blocks of rows itself. Measured with
+/// `examples/kernels_bench.rs` (GFLOP per CPU-second, 2 threads, shared AMD EPYC with AVX-512):
+/// with 8320 rows (x·Wᵀ and dy·W of the cpu-small ViT) blocks give 92–100 against 75–87 for
+/// one rayon-parallel `gemm` call; with few rows (dyᵀ·x's 192–768 rows, ViT-B's 1576) every
+/// block packs all of B again and the one call, which packs it once for all threads, wins
+/// (84–97 against 69–86).
+pub const BLOCKS_MIN_ROWS: usize = 4096;
+
+/// Rows of C per block: 16 blocks (enough to balance a few threads; each block packs B once,
+/// so not more), a multiple of 16, at least 64. A function of the shape only.
+fn block_rows(m: usize) -> usize {
     (m.div_ceil(16)).next_multiple_of(16).max(64)
+}
+
+/// The split [`Split::Auto`] resolves to for an m-row C.
+fn resolve(split: Split, m: usize) -> Split {
+    match split {
+        Split::Auto if m >= BLOCKS_MIN_ROWS => Split::Blocks,
+        Split::Auto => Split::GemmRayon,
+        s => s,
+    }
 }
 
 /// `C (m×n) = alpha·op(A)·op(B) + beta·C`: A is m×k (stored k×m when `trans_a`), B is k×n
 /// (stored n×k when `trans_b`), all row-major and dense; C's row stride is `n`. `beta == 0`
-/// does not read C (it may hold garbage or NaN). Parallel with rayon over fixed blocks of
-/// rows of C; the result does not depend on the thread count.
+/// does not read C (it may hold garbage or NaN). Parallel with rayon (the current pool):
+/// over fixed blocks of rows of C from [`BLOCKS_MIN_ROWS`] rows, inside `gemm` below; the
+/// result does not depend on the thread count.
 ///
 /// # Panics
 /// If `c`, `a` or `b` does not hold exactly m·n, m·k, k·n elements.
@@ -137,7 +158,7 @@ pub fn matmul(
     beta: f32,
 ) {
     matmul_with(
-        Split::Blocks,
+        Split::Auto,
         c,
         a,
         b,
@@ -188,26 +209,30 @@ pub fn matmul_with<F>(
     if m == 0 || n == 0 {
         return;
     }
-    match split {
-        Split::Serial | Split::GemmRayon => {
-            let threads = if split == Split::Serial {
+    let br = block_rows(m);
+    match resolve(split, m) {
+        Split::Blocks => {
+            c.par_chunks_mut(br * n).enumerate().for_each(|(i, cb)| {
+                let r0 = i * br;
+                let mb = cb.len() / n;
+                // Row r0 of op(A) starts at r0·k (row-major) or at column r0 (transposed).
+                // (A is empty when k = 0.)
+                let a0 = if trans_a { r0 } else { r0 * k };
+                let ab = a.get(a0..).unwrap_or_default();
+                gemm_call(cb, n, ab, ls, b, rs, (mb, k, n), alpha, beta, 1);
+                epilogue(r0, cb);
+            });
+        }
+        one_call => {
+            let threads = if one_call == Split::Serial {
                 1
             } else {
                 rayon::current_num_threads()
             };
             gemm_call(c, n, a, ls, b, rs, (m, k, n), alpha, beta, threads);
-            epilogue(0, c);
-        }
-        Split::Blocks => {
-            let br = block_rows(m, k, n);
-            c.par_chunks_mut(br * n).enumerate().for_each(|(i, cb)| {
-                let r0 = i * br;
-                let mb = cb.len() / n;
-                // Row r0 of op(A) starts at r0·k (row-major) or at column r0 (transposed).
-                let a0 = if trans_a { r0 } else { r0 * k };
-                gemm_call(cb, n, &a[a0..], ls, b, rs, (mb, k, n), alpha, beta, 1);
-                epilogue(r0, cb);
-            });
+            c.par_chunks_mut(br * n)
+                .enumerate()
+                .for_each(|(i, cb)| epilogue(i * br, cb));
         }
     }
 }
@@ -272,7 +297,7 @@ pub fn linear_fwd(
         assert_eq!(b.len(), d_out, "linear: bias is not d_out");
     }
     matmul_with(
-        Split::Blocks,
+        Split::Auto,
         y,
         x,
         w,
@@ -317,32 +342,47 @@ pub fn linear_gelu_fwd(
     if rows == 0 || d_out == 0 {
         return;
     }
-    let br = block_rows(rows, d_in, d_out);
-    pre.par_chunks_mut(br * d_out)
-        .zip(y.par_chunks_mut(br * d_out))
-        .enumerate()
-        .for_each(|(i, (pb, yb))| {
-            let r0 = i * br;
-            let mb = pb.len() / d_out;
-            gemm_call(
-                pb,
-                d_out,
-                &x[r0 * d_in..],
-                Strides { rs: d_in, cs: 1 },
-                w,
-                Strides { rs: 1, cs: d_in },
-                (mb, d_in, d_out),
-                1.0,
-                0.0,
-                1,
-            );
-            for (prow, yrow) in pb.chunks_exact_mut(d_out).zip(yb.chunks_exact_mut(d_out)) {
-                for ((p, yv), &bv) in prow.iter_mut().zip(yrow.iter_mut()).zip(bias) {
-                    *p += bv;
-                    *yv = gelu_scalar(*p);
-                }
-            }
-        });
+    let br = block_rows(rows);
+    let finish = |pb: &mut [f32], yb: &mut [f32]| bias_gelu_rows(pb, yb, bias);
+    let (xs, ws) = (Strides { rs: d_in, cs: 1 }, Strides { rs: 1, cs: d_in });
+    if resolve(Split::Auto, rows) == Split::Blocks {
+        pre.par_chunks_mut(br * d_out)
+            .zip(y.par_chunks_mut(br * d_out))
+            .enumerate()
+            .for_each(|(i, (pb, yb))| {
+                let (r0, mb) = (i * br, pb.len() / d_out);
+                gemm_call(
+                    pb,
+                    d_out,
+                    &x[r0 * d_in..],
+                    xs,
+                    w,
+                    ws,
+                    (mb, d_in, d_out),
+                    1.0,
+                    0.0,
+                    1,
+                );
+                finish(pb, yb);
+            });
+    } else {
+        let threads = rayon::current_num_threads();
+        gemm_call(
+            pre,
+            d_out,
+            x,
+            xs,
+            w,
+            ws,
+            (rows, d_in, d_out),
+            1.0,
+            0.0,
+            threads,
+        );
+        pre.par_chunks_mut(br * d_out)
+            .zip(y.par_chunks_mut(br * d_out))
+            .for_each(|(pb, yb)| finish(pb, yb));
+    }
 }
 
 /// Columns of dy per task in the bias-gradient reduction.
@@ -563,32 +603,90 @@ mod tests {
     }
 
     #[test]
+    fn empty_inner_dimension_scales_c() {
+        let (m, n) = (70, 9);
+        let c0 = randn(m * n, 30);
+        for split in [Split::Blocks, Split::GemmRayon] {
+            let mut c = vec![f32::NAN; m * n];
+            matmul_with(
+                split,
+                &mut c,
+                &[],
+                &[],
+                m,
+                0,
+                n,
+                false,
+                true,
+                1.0,
+                0.0,
+                |_, _| {},
+            );
+            assert!(
+                c.iter().all(|&v| v == 0.0),
+                "{split:?}: beta = 0 gives zeros"
+            );
+            let mut c = c0.clone();
+            matmul_with(
+                split,
+                &mut c,
+                &[],
+                &[],
+                m,
+                0,
+                n,
+                true,
+                false,
+                1.0,
+                0.5,
+                |_, _| {},
+            );
+            let want: Vec<f32> = c0.iter().map(|v| 0.5 * v).collect();
+            assert_eq!(c, want, "{split:?}: beta·C");
+        }
+    }
+
+    #[test]
     fn splits_agree_and_are_thread_independent() {
-        let (m, k, n) = (1000, 96, 80);
-        let a = randn(m * k, 6);
-        let b = randn(k * n, 7);
-        for &(ta, tb) in &[(false, true), (false, false), (true, false)] {
-            let run = |split| {
-                let mut c = vec![0f32; m * n];
-                matmul_with(split, &mut c, &a, &b, m, k, n, ta, tb, 1.0, 0.0, |_, _| {});
-                c
-            };
-            let outs: Vec<_> = pools()
-                .iter()
-                .map(|p| p.install(|| (run(Split::Blocks), run(Split::GemmRayon))))
-                .collect();
-            for o in &outs[1..] {
-                assert_eq!(o.0, outs[0].0, "Blocks depends on the thread count");
-                assert_eq!(o.1, outs[0].1, "GemmRayon depends on the thread count");
+        // k = 1500 is above gemm's depth blocking (so partial sums over k are added to C).
+        for &(m, k, n) in &[(1000, 96, 80), (300, 1500, 70)] {
+            let a = randn(m * k, 6);
+            let b = randn(k * n, 7);
+            for &(ta, tb) in &[(false, true), (false, false), (true, false)] {
+                let run = |split| {
+                    let mut c = vec![0f32; m * n];
+                    matmul_with(split, &mut c, &a, &b, m, k, n, ta, tb, 1.0, 0.0, |_, _| {});
+                    c
+                };
+                let splits = [Split::Blocks, Split::GemmRayon, Split::Auto];
+                let outs: Vec<Vec<_>> = pools()
+                    .iter()
+                    .map(|p| p.install(|| splits.iter().map(|&s| run(s)).collect()))
+                    .collect();
+                for o in &outs[1..] {
+                    assert_eq!(o, &outs[0], "a split depends on the thread count");
+                }
+                let serial = run(Split::Serial);
+                let (blocks, one_call) = (&outs[0][0], &outs[0][1]);
+                close(blocks, &serial, &abs(&serial), 1e-5, "blocks vs serial");
+                assert_eq!(
+                    one_call, &serial,
+                    "rayon inside gemm does not change the sums"
+                );
             }
-            let serial = run(Split::Serial);
-            close(&outs[0].0, &serial, &abs(&serial), 1e-5, "blocks vs serial");
         }
     }
 
     #[test]
     fn linear_fwd_and_gelu_match_reference() {
-        let (rows, d_in, d_out) = (150, 48, 70);
+        // Both sides of BLOCKS_MIN_ROWS.
+        for rows in [150, BLOCKS_MIN_ROWS + 3] {
+            linear_fwd_and_gelu_case(rows);
+        }
+    }
+
+    fn linear_fwd_and_gelu_case(rows: usize) {
+        let (d_in, d_out) = (48, 70);
         let x = randn(rows * d_in, 8);
         let w = randn(d_out * d_in, 9);
         let b = randn(d_out, 10);
@@ -749,7 +847,13 @@ mod tests {
 
     #[test]
     fn linear_is_thread_independent() {
-        let (rows, d_in, d_out) = (1100, 40, 130);
+        for rows in [1100, BLOCKS_MIN_ROWS + 5] {
+            linear_thread_case(rows);
+        }
+    }
+
+    fn linear_thread_case(rows: usize) {
+        let (d_in, d_out) = (40, 130);
         let x = randn(rows * d_in, 21);
         let w = randn(d_out * d_in, 22);
         let b = randn(d_out, 23);
