@@ -12,14 +12,22 @@
 //! - `vit-src`: the reference code's defaults with 10000 steps: 384 px, lr 1e-2, micro-batch
 //!   32 × 16, the `reference` loss, two sequential passes, f16 with loss scale 2^20.
 //! - `demo`: the embedded digits archive, a tiny ViT from scratch on the CPU, a few minutes.
+//!
+//! Every preset has the reference's dropout (ViT-B_16 in ViT-pytorch): 0.1 after the position
+//! embeddings and after both MLP linears, 0.0 on the attention probabilities and after the
+//! attention output projection. `dropout` / `--dropout` set the first rate,
+//! `attention_dropout` / `--attention-dropout` the other two (the reference's single
+//! attention rate); the `[vit]` table holds all three apart. `rdrop train --dry-run` prints the
+//! resolved configuration.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+pub use rdrop_core::{DecayKind, LossMode, OptimizerKind};
 use rdrop_vit::ViTConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{DeviceSpec, Precision};
+use crate::device::{check_precision, DeviceSpec, Precision};
 
 /// `data` value naming the embedded demo archive.
 pub const BUILTIN_DEMO: &str = "builtin:digits";
@@ -27,27 +35,9 @@ pub const BUILTIN_DEMO: &str = "builtin:digits";
 /// Preset names accepted by `--preset`.
 pub const PRESETS: &[&str] = &["demo", "vit-b16-cifar100", "vit-src"];
 
-/// LR decay after warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    /// Half a cosine from the base rate to 0 (the recipe).
-    Cosine,
-    /// Linear to 0.
-    Linear,
-}
-
-/// Loss reduction convention (see `rdrop_core::loss`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LossReduction {
-    /// CE averaged, KL averaged over samples: independent of the micro-batch size.
-    Mean,
-    /// As the R-Drop ViT code: CE_p + CE_q + α Σ_samples KL (grows with the micro-batch).
-    Reference,
-}
-
-/// How the two stochastic passes are run.
+/// How the two stochastic passes are run. The one CLI twin left of an rdrop-core enum
+/// (`TwoPass`): `passes.rs` is being rewritten for the explicit engine, which will derive
+/// `clap::ValueEnum` there behind rdrop-core's `clap` feature, as the other enums do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Passes {
@@ -67,14 +57,167 @@ pub enum AugmentKind {
     None,
 }
 
-/// Optimiser.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// SGD with momentum (PyTorch semantics; the recipe).
-    Sgd,
-    /// AdamW.
-    Adamw,
+impl From<Passes> for rdrop_core::TwoPass {
+    fn from(p: Passes) -> Self {
+        match p {
+            Passes::Concat => Self::Concat,
+            Passes::Sequential => Self::Sequential,
+        }
+    }
+}
+
+/// The `[vit]` table: the model's three dropout rates and, for random init, its architecture.
+///
+/// The rates always apply (to pre-trained weights too: their `config.json` rates are
+/// replaced). The architecture fields are filled only when they decide the model, i.e. when
+/// there are no `weights`; with weights, the weights' `config.json` (or, for files without
+/// one, `model`) decides, and the fields are absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VitTable {
+    /// Dropout after adding the position embeddings and after each MLP linear (recipe 0.1).
+    pub dropout: f64,
+    /// Dropout on the attention probabilities (recipe 0.0).
+    pub attention_dropout: f64,
+    /// Dropout after the attention output projection (recipe 0.0: the reference uses the
+    /// attention rate here).
+    pub attention_output_dropout: f64,
+    /// Patch side in pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_size: Option<usize>,
+    /// Input channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_channels: Option<usize>,
+    /// Token width D.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    /// Transformer blocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_layers: Option<usize>,
+    /// Attention heads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_heads: Option<usize>,
+    /// MLP hidden width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp_dim: Option<usize>,
+    /// Read from older `config.toml` files (which held a whole `ViTConfig`) and ignored: the
+    /// top-level `image_size`, `layer_norm_eps` and the dataset's classes decide these.
+    #[serde(skip_serializing)]
+    pub image_size: Option<usize>,
+    /// Ignored, as `image_size`.
+    #[serde(skip_serializing)]
+    pub num_classes: Option<usize>,
+    /// Ignored, as `image_size`.
+    #[serde(skip_serializing)]
+    pub layer_norm_eps: Option<f64>,
+}
+
+impl Default for VitTable {
+    /// The recipe's rates (ViT-B_16 in ViT-pytorch: dropout 0.1, attention 0.0 for both the
+    /// probabilities and the output projection), no architecture.
+    fn default() -> Self {
+        Self {
+            dropout: 0.1,
+            attention_dropout: 0.0,
+            attention_output_dropout: 0.0,
+            patch_size: None,
+            num_channels: None,
+            hidden_size: None,
+            num_layers: None,
+            num_heads: None,
+            mlp_dim: None,
+            image_size: None,
+            num_classes: None,
+            layer_norm_eps: None,
+        }
+    }
+}
+
+impl From<&ViTConfig> for VitTable {
+    fn from(v: &ViTConfig) -> Self {
+        let mut t = Self {
+            dropout: v.dropout,
+            attention_dropout: v.attention_dropout,
+            attention_output_dropout: v.attention_output_dropout,
+            ..Self::default()
+        };
+        t.fill_architecture(v);
+        t
+    }
+}
+
+impl VitTable {
+    fn arch_fields(&mut self) -> [(&'static str, &mut Option<usize>); 6] {
+        [
+            ("patch_size", &mut self.patch_size),
+            ("num_channels", &mut self.num_channels),
+            ("hidden_size", &mut self.hidden_size),
+            ("num_layers", &mut self.num_layers),
+            ("num_heads", &mut self.num_heads),
+            ("mlp_dim", &mut self.mlp_dim),
+        ]
+    }
+
+    /// Sets the architecture fields that are still absent from `v`.
+    pub fn fill_architecture(&mut self, v: &ViTConfig) {
+        let vals = [
+            v.patch_size,
+            v.num_channels,
+            v.hidden_size,
+            v.num_layers,
+            v.num_heads,
+            v.mlp_dim,
+        ];
+        for ((_, f), x) in self.arch_fields().into_iter().zip(vals) {
+            f.get_or_insert(x);
+        }
+    }
+
+    /// Removes the architecture (the weights or a new `--model` decide it).
+    pub fn clear_architecture(&mut self) {
+        for (_, f) in self.arch_fields() {
+            *f = None;
+        }
+        (self.image_size, self.num_classes, self.layer_norm_eps) = (None, None, None);
+    }
+
+    /// Names of the architecture fields that are set, and of those that are not.
+    fn arch_presence(&self) -> (Vec<&'static str>, Vec<&'static str>) {
+        let mut t = self.clone();
+        let (mut set, mut unset) = (Vec::new(), Vec::new());
+        for (n, f) in t.arch_fields() {
+            if f.is_some() {
+                set.push(n);
+            } else {
+                unset.push(n);
+            }
+        }
+        (set, unset)
+    }
+
+    /// The whole model configuration for random init, when every architecture field is set.
+    pub fn architecture(
+        &self,
+        image_size: usize,
+        num_classes: usize,
+        layer_norm_eps: Option<f64>,
+    ) -> Option<ViTConfig> {
+        let base = ViTConfig::default();
+        Some(ViTConfig {
+            image_size,
+            patch_size: self.patch_size?,
+            num_channels: self.num_channels?,
+            hidden_size: self.hidden_size?,
+            num_layers: self.num_layers?,
+            num_heads: self.num_heads?,
+            mlp_dim: self.mlp_dim?,
+            num_classes,
+            dropout: self.dropout,
+            attention_dropout: self.attention_dropout,
+            attention_output_dropout: self.attention_output_dropout,
+            layer_norm_eps: layer_norm_eps.unwrap_or(base.layer_norm_eps),
+        })
+    }
 }
 
 /// Everything a training run needs. `Default` is the `vit-b16-cifar100` recipe.
@@ -94,12 +237,13 @@ pub struct RunConfig {
     /// Initial weights (HF folder or hub id, timm file, npz, run folder); none = random init.
     #[serde(default)]
     pub weights: Option<String>,
-    /// Architecture preset (rdrop-vit) for random init and for weight files without a config.
+    /// Architecture preset (rdrop-vit) for random init and for weight files without a
+    /// `config.json` (timm, npz). A weights' `config.json` decides the architecture; only an
+    /// explicit `--model` must then agree with it.
     #[serde(default)]
     pub model: Option<String>,
-    /// Explicit architecture for random init (overrides `model`).
-    #[serde(default)]
-    pub vit: Option<ViTConfig>,
+    /// The model's dropout rates and, for random init, its architecture (`[vit]`).
+    pub vit: VitTable,
     /// Start from a new zero head even when the checkpoint's has the right size.
     pub reset_head: bool,
     /// LayerNorm epsilon override (the recipe: 1e-6).
@@ -116,18 +260,26 @@ pub struct RunConfig {
     /// Linear warm-up updates.
     pub warmup_steps: u64,
     /// Decay after warm-up.
-    pub schedule: Schedule,
+    pub schedule: DecayKind,
     /// Weight α of the symmetric KL.
     pub alpha: f64,
     /// Loss reduction convention.
-    pub loss_reduction: LossReduction,
+    pub loss_reduction: LossMode,
     /// Label smoothing of the cross-entropy.
     pub label_smoothing: f64,
     /// One forward of [x; x] or two forwards.
     pub passes: Passes,
-    /// Overrides every dropout rate of the model (hidden, attention, attention output).
-    #[serde(default)]
+    /// Shortcut for `[vit] dropout` (the hidden rate: embeddings and MLP outputs). Folded into
+    /// `[vit]` on resolution, so a written `config.toml` never has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropout: Option<f64>,
+    /// Shortcut for both `[vit] attention_dropout` and `attention_output_dropout` (the
+    /// reference's single `attention_dropout_rate`). Folded into `[vit]` on resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_dropout: Option<f64>,
+    /// Train on the first N images of the training split only (file order); none = all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_images: Option<usize>,
     /// Input side in pixels.
     pub image_size: usize,
     /// Training augmentation.
@@ -172,7 +324,7 @@ impl Default for RunConfig {
             data: None,
             weights: Some("google/vit-base-patch16-224-in21k".into()),
             model: Some("vit-b16".into()),
-            vit: None,
+            vit: VitTable::default(),
             reset_head: false,
             layer_norm_eps: Some(1e-6),
             steps: 20_000,
@@ -180,12 +332,14 @@ impl Default for RunConfig {
             micro_batch: 64,
             lr: 8e-3,
             warmup_steps: 500,
-            schedule: Schedule::Cosine,
+            schedule: DecayKind::Cosine,
             alpha: 0.3,
-            loss_reduction: LossReduction::Mean,
+            loss_reduction: LossMode::Mean,
             label_smoothing: 0.0,
             passes: Passes::Concat,
-            dropout: Some(0.1),
+            dropout: None,
+            attention_dropout: None,
+            train_images: None,
             image_size: 224,
             augment: AugmentKind::Recipe,
             crop_scale: [0.05, 1.0],
@@ -219,7 +373,7 @@ impl RunConfig {
                 lr: 1e-2,
                 steps: 10_000,
                 micro_batch: 32,
-                loss_reduction: LossReduction::Reference,
+                loss_reduction: LossMode::Reference,
                 passes: Passes::Sequential,
                 precision: Precision::F16,
                 ..base
@@ -229,16 +383,15 @@ impl RunConfig {
                 data: Some(BUILTIN_DEMO.into()),
                 weights: None,
                 model: None,
-                vit: Some(demo_vit()),
+                vit: VitTable::from(&demo_vit()),
                 layer_norm_eps: None,
                 steps: 500,
                 batch_size: 64,
                 micro_batch: 64,
                 lr: 3e-3,
                 warmup_steps: 20,
-                optimizer: OptimizerKind::Adamw,
+                optimizer: OptimizerKind::AdamW,
                 weight_decay: 0.05,
-                dropout: None,
                 image_size: 16,
                 // The digits are centred and tiny: no random crops, so that a few hundred
                 // updates suffice (R-Drop's KL term is the regulariser here).
@@ -277,13 +430,38 @@ impl RunConfig {
         Ok(c.normalise())
     }
 
+    /// Folds the `dropout` / `attention_dropout` shortcuts into `[vit]`, and makes `[vit]`'s
+    /// architecture say what decides the model: none with weights, else `model`'s preset
+    /// under any fields set explicitly. Idempotent, so a written `config.toml` reads back
+    /// unchanged.
+    pub fn finish(mut self) -> anyhow::Result<Self> {
+        if let Some(p) = self.dropout.take() {
+            self.vit.dropout = p;
+        }
+        if let Some(p) = self.attention_dropout.take() {
+            self.vit.attention_dropout = p;
+            self.vit.attention_output_dropout = p;
+        }
+        if self.weights.is_some() {
+            self.vit.clear_architecture();
+        } else if let Some(m) = &self.model {
+            let preset = ViTConfig::preset(m).with_context(|| format!("model `{m}`"))?;
+            self.vit.fill_architecture(&preset);
+        }
+        Ok(self)
+    }
+
     /// Loads a resolved `config.toml` (a run folder's).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let c: Self = toml::from_str(&text)
-            .with_context(|| format!("{}: invalid configuration", path.display()))?;
-        Ok(c.normalise())
+        Self::load_str(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Parses a resolved configuration's TOML text (as [`RunConfig::load`], from memory).
+    pub fn load_str(text: &str) -> anyhow::Result<Self> {
+        let c: Self = toml::from_str(text).context("invalid configuration")?;
+        c.normalise().finish()
     }
 
     /// The TOML text written to `OUT/config.toml`.
@@ -310,8 +488,19 @@ impl RunConfig {
         self.batch_size / self.micro_batch.max(1)
     }
 
-    /// Checks the numbers before anything heavy starts.
+    /// Checks the numbers before anything heavy starts, and that there is a dataset.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_settings()?;
+        anyhow::ensure!(
+            self.data.is_some(),
+            "no dataset: pass --data PATH (cifar-100-python.tar.gz or its folder; \
+             `rdrop data download` fetches it) or use --preset demo"
+        );
+        Ok(())
+    }
+
+    /// Checks every setting except the presence of a dataset (what `--dry-run` checks).
+    pub fn validate_settings(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.steps > 0, "steps must be at least 1");
         anyhow::ensure!(self.micro_batch > 0, "micro-batch must be at least 1");
         anyhow::ensure!(
@@ -322,6 +511,10 @@ impl RunConfig {
         );
         anyhow::ensure!(self.image_size > 0, "image size must be positive");
         anyhow::ensure!(
+            self.train_images != Some(0),
+            "train_images must be at least 1"
+        );
+        anyhow::ensure!(
             self.lr > 0.0 && self.lr.is_finite(),
             "lr must be positive, got {}",
             self.lr
@@ -331,10 +524,33 @@ impl RunConfig {
             "alpha must be non-negative, got {}",
             self.alpha
         );
-        if let Some(p) = self.dropout {
-            anyhow::ensure!(
-                (0.0..1.0).contains(&p),
-                "dropout must be in [0, 1), got {p}"
+        for (name, p) in [
+            ("dropout", Some(self.vit.dropout)),
+            ("attention_dropout", Some(self.vit.attention_dropout)),
+            (
+                "attention_output_dropout",
+                Some(self.vit.attention_output_dropout),
+            ),
+            ("dropout", self.dropout),
+            ("attention_dropout", self.attention_dropout),
+        ] {
+            if let Some(p) = p {
+                anyhow::ensure!((0.0..1.0).contains(&p), "{name} must be in [0, 1), got {p}");
+            }
+        }
+        let (set, unset) = self.vit.arch_presence();
+        if self.weights.is_none() && set.is_empty() {
+            anyhow::bail!(
+                "no weights and no architecture: pass --weights SPEC, or --model PRESET (e.g. \
+                 vit-b16) to train from scratch"
+            );
+        }
+        if self.weights.is_none() && !unset.is_empty() {
+            anyhow::bail!(
+                "[vit] sets {} but not {}: give the whole architecture, or a `model` preset to \
+                 fill the rest",
+                set.join(", "),
+                unset.join(", ")
             );
         }
         let [lo, hi] = self.crop_scale;
@@ -347,12 +563,7 @@ impl RunConfig {
             "eval batch size must be at least 1"
         );
         anyhow::ensure!(self.keep_last > 0, "keep-last must be at least 1");
-        anyhow::ensure!(
-            self.data.is_some(),
-            "no dataset: pass --data PATH (cifar-100-python.tar.gz or its folder; \
-             `rdrop data download` fetches it) or use --preset demo"
-        );
-        self.precision.check(&self.device)?;
+        check_precision(self.precision, &self.device)?;
         Ok(())
     }
 }
@@ -396,7 +607,8 @@ pub struct Overrides {
     /// Initial weights: HF folder or hub id, timm .safetensors, Google .npz, or a run folder.
     #[arg(long, value_name = "SPEC")]
     pub weights: Option<String>,
-    /// Architecture preset for random init / weight files without config.json (vit-b16, cpu-small, ...).
+    /// Architecture preset (vit-b16, cpu-small, ...) for random init and weight files without
+    /// config.json; weights with a config.json must match it (their config.json decides).
     #[arg(long, value_name = "PRESET")]
     pub model: Option<String>,
     /// Optimiser updates.
@@ -416,19 +628,25 @@ pub struct Overrides {
     pub warmup_steps: Option<u64>,
     /// LR decay after warm-up.
     #[arg(long, value_enum)]
-    pub schedule: Option<Schedule>,
+    pub schedule: Option<DecayKind>,
     /// Weight α of the symmetric KL (0: plain dropout training with two passes).
     #[arg(long)]
     pub alpha: Option<f64>,
     /// `mean` (independent of the micro-batch) or `reference` (the R-Drop code's sum).
     #[arg(long, value_enum)]
-    pub loss_reduction: Option<LossReduction>,
+    pub loss_reduction: Option<LossMode>,
     /// One forward of [x; x] (`concat`) or two forwards (`sequential`).
     #[arg(long, value_enum)]
     pub passes: Option<Passes>,
-    /// Overrides every dropout rate of the model.
+    /// Hidden dropout (after the position embeddings and the MLP linears; recipe 0.1).
     #[arg(long, value_name = "P")]
     pub dropout: Option<f64>,
+    /// Attention dropout: probabilities and output projection (recipe 0.0).
+    #[arg(long, value_name = "P")]
+    pub attention_dropout: Option<f64>,
+    /// Train on the first N training images only (file order).
+    #[arg(long, value_name = "N")]
+    pub train_images: Option<usize>,
     /// Input side in pixels.
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -510,13 +728,19 @@ impl Overrides {
         }
         if let Some(m) = &self.model {
             c.model = Some(m.clone());
-            c.vit = None;
+            c.vit.clear_architecture();
         }
         if let Some(p) = self.dropout {
             c.dropout = Some(p);
         }
+        if let Some(p) = self.attention_dropout {
+            c.attention_dropout = Some(p);
+        }
         if let Some(t) = self.threads {
             c.threads = Some(t);
+        }
+        if let Some(n) = self.train_images {
+            c.train_images = Some(n);
         }
         if self.no_shuffle {
             c.shuffle = false;
@@ -555,7 +779,7 @@ pub fn resolve(
         c = c.merge_file(f)?;
         c.preset = name;
     }
-    Ok(flags.apply(c))
+    flags.apply(c).normalise().finish()
 }
 
 /// `runs/<preset>-<UTC yyyymmdd-hhmmss>`.
@@ -615,14 +839,14 @@ mod tests {
         );
         assert_eq!(
             (b.seed, b.eval_every, b.optimizer, b.schedule),
-            (42, 100, OptimizerKind::Sgd, Schedule::Cosine)
+            (42, 100, OptimizerKind::Sgd, DecayKind::Cosine)
         );
         let s = RunConfig::preset("vit-src").unwrap();
         assert_eq!(
             (s.image_size, s.lr, s.micro_batch, s.steps),
             (384, 1e-2, 32, 10_000)
         );
-        assert_eq!(s.loss_reduction, LossReduction::Reference);
+        assert_eq!(s.loss_reduction, LossMode::Reference);
         assert_eq!(s.accumulation(), 16);
         let d = RunConfig::preset("demo").unwrap();
         assert_eq!(d.data.as_deref(), Some(BUILTIN_DEMO));
@@ -654,9 +878,9 @@ mod tests {
         assert_eq!(c.lr, 0.5); // file over preset
         assert_eq!(c.steps, 9); // flag over file
         assert!(!c.shuffle);
-        let vit = c.vit.clone().unwrap();
-        assert_eq!((vit.num_layers, vit.hidden_size), (1, 96)); // table merged key by key
-                                                                // round trip through the written config.toml
+        let vit = c.vit.clone();
+        assert_eq!((vit.num_layers, vit.hidden_size), (Some(1), Some(96))); // table merged key by key
+                                                                            // round trip through the written config.toml
         let back: RunConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(back, c);
         // --preset beats the file's preset key
@@ -681,6 +905,131 @@ mod tests {
         c.batch_size = 100;
         c.micro_batch = 64;
         assert!(c.validate().unwrap_err().to_string().contains("multiple"));
+    }
+
+    /// Each preset's rates are the recipe's (recipe.md, "Model"): 0.1 after the position
+    /// embeddings and the MLP linears, 0.0 on the attention probabilities, and the attention
+    /// rate (0.0) after the attention output projection.
+    #[test]
+    fn presets_have_the_recipe_dropouts() {
+        for name in PRESETS {
+            let c = resolve(Some(name), None, &Overrides::default()).unwrap();
+            assert_eq!(
+                (
+                    c.vit.dropout,
+                    c.vit.attention_dropout,
+                    c.vit.attention_output_dropout
+                ),
+                (0.1, 0.0, 0.0),
+                "preset {name}"
+            );
+            assert_eq!((c.dropout, c.attention_dropout), (None, None), "{name}");
+            let back = RunConfig::load_str(&c.to_toml().unwrap()).unwrap();
+            assert_eq!(back, c, "{name}: config.toml reads back");
+        }
+        // The random-init model gets the same rates.
+        let d = resolve(Some("demo"), None, &Overrides::default()).unwrap();
+        let v = d.vit.architecture(16, 10, None).unwrap();
+        assert_eq!(
+            (v.dropout, v.attention_dropout, v.attention_output_dropout),
+            (0.1, 0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn dropout_flags_and_file_keys() {
+        // --dropout sets the hidden rate only; --attention-dropout both attention rates.
+        let flags = Overrides {
+            dropout: Some(0.2),
+            attention_dropout: Some(0.05),
+            ..Default::default()
+        };
+        let c = resolve(None, None, &flags).unwrap();
+        assert_eq!(
+            (
+                c.vit.dropout,
+                c.vit.attention_dropout,
+                c.vit.attention_output_dropout
+            ),
+            (0.2, 0.05, 0.05)
+        );
+        let c = resolve(
+            None,
+            None,
+            &Overrides {
+                dropout: Some(0.3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (c.vit.attention_dropout, c.vit.attention_output_dropout),
+            (0.0, 0.0)
+        );
+        // A file may set all three apart, and its shortcut keys as the flags do.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[vit]\ndropout = 0.15\nattention_dropout = 0.02\nattention_output_dropout = 0.04\n",
+        )
+        .unwrap();
+        let c = resolve(None, Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(
+            (
+                c.vit.dropout,
+                c.vit.attention_dropout,
+                c.vit.attention_output_dropout
+            ),
+            (0.15, 0.02, 0.04)
+        );
+        std::fs::write(&f, "dropout = 0.25\nattention_dropout = 0.01\n").unwrap();
+        let c = resolve(None, Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(
+            (
+                c.vit.dropout,
+                c.vit.attention_dropout,
+                c.vit.attention_output_dropout
+            ),
+            (0.25, 0.01, 0.01)
+        );
+        let mut bad = c.clone();
+        bad.vit.attention_output_dropout = 1.0;
+        bad.data = Some("x".into());
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("attention_output_dropout"), "{e}");
+    }
+
+    #[test]
+    fn architecture_only_where_it_decides_the_model() {
+        // Weights: config.json decides, so [vit] has no architecture.
+        let c = resolve(None, None, &Overrides::default()).unwrap();
+        assert_eq!(c.vit.hidden_size, None);
+        // Random init from a model preset: the preset's architecture.
+        let flags = Overrides {
+            model: Some("vit-s16".into()),
+            ..Default::default()
+        };
+        let mut c = RunConfig::preset("vit-b16-cifar100").unwrap();
+        c.weights = None;
+        let c = flags.apply(c).finish().unwrap();
+        assert_eq!((c.vit.hidden_size, c.vit.num_heads), (Some(384), Some(6)));
+        // --weights on the demo drops its architecture.
+        let c = resolve(
+            Some("demo"),
+            None,
+            &Overrides {
+                weights: Some("some/folder".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.vit.num_layers, None);
+        // A partial architecture without a model is an error naming what is missing.
+        let mut c = RunConfig::preset("demo").unwrap();
+        c.vit.mlp_dim = None;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("mlp_dim"), "{e}");
     }
 
     #[test]

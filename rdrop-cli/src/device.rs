@@ -1,9 +1,10 @@
-//! `--device cpu|cuda[:N]`, `--precision f32|bf16|f16` and `--threads T`, shared by the subcommands.
+//! `--device cpu|cuda[:N]`, `--precision f32|bf16|f16` (rdrop-core's [`Precision`], a clap
+//! value through its `clap` feature) and `--threads T`, shared by the subcommands.
 
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 /// Where tensors live: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
@@ -94,54 +95,50 @@ fn cuda_open_error(n: usize, e: candle_core::Error) -> anyhow::Error {
     anyhow::Error::new(e).context(what)
 }
 
-/// Numeric precision of the forward/backward pass (master weights stay f32): the `--precision`
-/// flag and config key. A CLI-side twin of `rdrop_core::Precision` only because clap's
-/// `ValueEnum` cannot be derived in rdrop-core (no clap there); everything else delegates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// 32-bit floats everywhere (the only choice on CPU).
-    #[default]
-    F32,
-    /// bfloat16 compute (CUDA, sm_80+), no loss scaling.
-    Bf16,
-    /// float16 compute with dynamic loss scaling (CUDA).
-    F16,
+pub use rdrop_core::Precision;
+
+/// Refuses precisions candle cannot run on `device` (reduced precision on CPU: bf16
+/// conv/matmul is widened or missing there, see candle-notes).
+pub fn check_precision(precision: Precision, device: &DeviceSpec) -> anyhow::Result<()> {
+    if *device == DeviceSpec::Cpu && precision != Precision::F32 {
+        anyhow::bail!(
+            "precision {precision} is only supported on CUDA; use --precision f32 on cpu"
+        );
+    }
+    Ok(())
 }
 
-impl Precision {
-    /// The candle dtype of activations.
-    pub fn dtype(self) -> DType {
-        rdrop_core::Precision::from(self).dtype()
-    }
-
-    /// Refuses combinations candle cannot run (reduced precision on CPU: bf16 conv/matmul is
-    /// widened or missing there, see candle-notes).
-    pub fn check(self, device: &DeviceSpec) -> anyhow::Result<()> {
-        if *device == DeviceSpec::Cpu && self != Self::F32 {
-            anyhow::bail!("precision {self} is only supported on CUDA; use --precision f32 on cpu");
-        }
-        Ok(())
-    }
+/// `--device`, `--precision` and `--threads`: the flags of every command that runs a model
+/// with fixed defaults (`rdrop eval`, `predict`, `bench train`), flattened into each.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "D")]
+    pub device: DeviceSpec,
+    /// Compute precision: f32, bf16 or f16 (bf16/f16 on CUDA only; master weights stay f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// CPU threads for candle and the data pipeline (default: all cores).
+    #[arg(long, value_name = "T")]
+    pub threads: Option<usize>,
 }
 
-impl From<Precision> for rdrop_core::Precision {
-    fn from(p: Precision) -> Self {
-        match p {
-            Precision::F32 => Self::F32,
-            Precision::Bf16 => Self::Bf16,
-            Precision::F16 => Self::F16,
+impl Default for ComputeArgs {
+    fn default() -> Self {
+        Self {
+            device: DeviceSpec::Cpu,
+            precision: Precision::F32,
+            threads: None,
         }
     }
 }
 
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-        })
+impl ComputeArgs {
+    /// Applies the thread count, checks the precision against the device, opens the device.
+    pub fn open(&self) -> anyhow::Result<Device> {
+        set_threads(self.threads)?;
+        check_precision(self.precision, &self.device)?;
+        self.device.open()
     }
 }
 
@@ -189,8 +186,8 @@ mod tests {
 
     #[test]
     fn reduced_precision_refused_on_cpu() {
-        assert!(Precision::Bf16.check(&DeviceSpec::Cpu).is_err());
-        assert!(Precision::F32.check(&DeviceSpec::Cpu).is_ok());
-        assert!(Precision::F16.check(&DeviceSpec::Cuda(0)).is_ok());
+        assert!(check_precision(Precision::Bf16, &DeviceSpec::Cpu).is_err());
+        assert!(check_precision(Precision::F32, &DeviceSpec::Cpu).is_ok());
+        assert!(check_precision(Precision::F16, &DeviceSpec::Cuda(0)).is_ok());
     }
 }

@@ -8,13 +8,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod checkpoint;
 mod cmd;
 mod config;
 mod device;
+mod evaluate;
 mod progress;
 mod run_dir;
+mod setup;
 mod signals;
+mod test_hooks;
 
 /// Fine-tune Vision Transformers with R-Drop (regularized dropout).
 ///

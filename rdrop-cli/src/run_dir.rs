@@ -1,5 +1,4 @@
-//! A run folder: `config.toml`, `metrics.jsonl`, `checkpoints/step-N/`, `best/`, `final/`,
-//! `curves.png`.
+//! A run folder's metrics (its layout is [`rdrop_core::run_folder`]'s).
 //!
 //! `metrics.jsonl` holds one JSON object per line: `{"kind": "train", "step", "epoch", "lr",
 //! "loss", "ce", "kl", "grad_norm", "images_per_s", "loss_scale", "skipped"}` per update and
@@ -74,39 +73,7 @@ impl MetricLine {
     }
 }
 
-/// Paths inside a run folder.
-#[derive(Debug, Clone)]
-pub struct RunDir {
-    /// The folder.
-    pub root: PathBuf,
-}
-
-impl RunDir {
-    /// Wraps `root` (not created).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-
-    /// `OUT/config.toml`.
-    pub fn config(&self) -> PathBuf {
-        self.root.join("config.toml")
-    }
-
-    /// `OUT/metrics.jsonl`.
-    pub fn metrics(&self) -> PathBuf {
-        self.root.join("metrics.jsonl")
-    }
-
-    /// `OUT/checkpoints`.
-    pub fn checkpoints(&self) -> PathBuf {
-        self.root.join("checkpoints")
-    }
-
-    /// `OUT/curves.png`.
-    pub fn curves(&self) -> PathBuf {
-        self.root.join("curves.png")
-    }
-}
+pub use rdrop_core::RunFolder;
 
 /// Reads every line of a `metrics.jsonl`; a malformed line is an error naming its number
 /// (except a torn last line, which a crash mid-write can leave: it is ignored).
@@ -159,17 +126,12 @@ impl MetricsWriter {
         } else {
             Vec::new()
         };
-        let tmp = path.with_extension("jsonl.tmp");
-        {
-            let mut f =
-                File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-            for m in &kept {
-                writeln!(f, "{}", serde_json::to_string(m)?)?;
-            }
-            f.sync_all()?;
+        let mut text = String::new();
+        for m in &kept {
+            text += &serde_json::to_string(m)?;
+            text.push('\n');
         }
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot replace {}", path.display()))?;
+        rdrop_core::atomic::write_bytes(path, text.as_bytes())?;
         let file = OpenOptions::new()
             .append(true)
             .open(path)

@@ -1,59 +1,28 @@
-//! Atomic file writes and safetensors helpers for checkpoints (weights and optimiser state).
+//! Safetensors helpers for checkpoints (weights and optimiser state).
 //!
-//! Every file is written to a temporary sibling, synced, then renamed over the target, so an
-//! interrupted save leaves the previous file intact.
+//! Every file is written with [`crate::atomic::write_file`], so an interrupted save leaves the
+//! previous file intact.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
+use crate::atomic;
 use crate::error::{CoreError, Result};
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CoreError + '_ {
-    move |source| CoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(tmp))?;
-    std::fs::rename(tmp, path).map_err(io(path))
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, sync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    drop(f);
-    sync_and_rename(&tmp, path)
-}
 
 /// Saves named tensors as safetensors at `path`, atomically. Values are stored bit-for-bit.
 pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let tmp = tmp_path(path);
     let map: HashMap<&str, Tensor> = tensors
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    candle_core::safetensors::save(&map, &tmp).map_err(|e| CoreError::Checkpoint {
-        path: path.to_path_buf(),
-        msg: format!("writing safetensors: {e}"),
-    })?;
-    sync_and_rename(&tmp, path)
+    atomic::write_file(path, |tmp| {
+        candle_core::safetensors::save(&map, tmp).map_err(|e| CoreError::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("writing safetensors: {e}"),
+        })
+    })
 }
 
 /// Loads every tensor of a safetensors file onto `device`.
@@ -114,6 +83,13 @@ pub fn load_vars(path: &Path, vars: &[(String, Var)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CoreError + '_ {
+        move |source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 
     #[test]
     fn vars_round_trip_and_errors() -> Result<()> {

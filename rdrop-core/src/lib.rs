@@ -15,6 +15,7 @@
 //! - [`state`], [`checkpoint`]: the training state and atomic checkpoint files.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod optim;
 pub mod passes;
 pub mod rng;
+pub mod run_folder;
 pub mod scaler;
 pub mod schedule;
 pub mod state;
@@ -38,6 +40,7 @@ pub use model::RDropModel;
 pub use optim::{OptimConfig, Optimizer, OptimizerKind, OptimizerState, WeightDecayScope};
 pub use passes::{two_pass_logits, TwoPass};
 pub use rng::{DropoutRng, RngState};
+pub use run_folder::RunFolder;
 pub use scaler::{LossScaler, ScalerConfig, ScalerState};
 pub use schedule::{lr_lambda, DecayKind, ScheduleConfig};
 pub use state::TrainState;

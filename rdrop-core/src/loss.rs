@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 /// How the terms are reduced (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum LossMode {
     /// `½(CE_p + CE_q) + α · ½ mean_i(KL_i(P‖Q) + KL_i(Q‖P))`.
@@ -140,6 +141,13 @@ pub fn cross_entropy_from_log_probs(
         nll
     };
     per_sample.mean_all()
+}
+
+/// Mean cross-entropy of `logits (m, C)` against class indices `y (m,)` (`u32`/`i64`):
+/// `mean_i(logsumexp(logits_i) − logits_i[y_i])`, a 0-dim tensor. The workspace's one
+/// cross-entropy: the R-Drop loss, the model's tests and the evaluations all use it.
+pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Result<Tensor> {
+    cross_entropy_from_log_probs(&log_softmax(logits)?, y, 0.0)
 }
 
 /// Per-sample symmetric KL `KL_i(P‖Q) + KL_i(Q‖P) = Σ_c (P − Q)(lp − lq)`, `(m, C) → (m,)`.

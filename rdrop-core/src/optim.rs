@@ -27,12 +27,14 @@ use serde::{Deserialize, Serialize};
 
 /// Which algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// SGD with (optionally Nesterov) momentum.
     #[default]
     Sgd,
     /// AdamW (decoupled weight decay).
+    #[cfg_attr(feature = "clap", value(name = "adamw"))]
     AdamW,
 }
 

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// The decay after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum DecayKind {
     /// `WarmupCosineSchedule` (the recipe).

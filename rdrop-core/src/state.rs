@@ -16,7 +16,8 @@ use std::path::Path;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{load_tensors, save_tensors, write_atomic};
+use crate::atomic::write_bytes;
+use crate::checkpoint::{load_tensors, save_tensors};
 use crate::error::{CoreError, Result};
 use crate::optim::OptimizerState;
 use crate::rng::RngState;
@@ -73,7 +74,7 @@ impl TrainState {
             path: path.clone(),
             source,
         })?;
-        write_atomic(&path, &json)
+        write_bytes(&path, &json)
     }
 
     /// Reads a state written by [`TrainState::save`]; tensors are loaded on the CPU (the

@@ -11,6 +11,9 @@ pub enum VitError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Writing a file atomically failed (rdrop-core's helper).
+    #[error(transparent)]
+    Core(#[from] rdrop_core::CoreError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -12,11 +12,11 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fused_grad;
 pub mod hub;
 pub mod layouts;
 pub mod load;
 pub mod model;
-pub mod ops;
 pub mod posembed;
 pub mod save;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rdrop_core::DropoutRng;
+use rdrop_core::{DropoutRng, RunFolder};
 
 use crate::config::{ViTConfig, PRESETS};
 use crate::error::{Result, VitError};
@@ -25,8 +25,14 @@ use crate::{hub, posembed};
 /// (their `config.json`, else the preset's / the recipe's values).
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Architecture preset for files without a config (timm, npz); checked against the shapes.
+    /// Architecture preset the weights must have (an explicit `--model`): checked against the
+    /// tensor shapes, and against `config.json` when there is one (a mismatch is an error
+    /// naming both). For files without a config (timm, npz) it also gives the head count.
     pub preset: Option<String>,
+    /// Architecture preset for files without a `config.json` (timm, npz) when `preset` is
+    /// `None` (a run preset's model). Ignored when the weights have a `config.json`: that
+    /// decides the architecture.
+    pub fallback_preset: Option<String>,
     /// Attention heads for files that do not record them (timm) when no preset matches.
     pub num_heads: Option<usize>,
     /// Classes of the task. A checkpoint head of another size is replaced by a zero head.
@@ -56,6 +62,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             preset: None,
+            fallback_preset: None,
             num_heads: None,
             num_classes: None,
             image_size: None,
@@ -185,26 +192,10 @@ fn spec_err(spec: &str, msg: impl Into<String>) -> VitError {
     }
 }
 
-/// In a run folder: `final/`, else `best/`, else the newest `checkpoints/step-N/`.
+/// In a run folder: `final/`, else `best/`, else the newest `checkpoints/step-N/`
+/// ([`RunFolder::model_folder`]).
 pub fn resolve_run_folder(dir: &Path) -> Option<PathBuf> {
-    for sub in ["final", "best"] {
-        let p = dir.join(sub);
-        if p.join("model.safetensors").is_file() {
-            return Some(p);
-        }
-    }
-    let rd = std::fs::read_dir(dir.join("checkpoints")).ok()?;
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n: u64 = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join("model.safetensors")
-                .is_file()
-                .then(|| (n, e.path()))
-        })
-        .max_by_key(|(n, _)| *n)
-        .map(|(_, p)| p)
+    RunFolder::new(dir).model_folder()
 }
 
 fn resolve(spec: &str, cache: &Path) -> Result<Resolved> {
@@ -398,6 +389,14 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
     };
     let mut notes = Vec::new();
     let preset = opts.preset.as_deref().map(ViTConfig::preset).transpose()?;
+    let fallback = match &preset {
+        Some(_) => None,
+        None => opts
+            .fallback_preset
+            .as_deref()
+            .map(ViTConfig::preset)
+            .transpose()?,
+    };
 
     // The checkpoint's own configuration.
     let json = match &res.config {
@@ -445,10 +444,19 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
                     c.mlp_dim,
                     c.patch_size,
                 ) {
+                    let arch = |c: &ViTConfig| {
+                        format!(
+                            "hidden {}, layers {}, heads {}, MLP {}, patch {}",
+                            c.hidden_size, c.num_layers, c.num_heads, c.mlp_dim, c.patch_size
+                        )
+                    };
                     return Err(VitError::Config(format!(
-                        "{}: the preset `{}` does not match the architecture in config.json",
+                        "the model `{}` ({}) does not match {} ({}); its config.json decides the \
+                         architecture, so leave the model unset or name the matching one",
+                        opts.preset.as_deref().unwrap_or_default(),
+                        arch(pc),
                         p.display(),
-                        opts.preset.as_deref().unwrap_or_default()
+                        arch(&c)
                     )));
                 }
             }
@@ -484,7 +492,8 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
                 }
             }
             let heads = num_heads.or(opts.num_heads);
-            (infer_config(&src, &tensors, heads, preset.as_ref())?, None)
+            let given = preset.as_ref().or(fallback.as_ref());
+            (infer_config(&src, &tensors, heads, given)?, None)
         }
     };
     let layout = match detected {

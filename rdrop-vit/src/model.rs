@@ -14,13 +14,13 @@
 //! and input are cast on the way in (the cast's backward brings gradients back to f32) and
 //! logits are returned in f32.
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rdrop_core::{DropoutRng, RDropModel, RngState};
 
 use crate::config::ViTConfig;
-use crate::ops::{layer_norm, softmax_last_dim};
+use crate::fused_grad::{layer_norm, softmax_last_dim};
 
 /// How a fresh parameter is initialised (timm/HF conventions; the head is zero as in the recipe).
 #[derive(Clone, Copy)]
@@ -432,13 +432,9 @@ impl RDropModel for VisionTransformer {
     }
 }
 
-/// Mean cross-entropy of `logits (N, C)` against class indices `labels (N)` (u32/i64).
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let n = logits.dim(0)?;
-    let picked = lp.gather(&labels.to_dtype(DType::U32)?.reshape((n, 1))?, 1)?;
-    picked.sum_all()?.neg()? / n as f64
-}
+/// Mean cross-entropy of `logits (N, C)` against class indices `labels (N)` (u32/i64):
+/// rdrop-core's, the workspace's one cross-entropy.
+pub use rdrop_core::loss::cross_entropy;
 
 #[cfg(test)]
 mod tests {

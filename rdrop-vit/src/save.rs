@@ -1,22 +1,17 @@
 //! Saving in the Hugging Face `ViTForImageClassification` layout (`model.safetensors` +
-//! `config.json`), so `transformers` loads our checkpoints too. Files are written to a
-//! temporary name and renamed, so a crash never leaves a half-written model.
+//! `config.json`), so `transformers` loads our checkpoints too. Files are written with
+//! rdrop-core's atomic helper (temporary, fsync, rename, fsync of the folder), so a crash
+//! never leaves a half-written model.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use rdrop_core::atomic::write_file;
 
 use crate::config::ViTConfig;
 use crate::error::{Result, VitError};
 use crate::model::VisionTransformer;
-
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| VitError::io(path, e))
-}
 
 /// Writes `tensors` (canonical HF names) and `cfg` to `dir/model.safetensors` and
 /// `dir/config.json` (created if needed). Tensors are stored as f32 on the CPU.
@@ -38,14 +33,14 @@ pub fn save_tensors_hf(
             ))
         })
         .collect::<Result<_>>()?;
-    write_atomic(&dir.join("model.safetensors"), |tmp| {
+    write_file(&dir.join("model.safetensors"), |tmp| {
         candle_core::safetensors::save(&map, tmp)
             .map_err(|e| VitError::parse(tmp, format!("cannot write safetensors: {e}")))
     })?;
     let json = cfg.to_hf_json(class_names);
     let text = serde_json::to_string_pretty(&json)
         .map_err(|e| VitError::parse(dir.join("config.json"), e.to_string()))?;
-    write_atomic(&dir.join("config.json"), |tmp| {
+    write_file(&dir.join("config.json"), |tmp| {
         std::fs::write(tmp, text + "\n").map_err(|e| VitError::io(tmp, e))
     })
 }

@@ -187,6 +187,55 @@ fn preset_mismatch_is_an_error_and_unknown_specs_are_explained() {
     assert!(err.to_string().contains("no such file"), "{err}");
 }
 
+/// A config.json decides the architecture: a run preset's model (`fallback_preset`) applies
+/// only to files without one, and an explicit preset that contradicts it names both.
+#[test]
+fn config_json_decides_and_an_explicit_preset_must_agree() {
+    let hf = fx("hf").to_string_lossy().to_string();
+    let l = load_model(
+        &hf,
+        &LoadOptions {
+            fallback_preset: Some("vit-b16".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            l.config.hidden_size,
+            l.config.num_layers,
+            l.config.num_heads
+        ),
+        (32, 2, 4)
+    );
+    let err = load_model(
+        &hf,
+        &LoadOptions {
+            preset: Some("vit-b16".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("vit-b16")
+            && err.contains("hidden 768")
+            && err.contains("hidden 32")
+            && err.contains("config.json"),
+        "{err}"
+    );
+    // Without a config.json the fallback is checked against the shapes.
+    let err = load_model(
+        &fx("timm.safetensors").to_string_lossy(),
+        &LoadOptions {
+            fallback_preset: Some("vit-b16".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("hidden size 768"), "{err}");
+}
+
 /// The names and shapes of `google/vit-base-patch16-224-in21k` (HF ViTModel layout, with
 /// pooler) and of `timm/vit_base_patch16_224.orig_in21k`, with random values.
 fn in21k_hf(d: usize, layers: usize, mlp: usize) -> HashMap<String, Tensor> {

@@ -7,14 +7,12 @@
 //! training sample once although it goes through the network twice.
 
 use candle_core::{Device, Tensor};
-use rdrop_core::{
-    DecayKind, LossConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer, TwoPass,
-};
+use rdrop_core::{DecayKind, LossConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer};
 use rdrop_vit::ViTConfig;
 use serde::Serialize;
 
-use crate::config::{Passes, RunConfig};
-use crate::device::{set_threads, DeviceSpec, Precision};
+use crate::config::Passes;
+use crate::device::ComputeArgs;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -41,15 +39,8 @@ pub struct TrainArgs {
     /// Untimed updates first.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// Forward precision: f32, bf16, f16.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub precision: Precision,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// `concat` (one forward of [x; x]) or `sequential`.
     #[arg(long, value_enum, default_value_t = Passes::Concat)]
     pub passes: Passes,
@@ -161,13 +152,11 @@ fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 /// Runs the benchmark.
 pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
-    set_threads(a.threads)?;
-    a.precision.check(&a.device)?;
     anyhow::ensure!(
         a.micro_batch > 0 && a.steps > 0,
         "--micro-batch and --steps must be at least 1"
     );
-    let device = a.device.open()?;
+    let device = a.compute.open()?;
     let mut vc = ViTConfig::preset(&a.model)?;
     if let Some(s) = a.image_size {
         vc.image_size = s;
@@ -175,15 +164,15 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
     if let Some(n) = a.num_classes {
         vc.num_classes = n;
     }
-    let cfg = RunConfig {
-        vit: Some(vc.clone()),
-        image_size: vc.image_size,
-        seed: 0,
-        dropout: a.dropout,
-        ..RunConfig::default()
-    };
-    let mut model = crate::cmd::train::scratch_model(&cfg, vc.num_classes, &device)?;
-    model.set_compute_dtype(a.precision.dtype())?;
+    if let Some(p) = a.dropout {
+        (
+            vc.dropout,
+            vc.attention_dropout,
+            vc.attention_output_dropout,
+        ) = (p, p, p);
+    }
+    let mut model = crate::setup::new_model(&vc, 0, &device)?;
+    model.set_compute_dtype(a.compute.precision.dtype())?;
     let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     let tcfg = TrainConfig {
         loss: LossConfig::default(),
@@ -200,11 +189,8 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         clip_norm: Some(1.0),
         accum_steps: 1,
         micro_batch: a.micro_batch,
-        two_pass: match a.passes {
-            Passes::Concat => TwoPass::Concat,
-            Passes::Sequential => TwoPass::Sequential,
-        },
-        precision: a.precision.into(),
+        two_pass: a.passes.into(),
+        precision: a.compute.precision,
         sync_timing: true,
         ..TrainConfig::default()
     };
@@ -247,8 +233,8 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         image_size: s,
         micro_batch: a.micro_batch,
         steps: a.steps,
-        precision: a.precision.to_string(),
-        device: a.device.to_string(),
+        precision: a.compute.precision.to_string(),
+        device: a.compute.device.to_string(),
         threads: candle_core::utils::get_num_threads(),
         params,
         samples_per_s: a.micro_batch as f64 * n / wall,
@@ -273,9 +259,7 @@ mod tests {
             micro_batch: 4,
             steps: 2,
             warmup: 1,
-            precision: Precision::F32,
-            device: DeviceSpec::Cpu,
-            threads: None,
+            compute: ComputeArgs::default(),
             passes: Passes::Concat,
             num_classes: None,
             dropout: None,

@@ -10,9 +10,9 @@ use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use rdrop_data::{Cifar, Loader, LoaderConfig};
 use rdrop_vit::{load_model, HeadStatus, LoadOptions};
-use serde::Serialize;
 
-use crate::device::{set_threads, DeviceSpec, Precision};
+use crate::device::ComputeArgs;
+use crate::evaluate::Accumulator;
 
 /// Evaluate weights on the test split of a CIFAR dataset.
 ///
@@ -36,12 +36,8 @@ pub struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64, value_name = "B")]
     pub batch_size: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_name = "D")]
-    pub device: DeviceSpec,
-    /// Compute precision (bf16/f16 on CUDA only).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub precision: Precision,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Architecture preset for files without a config (timm, npz): vit-ti16, vit-s16, vit-b16,
     /// vit-b32, vit-l16, cpu-small, tiny. Default: inferred from the tensor shapes.
     #[arg(long, value_name = "PRESET")]
@@ -55,9 +51,6 @@ pub struct Args {
     /// Evaluate only the first N test images.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// CPU threads for candle and the data pipeline (default: all cores).
-    #[arg(long, value_name = "T")]
-    pub threads: Option<usize>,
     /// Print one JSON object {"top1", "top5", "loss", "n"} (fractions in [0, 1]) and nothing else on stdout.
     #[arg(long)]
     pub json: bool,
@@ -67,67 +60,9 @@ pub struct Args {
     pub dump_logits: Option<PathBuf>,
 }
 
-/// The result of an evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct EvalResult {
-    /// Fraction of images whose top prediction is the label.
-    pub top1: f64,
-    /// Fraction whose label is among the 5 highest logits (all of them if fewer classes).
-    pub top5: f64,
-    /// Mean cross-entropy.
-    pub loss: f64,
-    /// Images evaluated.
-    pub n: usize,
-}
-
-/// Running sums of correct predictions and cross-entropy over batches of logits.
-#[derive(Debug, Default, Clone)]
-pub struct Accumulator {
-    top1: usize,
-    top5: usize,
-    loss: f64,
-    n: usize,
-}
-
-impl Accumulator {
-    /// Adds one batch: `logits` rows (one per image) and the labels.
-    pub fn add(&mut self, logits: &[Vec<f32>], labels: &[u32]) {
-        for (row, &y) in logits.iter().zip(labels) {
-            let y = y as usize;
-            let Some(&target) = row.get(y) else { continue };
-            // Rank of the label: how many logits beat it (ties count in the label's favour).
-            let above = row.iter().filter(|&&v| v > target).count();
-            self.top1 += usize::from(above == 0);
-            self.top5 += usize::from(above < 5);
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            self.loss += lse - target as f64;
-            self.n += 1;
-        }
-    }
-
-    /// The fractions and mean loss so far.
-    pub fn result(&self) -> EvalResult {
-        let n = self.n.max(1) as f64;
-        EvalResult {
-            top1: self.top1 as f64 / n,
-            top5: self.top5 as f64 / n,
-            loss: self.loss / n,
-            n: self.n,
-        }
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
-    set_threads(args.threads)?;
-    args.precision.check(&args.device)?;
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let device = args.device.open()?;
+    let device = args.compute.open()?;
     let data = Cifar::open(&args.data)
         .with_context(|| format!("reading dataset {}", args.data.display()))?;
     let classes = if data.fine_label_names.is_empty() {
@@ -164,16 +99,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.weights
         );
     }
-    loaded.model.set_compute_dtype(args.precision.dtype())?;
+    loaded
+        .model
+        .set_compute_dtype(args.compute.precision.dtype())?;
     let size = loaded.config.image_size;
     let mut split = data.test;
     if let Some(n) = args.limit {
         anyhow::ensure!(n > 0, "--limit must be at least 1");
-        let n = n.min(split.len());
-        split.images.truncate(n * rdrop_data::IMAGE_BYTES);
-        split.fine_labels.truncate(n);
-        split.coarse_labels.truncate(n);
-        split.filenames.truncate(n);
+        crate::setup::keep_first(&mut split, n);
     }
     let total = split.len();
     let loader = Loader::new(Arc::new(split), LoaderConfig::test(size, args.batch_size))
@@ -194,7 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let batch = batch.context("reading a test batch")?;
         let (x, _) = batch.to_tensors(DType::F32, &device)?;
         let logits = loaded.model.forward_t(&x, false)?.to_vec2::<f32>()?;
-        acc.add(&logits, &batch.labels);
+        acc.add(&logits, &batch.labels)?;
         if args.dump_logits.is_some() {
             dumped.extend(logits.iter().flatten());
             dumped_rows += logits.len();
@@ -223,28 +156,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accumulator_counts_top1_top5_and_loss() {
-        let mut a = Accumulator::default();
-        let rows = vec![
-            vec![3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], // label 0: top-1
-            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], // label 2: rank 4 → top-5 only
-            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], // label 1: rank 5 → neither
-        ];
-        a.add(&rows, &[0, 2, 1]);
-        let r = a.result();
-        assert_eq!(r.n, 3);
-        assert!((r.top1 - 1.0 / 3.0).abs() < 1e-12);
-        assert!((r.top5 - 2.0 / 3.0).abs() < 1e-12);
-        // Cross-entropy of a uniform row over 4 classes is ln 4.
-        let mut u = Accumulator::default();
-        u.add(&[vec![0.5; 4]], &[2]);
-        assert!((u.result().loss - 4f64.ln()).abs() < 1e-9);
-    }
 }

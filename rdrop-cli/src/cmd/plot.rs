@@ -8,7 +8,7 @@ use std::sync::Once;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::run_dir::{read_metrics, MetricLine, RunDir};
+use crate::run_dir::{read_metrics, MetricLine, RunFolder};
 
 /// Text font of the plots (DejaVu Sans Mono, Bitstream Vera licence; see assets/README.md).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
@@ -25,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = RunDir::new(&args.out);
+    let dir = RunFolder::new(&args.out);
     let out = args.output.unwrap_or_else(|| dir.curves());
     let n = plot_run(&dir, &out)?;
     println!("wrote {} ({n} metric lines)", out.display());
@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Reads `dir/metrics.jsonl` and writes the curves to `out`; returns the number of lines used.
-pub fn plot_run(dir: &RunDir, out: &Path) -> anyhow::Result<usize> {
+pub fn plot_run(dir: &RunFolder, out: &Path) -> anyhow::Result<usize> {
     let path = dir.metrics();
     anyhow::ensure!(
         path.is_file(),
@@ -261,7 +261,7 @@ mod tests {
     #[test]
     fn draws_a_png_from_metrics() {
         let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::new(dir.path());
+        let run = RunFolder::new(dir.path());
         let mut w = MetricsWriter::create(&run.metrics()).unwrap();
         for s in 1..=120u64 {
             w.write(&MetricLine::Train(TrainLine {
@@ -302,7 +302,7 @@ mod tests {
         );
         // An empty folder is a clear error.
         let empty = tempfile::tempdir().unwrap();
-        let e = plot_run(&RunDir::new(empty.path()), &empty.path().join("c.png")).unwrap_err();
+        let e = plot_run(&RunFolder::new(empty.path()), &empty.path().join("c.png")).unwrap_err();
         assert!(e.to_string().contains("metrics.jsonl not found"), "{e}");
     }
 }

@@ -10,7 +10,7 @@ use rdrop_data::Normalize;
 use rdrop_vit::{load_model, LoadOptions};
 use serde::Serialize;
 
-use crate::device::{set_threads, DeviceSpec};
+use crate::device::ComputeArgs;
 
 /// Arguments of `rdrop predict`.
 #[derive(clap::Args, Debug)]
@@ -31,12 +31,8 @@ pub struct Args {
     /// Input side (default: the model's).
     #[arg(long)]
     pub image_size: Option<usize>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// CPU threads.
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Print JSON: `[{"file", "predictions": [{"class", "label", "prob"}]}]`.
     #[arg(long)]
     pub json: bool,
@@ -87,19 +83,18 @@ pub fn load_image(path: &Path, size: usize) -> anyhow::Result<Vec<f32>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    set_threads(args.threads)?;
     anyhow::ensure!(args.top > 0, "--top must be at least 1");
     for p in &args.images {
         anyhow::ensure!(p.is_file(), "image file not found: {}", p.display());
     }
-    let device = args.device.open()?;
+    let device = args.compute.open()?;
     let opts = LoadOptions {
         preset: args.model.clone(),
         image_size: args.image_size,
         device: device.clone(),
         ..Default::default()
     };
-    let loaded = load_model(&args.weights, &opts)
+    let mut loaded = load_model(&args.weights, &opts)
         .with_context(|| format!("loading weights `{}`", args.weights))?;
     if loaded.model.head_is_zero()? {
         anyhow::bail!(
@@ -107,6 +102,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.weights
         );
     }
+    loaded
+        .model
+        .set_compute_dtype(args.compute.precision.dtype())?;
     let size = loaded.config.image_size;
     let classes = loaded.config.num_classes;
     let names = loaded.class_names.clone();

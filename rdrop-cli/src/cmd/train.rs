@@ -3,38 +3,39 @@
 //! rdrop-vit (the model, weight loading, HF-layout saving) and rdrop-core (the update,
 //! the training state).
 //!
+//! [`train`] is the loop, top to bottom: an update, its metrics, an evaluation when due, a
+//! checkpoint when due. Everything around it lives in named functions here ([`start`],
+//! [`Checkpoints`]) or in modules of its own ([`crate::setup`], [`crate::evaluate`],
+//! [`crate::run_dir`], and rdrop-core's [`rdrop_core::run_folder`] and
+//! [`rdrop_core::atomic`]).
+//!
 //! A run folder `OUT` gets `config.toml` (before step 0), `metrics.jsonl`,
 //! `checkpoints/step-N/` (model in the HF `ViTForImageClassification` layout + the training
 //! state: optimiser, loss scaler, data position, dropout RNG), `best/`, `final/` and
-//! `curves.png`. Checkpoints are atomic ([`crate::checkpoint`]); `--resume OUT` (or
+//! `curves.png`. Checkpoints are atomic ([`rdrop_core::atomic`]); `--resume OUT` (or
 //! `rdrop resume OUT`) continues from the newest one, bit-identically on CPU in f32.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
-use rdrop_core::{
-    CoreError, DecayKind, DropoutRng, LossConfig, LossMode, OptimConfig, ScalerConfig,
-    ScheduleConfig, StepStats, TrainConfig, TrainState, Trainer, TwoPass,
-};
-use rdrop_data::{Augment, Cifar, EpochIter, Loader, LoaderConfig, TrainTransform};
-use rdrop_vit::{load_model, save_hf, LoadOptions, ViTConfig, VisionTransformer};
+use candle_core::{DType, Device, Tensor};
+use rdrop_core::atomic::{clean_stale, write_dir};
+use rdrop_core::run_folder::{prune, step_name};
+use rdrop_core::{CoreError, StepStats, TrainState, Trainer};
+use rdrop_data::{EpochIter, Loader};
+use rdrop_vit::{save_hf, VisionTransformer};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{clean_stale, list_steps, prune, step_name, write_dir_atomic};
-use crate::cmd::eval::Accumulator;
 use crate::cmd::Interrupted;
-use crate::config::{self, AugmentKind, LossReduction, OptimizerKind, Passes, RunConfig, Schedule};
+use crate::config::{self, RunConfig};
 use crate::device::set_threads;
+use crate::evaluate::{evaluate, EvalResult};
 use crate::progress::Progress;
-use crate::run_dir::{EvalLine, MetricLine, MetricsWriter, RunDir, TrainLine};
+use crate::run_dir::{EvalLine, MetricLine, MetricsWriter, RunFolder, TrainLine};
+use crate::setup;
 use crate::signals::{self, StopFlag};
-
-/// The embedded demo dataset (scikit-learn digits in CIFAR-100 layout; see assets/README.md).
-pub static DEMO_ARCHIVE: &[u8] = include_bytes!("../../assets/digits-demo.tar.gz");
+use crate::test_hooks;
 
 /// Train a ViT with R-Drop.
 ///
@@ -44,6 +45,8 @@ pub static DEMO_ARCHIVE: &[u8] = include_bytes!("../../assets/digits-demo.tar.gz
 ///   rdrop train --preset demo                      # embedded digits, tiny ViT, CPU, ~2 min
 ///
 ///   rdrop train --preset vit-b16-cifar100 --data cifar-100-python.tar.gz --device cuda
+///
+///   rdrop train --data cifar-100-python.tar.gz --dry-run   # print the resolved config.toml
 ///
 ///   rdrop train --resume runs/demo-20260101-120000 # continue an interrupted run
 ///
@@ -64,6 +67,10 @@ pub struct Args {
     /// --threads are ignored).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Print the fully resolved configuration (the config.toml the run would write) and exit,
+    /// without reading data or weights or opening a device.
+    #[arg(long, conflicts_with = "resume")]
+    pub dry_run: bool,
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     pub json: bool,
@@ -103,12 +110,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return resume_run(dir, args.flags.threads, args.json);
     }
     let cfg = config::resolve(args.preset.as_deref(), args.config.as_deref(), &args.flags)?;
+    if args.dry_run {
+        return dry_run(&cfg);
+    }
     cfg.validate()?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| config::default_out_dir(&cfg.preset));
-    let run_dir = RunDir::new(&out);
+    let run_dir = RunFolder::new(&out);
     if run_dir.metrics().exists() || run_dir.checkpoints().exists() {
         anyhow::bail!(
             "{} already holds a run; continue it with `rdrop resume {}` or choose another --out",
@@ -116,13 +126,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out.display()
         );
     }
-    let summary = train(cfg, run_dir, None, signals::install())?;
+    let start = Start::Fresh {
+        required_model: args.flags.model.clone(),
+    };
+    let summary = train(cfg, run_dir, start, signals::install())?;
     report(&summary, args.json)
+}
+
+/// `--dry-run`: the resolved `config.toml` on stdout; settings checked, nothing opened.
+fn dry_run(cfg: &RunConfig) -> anyhow::Result<()> {
+    cfg.validate_settings()?;
+    print!("{}", cfg.to_toml()?);
+    if cfg.data.is_none() {
+        eprintln!("note: no --data yet; a real run needs one");
+    }
+    Ok(())
 }
 
 /// `rdrop resume OUT` / `rdrop train --resume OUT`.
 pub fn resume_run(dir: &Path, threads: Option<usize>, json: bool) -> anyhow::Result<()> {
-    let run_dir = RunDir::new(dir);
+    let run_dir = RunFolder::new(dir);
     let cfg_path = run_dir.config();
     anyhow::ensure!(
         cfg_path.is_file(),
@@ -136,14 +159,19 @@ pub fn resume_run(dir: &Path, threads: Option<usize>, json: bool) -> anyhow::Res
     }
     cfg.validate()?;
     clean_stale(&run_dir.checkpoints())?;
-    let ckpt = list_steps(&run_dir.checkpoints()).pop();
-    if ckpt.is_none() {
-        eprintln!(
-            "no checkpoint in {} yet: starting over from step 0 with its config.toml",
-            dir.display()
-        );
-    }
-    let summary = train(cfg, run_dir, ckpt.map(|c| c.1), signals::install())?;
+    let start = match run_dir.steps().pop() {
+        Some((_, ck)) => Start::Resume(ck),
+        None => {
+            eprintln!(
+                "no checkpoint in {} yet: starting over from step 0 with its config.toml",
+                dir.display()
+            );
+            Start::Fresh {
+                required_model: None,
+            }
+        }
+    };
+    let summary = train(cfg, run_dir, start, signals::install())?;
     report(&summary, json)
 }
 
@@ -166,139 +194,283 @@ fn report(s: &Summary, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the dataset named by `data` (a path, or `builtin:digits`).
-pub fn open_data(data: &str) -> anyhow::Result<Cifar> {
-    if data == config::BUILTIN_DEMO {
-        return Cifar::from_tar_gz_reader(DEMO_ARCHIVE, config::BUILTIN_DEMO)
-            .context("decoding the embedded demo archive");
-    }
-    let p = Path::new(data);
-    anyhow::ensure!(
-        p.exists(),
-        "dataset not found: {data} (expected cifar-100-python.tar.gz, cifar-10-python.tar.gz or \
-         an extracted folder; `rdrop data download` fetches CIFAR-100)"
+/// How a run begins.
+pub enum Start {
+    /// From step 0. `required_model` is an explicit `--model`, which weights with a
+    /// `config.json` must match.
+    Fresh { required_model: Option<String> },
+    /// From this checkpoint folder.
+    Resume(PathBuf),
+}
+
+/// Runs (or resumes) the training described by `cfg` in `dir`.
+pub fn train(
+    cfg: RunConfig,
+    dir: RunFolder,
+    start: Start,
+    stop: StopFlag,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    set_threads(cfg.threads)?;
+    let data_name = cfg.data.clone().unwrap_or_default();
+    let data = setup::open_data(&data_name)?;
+    let classes = setup::num_classes(&data);
+    let class_names = (!data.fine_label_names.is_empty()).then(|| data.fine_label_names.clone());
+    let device = cfg.device.open()?;
+    std::fs::create_dir_all(&dir.root)
+        .with_context(|| format!("cannot create {}", dir.root.display()))?;
+    let Session {
+        model,
+        mut trainer,
+        position,
+        mut best,
+        mut metrics,
+    } = self::start(&cfg, &dir, start, classes, &device)?;
+    let (train_loader, test_loader) = setup::loaders(&cfg, data)?;
+    announce(
+        &cfg,
+        &dir,
+        &model,
+        &data_name,
+        &train_loader,
+        &test_loader,
+        classes,
     );
-    Cifar::open(p).with_context(|| format!("reading dataset {data}"))
-}
+    let checkpoints = Checkpoints {
+        dir: dir.clone(),
+        keep_last: cfg.keep_last,
+        class_names,
+    };
 
-/// The rdrop-core update configuration of a run.
-pub fn train_config(c: &RunConfig) -> TrainConfig {
-    TrainConfig {
-        loss: LossConfig {
-            alpha: c.alpha,
-            mode: match c.loss_reduction {
-                LossReduction::Mean => LossMode::Mean,
-                LossReduction::Reference => LossMode::Reference,
-            },
-            label_smoothing: c.label_smoothing,
-        },
-        optim: OptimConfig {
-            kind: match c.optimizer {
-                OptimizerKind::Sgd => rdrop_core::OptimizerKind::Sgd,
-                OptimizerKind::Adamw => rdrop_core::OptimizerKind::AdamW,
-            },
-            lr: c.lr,
-            momentum: if c.optimizer == OptimizerKind::Sgd {
-                c.momentum
-            } else {
-                0.0
-            },
-            weight_decay: c.weight_decay,
-            ..OptimConfig::default()
-        },
-        schedule: ScheduleConfig {
-            decay: match c.schedule {
-                Schedule::Cosine => DecayKind::Cosine,
-                Schedule::Linear => DecayKind::Linear,
-            },
-            warmup_steps: c.warmup_steps,
-            total_steps: c.steps,
-            cycles: 0.5,
-        },
-        clip_norm: (c.clip_grad_norm > 0.0).then_some(c.clip_grad_norm),
-        accum_steps: c.accumulation(),
-        micro_batch: c.micro_batch,
-        two_pass: match c.passes {
-            Passes::Concat => TwoPass::Concat,
-            Passes::Sequential => TwoPass::Sequential,
-        },
-        precision: c.precision.into(),
-        scaler: ScalerConfig {
-            init_scale: c.loss_scale,
-            ..ScalerConfig::default()
-        },
-        sync_timing: false,
-    }
-}
-
-/// Dropout rates `(hidden, attention, attention output)` after `--dropout`.
-fn dropouts(c: &RunConfig, base: &ViTConfig) -> (f64, f64, f64) {
-    match c.dropout {
-        Some(p) => (p, p, p),
-        None => (
-            base.dropout,
-            base.attention_dropout,
-            base.attention_output_dropout,
-        ),
-    }
-}
-
-/// A model with random initialisation (no `--weights`).
-pub fn scratch_model(
-    c: &RunConfig,
-    classes: usize,
-    device: &Device,
-) -> anyhow::Result<VisionTransformer> {
-    let mut vc = match (&c.vit, &c.model) {
-        (Some(v), _) => v.clone(),
-        (None, Some(m)) => ViTConfig::preset(m)?,
-        (None, None) => {
-            anyhow::bail!("no --weights and no architecture: pass --model PRESET (e.g. vit-b16)")
+    let mut stream = Stream::new(&train_loader, position);
+    let mut progress = Progress::new(trainer.step(), cfg.steps);
+    let mut last_eval: Option<EvalResult> = None;
+    while trainer.step() < cfg.steps {
+        // One update: `accumulation` micro-batches, two passes each, one optimiser step.
+        let t0 = Instant::now();
+        let batches = stream.next_update(cfg.accumulation(), &device)?;
+        let stats = match trainer.update(&model, &batches) {
+            Ok(s) => s,
+            Err(e) => {
+                progress.finish();
+                return Err(update_error(e, trainer.step() + 1, &dir));
+            }
+        };
+        log_update(&mut metrics, &mut progress, &stats, stream.pos.epoch, t0)?;
+        if stats.skipped {
+            progress.println(&format!(
+                "step {}: f16 overflow, update skipped ({} so far); loss scale now {}",
+                stats.step,
+                stats.skipped_total,
+                trainer.loss_scale()
+            ));
         }
-    };
-    vc.image_size = c.image_size;
-    vc.num_classes = classes;
-    (
-        vc.dropout,
-        vc.attention_dropout,
-        vc.attention_output_dropout,
-    ) = dropouts(c, &vc);
-    if let Some(eps) = c.layer_norm_eps {
-        vc.layer_norm_eps = eps;
+        test_hooks::after_update();
+
+        let step = stats.step;
+        let last = step == cfg.steps;
+        if last || due(step, cfg.eval_every) {
+            let e = evaluate(&model, &test_loader, &device)?;
+            log_eval(&mut metrics, &mut progress, step, stream.pos.epoch, &e)?;
+            if e.top1 > best.top1 || best.step == 0 {
+                best = Best { top1: e.top1, step };
+                checkpoints.save_best(&model, step, &e)?;
+            }
+            last_eval = Some(e);
+        }
+        if stop.is_set() {
+            let ck = checkpoints.save(&trainer, &model, stream.pos, best, &mut metrics)?;
+            progress.finish();
+            let _ = crate::cmd::plot::plot_run(&dir, &dir.curves());
+            eprintln!("checkpoint written: {}", ck.display());
+            return Err(Interrupted {
+                resume_hint: format!("rdrop resume {}", dir.root.display()),
+            }
+            .into());
+        }
+        if last || due(step, cfg.save_every) {
+            checkpoints.save(&trainer, &model, stream.pos, best, &mut metrics)?;
+        }
     }
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    VisionTransformer::new(&vc, vb, DropoutRng::new(c.seed)).context("building the model")
+    progress.finish();
+
+    checkpoints.save_final(&model)?;
+    if let Err(e) = crate::cmd::plot::plot_run(&dir, &dir.curves()) {
+        eprintln!("warning: could not draw curves.png: {e:#}");
+    }
+    let e = match last_eval {
+        Some(e) => e,
+        None => evaluate(&model, &test_loader, &device)?,
+    };
+    Ok(Summary {
+        out: dir.root.display().to_string(),
+        steps: trainer.step(),
+        top1: e.top1,
+        top5: e.top5,
+        test_loss: e.loss,
+        best_top1: best.top1,
+        best_step: best.step,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
 }
 
-fn pretrained_model(
-    c: &RunConfig,
-    spec: &str,
+/// Whether a periodic action (`every` updates, 0 = never) falls on `step`.
+fn due(step: u64, every: u64) -> bool {
+    every > 0 && step.is_multiple_of(every)
+}
+
+/// What the loop starts from: model, trainer, data position, best evaluation, metrics file.
+struct Session {
+    model: VisionTransformer,
+    trainer: Trainer,
+    position: Position,
+    best: Best,
+    metrics: MetricsWriter,
+}
+
+/// A fresh session (writing `config.toml` and a new `metrics.jsonl`), or one restored from a
+/// checkpoint (its model, optimiser, scaler, RNG and data position; metrics after its step
+/// are dropped).
+fn start(
+    cfg: &RunConfig,
+    dir: &RunFolder,
+    start: Start,
     classes: usize,
     device: &Device,
-) -> anyhow::Result<VisionTransformer> {
-    let (h, a, ao) = match c.dropout {
-        Some(p) => (Some(p), Some(p), Some(p)),
-        // The recipe's rates (HF in21k configs say 0.0 everywhere).
-        None => (Some(0.1), Some(0.0), Some(0.0)),
-    };
-    let opts = LoadOptions {
-        preset: c.model.clone(),
-        num_classes: Some(classes),
-        image_size: Some(c.image_size),
-        reset_head: c.reset_head,
-        layer_norm_eps: c.layer_norm_eps,
-        dropout: h,
-        attention_dropout: a,
-        attention_output_dropout: ao,
-        device: device.clone(),
-        seed: c.seed,
-        hub_cache: None,
-        num_heads: None,
-    };
-    let loaded = load_model(spec, &opts).with_context(|| format!("loading weights `{spec}`"))?;
-    eprint!("{}", loaded.report);
-    Ok(loaded.model)
+) -> anyhow::Result<Session> {
+    let tcfg = setup::train_config(cfg);
+    match start {
+        Start::Fresh { required_model } => {
+            let model = setup::initial_model(cfg, classes, required_model.as_deref(), device)?;
+            let trainer =
+                Trainer::new(tcfg, model.named_vars()).context("setting up the trainer")?;
+            // The resolved configuration, before step 0 (`--dry-run` prints the same text).
+            rdrop_core::atomic::write_bytes(&dir.config(), cfg.to_toml()?.as_bytes())?;
+            Ok(Session {
+                model,
+                trainer,
+                position: Position::default(),
+                best: Best::default(),
+                metrics: MetricsWriter::create(&dir.metrics())?,
+            })
+        }
+        Start::Resume(ck) => {
+            let model = setup::checkpoint_model(cfg, &ck, device)?;
+            let state = TrainState::load(&ck)
+                .with_context(|| format!("loading the training state of {}", ck.display()))?;
+            let trainer =
+                Trainer::restore(tcfg, &model, &state).context("restoring the trainer")?;
+            eprintln!(
+                "resuming {} from {} (step {})",
+                dir.root.display(),
+                ck.display(),
+                state.step
+            );
+            Ok(Session {
+                model,
+                trainer,
+                position: Position {
+                    epoch: state.epoch,
+                    index: state.batch_index as usize,
+                },
+                best: serde_json::from_value(state.extra.clone()).unwrap_or_default(),
+                metrics: MetricsWriter::resume(&dir.metrics(), state.step)?,
+            })
+        }
+    }
+}
+
+/// The one-line description of the run on stderr.
+fn announce(
+    cfg: &RunConfig,
+    dir: &RunFolder,
+    model: &VisionTransformer,
+    data_name: &str,
+    train: &Loader,
+    test: &Loader,
+    classes: usize,
+) {
+    let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "training {} ({} parameters) on {} ({} train / {} test images, {} classes), {} updates of {} = {} × {}, {} {}, out {}",
+        if cfg.weights.is_some() { "a pre-trained ViT" } else { "a ViT from scratch" },
+        params,
+        data_name,
+        train.num_images(),
+        test.num_images(),
+        classes,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.micro_batch,
+        cfg.accumulation(),
+        cfg.device,
+        cfg.precision,
+        dir.root.display()
+    );
+}
+
+/// A failed update as the user should read it: a non-finite loss or gradient names the last
+/// good checkpoint and what to try.
+fn update_error(e: CoreError, step_no: u64, dir: &RunFolder) -> anyhow::Error {
+    match e {
+        CoreError::NonFinite { step, what, value } => anyhow::anyhow!(
+            "non-finite {what} ({value}) at step {step}: training stopped; {}. \
+             Lower --lr, enable --clip-grad-norm, or try --precision f16 on CUDA (loss scaling)",
+            last_good(dir)
+        ),
+        e => anyhow::Error::new(e).context(format!("update {step_no}")),
+    }
+}
+
+fn last_good(dir: &RunFolder) -> String {
+    match dir.steps().pop() {
+        Some((_, p)) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint was written yet".into(),
+    }
+}
+
+/// One `train` line in `metrics.jsonl` and on the progress bar.
+fn log_update(
+    metrics: &mut MetricsWriter,
+    progress: &mut Progress,
+    stats: &StepStats,
+    epoch: u64,
+    t0: Instant,
+) -> anyhow::Result<()> {
+    let ips = stats.samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    metrics.write(&MetricLine::Train(TrainLine {
+        step: stats.step,
+        epoch,
+        lr: stats.lr,
+        loss: stats.loss,
+        ce: stats.ce,
+        kl: stats.kl,
+        grad_norm: stats.grad_norm,
+        images_per_s: ips,
+        loss_scale: stats.loss_scale,
+        skipped: stats.skipped,
+    }))?;
+    progress.update(stats.step, ips, stats.loss, stats.lr);
+    Ok(())
+}
+
+/// One `eval` line in `metrics.jsonl` and on the progress bar.
+fn log_eval(
+    metrics: &mut MetricsWriter,
+    progress: &mut Progress,
+    step: u64,
+    epoch: u64,
+    e: &EvalResult,
+) -> anyhow::Result<()> {
+    metrics.write(&MetricLine::Eval(EvalLine {
+        step,
+        epoch,
+        top1: e.top1,
+        top5: e.top5,
+        test_loss: e.loss,
+    }))?;
+    progress.eval(step, e.top1, e.top5, e.loss);
+    Ok(())
 }
 
 /// Where the loader is: the next micro-batch to read.
@@ -315,7 +487,22 @@ struct Stream<'a> {
     iter: Option<EpochIter>,
 }
 
-impl Stream<'_> {
+impl<'a> Stream<'a> {
+    fn new(loader: &'a Loader, pos: Position) -> Self {
+        Self {
+            loader,
+            pos,
+            iter: None,
+        }
+    }
+
+    /// The `n` micro-batches of the next update, as `(images, labels)` tensors on `device`.
+    fn next_update(&mut self, n: usize, device: &Device) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+        (0..n)
+            .map(|_| Ok(self.next()?.to_tensors(DType::F32, device)?))
+            .collect()
+    }
+
     fn next(&mut self) -> anyhow::Result<rdrop_data::Batch> {
         loop {
             if self.pos.index >= self.loader.batches_per_epoch() {
@@ -352,349 +539,77 @@ struct Best {
     step: u64,
 }
 
-/// Test hook: `RDROP_TEST_STALL_CHECKPOINT=N` stalls the write of checkpoint step-N halfway
-/// (model written, training state not yet), announcing it on stderr, so that a test can
-/// `kill -9` the process there and check that the previous checkpoint stays usable.
-fn test_stall(step: u64) {
-    if std::env::var("RDROP_TEST_STALL_CHECKPOINT")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        == Some(step)
-    {
-        eprintln!("rdrop-test: stalling checkpoint step-{step}");
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
-    }
-}
-
-/// Test hook: `RDROP_TEST_STEP_DELAY_MS=N` sleeps after each update, so that a test can
-/// interrupt a tiny run at a step of its choosing.
-fn test_delay() {
-    if let Some(ms) = std::env::var("RDROP_TEST_STEP_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-}
-
-struct Run {
-    cfg: RunConfig,
-    dir: RunDir,
-    device: Device,
-    model: VisionTransformer,
+/// The folders a run writes its model to: `checkpoints/step-N/` (with the training state),
+/// `best/` and `final/`, each atomically.
+struct Checkpoints {
+    dir: RunFolder,
+    keep_last: usize,
     class_names: Option<Vec<String>>,
-    best: Best,
 }
 
-impl Run {
-    fn checkpoint(
+impl Checkpoints {
+    /// `checkpoints/step-N/` after the trainer's current step; keeps the newest `keep_last`.
+    fn save(
         &self,
         trainer: &Trainer,
+        model: &VisionTransformer,
         pos: Position,
+        best: Best,
         metrics: &mut MetricsWriter,
     ) -> anyhow::Result<PathBuf> {
         metrics.sync()?;
         let step = trainer.step();
-        let mut state = trainer.state(&self.model, pos.epoch, pos.index as u64);
-        state.extra = serde_json::to_value(self.best)?;
+        let mut state = trainer.state(model, pos.epoch, pos.index as u64);
+        state.extra = serde_json::to_value(best)?;
         let names = self.class_names.as_deref();
-        let dir = write_dir_atomic(&self.dir.checkpoints(), &step_name(step), |tmp| {
-            save_hf(&self.model, tmp, names)?;
-            test_stall(step);
-            state.save(tmp)?;
-            Ok(())
-        })?;
-        prune(&self.dir.checkpoints(), self.cfg.keep_last)?;
+        let dir = write_dir(
+            &self.dir.checkpoints(),
+            &step_name(step),
+            |tmp| -> anyhow::Result<()> {
+                save_hf(model, tmp, names)?;
+                test_hooks::checkpoint_half_written(step);
+                state.save(tmp)?;
+                Ok(())
+            },
+        )?;
+        prune(&self.dir.checkpoints(), self.keep_last)?;
         Ok(dir)
     }
 
-    fn evaluate(&self, loader: &Loader) -> anyhow::Result<(f64, f64, f64)> {
-        let mut acc = Accumulator::default();
-        for batch in loader.epoch(0, 0) {
-            let batch = batch.context("reading a test batch")?;
-            let (x, _) = batch.to_tensors(DType::F32, &self.device)?;
-            let logits = self
-                .model
-                .forward_t(&x, false)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            acc.add(&logits, &batch.labels);
-        }
-        let r = acc.result();
-        Ok((r.top1, r.top5, r.loss))
+    /// `best/`: the model and `best.json` (step and scores).
+    fn save_best(
+        &self,
+        model: &VisionTransformer,
+        step: u64,
+        e: &EvalResult,
+    ) -> anyhow::Result<()> {
+        let names = self.class_names.as_deref();
+        let summary = serde_json::json!({
+            "step": step, "top1": e.top1, "top5": e.top5, "test_loss": e.loss
+        });
+        write_dir(
+            &self.dir.root,
+            RunFolder::BEST,
+            |tmp| -> anyhow::Result<()> {
+                save_hf(model, tmp, names)?;
+                std::fs::write(
+                    tmp.join("best.json"),
+                    serde_json::to_string_pretty(&summary)?,
+                )?;
+                Ok(())
+            },
+        )?;
+        Ok(())
     }
-}
 
-fn last_good(dir: &RunDir) -> String {
-    match list_steps(&dir.checkpoints()).pop() {
-        Some((_, p)) => format!("the last good checkpoint is {}", p.display()),
-        None => "no checkpoint was written yet".into(),
+    /// `final/`: the model after the last update.
+    fn save_final(&self, model: &VisionTransformer) -> anyhow::Result<()> {
+        let names = self.class_names.as_deref();
+        write_dir(
+            &self.dir.root,
+            RunFolder::FINAL,
+            |tmp| -> anyhow::Result<()> { Ok(save_hf(model, tmp, names)?) },
+        )?;
+        Ok(())
     }
-}
-
-/// Runs (or resumes from `ckpt`) the training described by `cfg` in `dir`.
-pub fn train(
-    cfg: RunConfig,
-    dir: RunDir,
-    ckpt: Option<PathBuf>,
-    stop: StopFlag,
-) -> anyhow::Result<Summary> {
-    let started = Instant::now();
-    set_threads(cfg.threads)?;
-    let data_name = cfg.data.clone().unwrap_or_default();
-    let data = open_data(&data_name)?;
-    let classes = data.fine_label_names.len().max(data.train.num_classes());
-    let class_names = (!data.fine_label_names.is_empty()).then(|| data.fine_label_names.clone());
-    let device = cfg.device.open()?;
-    std::fs::create_dir_all(&dir.root)
-        .with_context(|| format!("cannot create {}", dir.root.display()))?;
-
-    // Model, trainer and data position: fresh or from the checkpoint.
-    let tcfg = train_config(&cfg);
-    let (model, trainer, pos, best, mut metrics) = match &ckpt {
-        Some(ck) => {
-            let opts = LoadOptions {
-                device: device.clone(),
-                seed: cfg.seed,
-                ..Default::default()
-            };
-            let mut model = load_model(&ck.display().to_string(), &opts)
-                .with_context(|| format!("loading the model of checkpoint {}", ck.display()))?
-                .model;
-            model.set_compute_dtype(cfg.precision.dtype())?;
-            let state = TrainState::load(ck)
-                .with_context(|| format!("loading the training state of {}", ck.display()))?;
-            let trainer =
-                Trainer::restore(tcfg, &model, &state).context("restoring the trainer")?;
-            let best: Best = serde_json::from_value(state.extra.clone()).unwrap_or_default();
-            let metrics = MetricsWriter::resume(&dir.metrics(), state.step)?;
-            eprintln!(
-                "resuming {} from {} (step {})",
-                dir.root.display(),
-                ck.display(),
-                state.step
-            );
-            let pos = Position {
-                epoch: state.epoch,
-                index: state.batch_index as usize,
-            };
-            (model, trainer, pos, best, metrics)
-        }
-        None => {
-            let mut model = match &cfg.weights {
-                Some(w) => pretrained_model(&cfg, w, classes, &device)?,
-                None => scratch_model(&cfg, classes, &device)?,
-            };
-            model.set_compute_dtype(cfg.precision.dtype())?;
-            let trainer =
-                Trainer::new(tcfg, model.named_vars()).context("setting up the trainer")?;
-            // The resolved configuration, before step 0.
-            std::fs::write(dir.config(), cfg.to_toml()?)
-                .with_context(|| format!("cannot write {}", dir.config().display()))?;
-            let metrics = MetricsWriter::create(&dir.metrics())?;
-            (
-                model,
-                trainer,
-                Position::default(),
-                Best::default(),
-                metrics,
-            )
-        }
-    };
-    let mut trainer = trainer;
-
-    let augment = match cfg.augment {
-        AugmentKind::Recipe => Augment::Recipe(TrainTransform {
-            image_size: cfg.image_size,
-            scale: (cfg.crop_scale[0], cfg.crop_scale[1]),
-            ..TrainTransform::default()
-        }),
-        AugmentKind::None => Augment::None,
-    };
-    let train_loader = Loader::new(
-        Arc::new(data.train),
-        LoaderConfig {
-            batch_size: cfg.micro_batch,
-            image_size: cfg.image_size,
-            seed: cfg.seed,
-            shuffle: cfg.shuffle,
-            drop_last: true,
-            augment,
-            prefetch: 4,
-            threads: None,
-        },
-    )
-    .context("building the training loader")?;
-    anyhow::ensure!(
-        train_loader.batches_per_epoch() > 0,
-        "the training split ({} images) is smaller than one micro-batch ({})",
-        train_loader.num_images(),
-        cfg.micro_batch
-    );
-    let test_loader = Loader::new(
-        Arc::new(data.test),
-        LoaderConfig::test(cfg.image_size, cfg.eval_batch_size),
-    )
-    .context("building the test loader")?;
-
-    let mut run = Run {
-        cfg: cfg.clone(),
-        dir: dir.clone(),
-        device: device.clone(),
-        model,
-        class_names,
-        best,
-    };
-    let params: usize = run
-        .model
-        .named_vars()
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
-    eprintln!(
-        "training {} ({} parameters) on {} ({} train / {} test images, {} classes), {} updates of {} = {} × {}, {} {}, out {}",
-        if cfg.weights.is_some() { "a pre-trained ViT" } else { "a ViT from scratch" },
-        params,
-        data_name,
-        train_loader.num_images(),
-        test_loader.num_images(),
-        classes,
-        cfg.steps,
-        cfg.batch_size,
-        cfg.micro_batch,
-        cfg.accumulation(),
-        cfg.device,
-        cfg.precision,
-        dir.root.display()
-    );
-
-    let mut stream = Stream {
-        loader: &train_loader,
-        pos,
-        iter: None,
-    };
-    let mut progress = Progress::new(trainer.step(), cfg.steps);
-    let mut last_eval: Option<(f64, f64, f64)> = None;
-    let accum = cfg.accumulation();
-    while trainer.step() < cfg.steps {
-        let t0 = Instant::now();
-        let mut mbs = Vec::with_capacity(accum);
-        for _ in 0..accum {
-            let b = stream.next()?;
-            mbs.push(b.to_tensors(DType::F32, &device)?);
-        }
-        let epoch = stream.pos.epoch;
-        let step_no = trainer.step() + 1;
-        let stats: StepStats = match trainer.update(&run.model, &mbs) {
-            Ok(s) => s,
-            Err(CoreError::NonFinite { step, what, value }) => {
-                progress.finish();
-                anyhow::bail!(
-                    "non-finite {what} ({value}) at step {step}: training stopped; {}. \
-                     Lower --lr, enable --clip-grad-norm, or try --precision f16 on CUDA (loss scaling)",
-                    last_good(&dir)
-                );
-            }
-            Err(e) => return Err(e).with_context(|| format!("update {step_no}")),
-        };
-        if !stats.skipped && !(stats.loss.is_finite()) {
-            progress.finish();
-            anyhow::bail!(
-                "non-finite loss ({}) at step {}: training stopped; {}",
-                stats.loss,
-                stats.step,
-                last_good(&dir)
-            );
-        }
-        let dt = t0.elapsed().as_secs_f64();
-        let ips = stats.samples as f64 / dt.max(1e-9);
-        metrics.write(&MetricLine::Train(TrainLine {
-            step: stats.step,
-            epoch,
-            lr: stats.lr,
-            loss: stats.loss,
-            ce: stats.ce,
-            kl: stats.kl,
-            grad_norm: stats.grad_norm,
-            images_per_s: ips,
-            loss_scale: stats.loss_scale,
-            skipped: stats.skipped,
-        }))?;
-        if stats.skipped {
-            progress.println(&format!(
-                "step {}: f16 overflow, update skipped ({} so far); loss scale now {}",
-                stats.step,
-                stats.skipped_total,
-                trainer.loss_scale()
-            ));
-        }
-        progress.update(stats.step, ips, stats.loss, stats.lr);
-        test_delay();
-        let step = stats.step;
-        let last = step == cfg.steps;
-        if last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) {
-            let (top1, top5, loss) = run.evaluate(&test_loader)?;
-            metrics.write(&MetricLine::Eval(EvalLine {
-                step,
-                epoch,
-                top1,
-                top5,
-                test_loss: loss,
-            }))?;
-            progress.eval(step, top1, top5, loss);
-            last_eval = Some((top1, top5, loss));
-            if top1 > run.best.top1 || run.best.step == 0 {
-                run.best = Best { top1, step };
-                let names = run.class_names.clone();
-                write_dir_atomic(&dir.root, "best", |tmp| {
-                    save_hf(&run.model, tmp, names.as_deref())?;
-                    std::fs::write(
-                        tmp.join("best.json"),
-                        serde_json::to_string_pretty(
-                            &serde_json::json!({"step": step, "top1": top1, "top5": top5, "test_loss": loss}),
-                        )?,
-                    )?;
-                    Ok(())
-                })?;
-            }
-        }
-        let pos_now = stream.pos;
-        if stop.is_set() {
-            let ck = run.checkpoint(&trainer, pos_now, &mut metrics)?;
-            progress.finish();
-            let _ = crate::cmd::plot::plot_run(&dir, &dir.curves());
-            eprintln!("checkpoint written: {}", ck.display());
-            return Err(Interrupted {
-                resume_hint: format!("rdrop resume {}", dir.root.display()),
-            }
-            .into());
-        }
-        if last || (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every)) {
-            run.checkpoint(&trainer, pos_now, &mut metrics)?;
-        }
-    }
-    progress.finish();
-    let names = run.class_names.clone();
-    write_dir_atomic(&dir.root, "final", |tmp| {
-        Ok(save_hf(&run.model, tmp, names.as_deref())?)
-    })?;
-    if let Err(e) = crate::cmd::plot::plot_run(&dir, &dir.curves()) {
-        eprintln!("warning: could not draw curves.png: {e:#}");
-    }
-    let (top1, top5, test_loss) = match last_eval {
-        Some(e) => e,
-        None => run.evaluate(&test_loader)?,
-    };
-    Ok(Summary {
-        out: dir.root.display().to_string(),
-        steps: trainer.step(),
-        top1,
-        top5,
-        test_loss,
-        best_top1: run.best.top1,
-        best_step: run.best.step,
-        wall_s: started.elapsed().as_secs_f64(),
-    })
 }

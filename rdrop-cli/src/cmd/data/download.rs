@@ -62,22 +62,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{} is already there (MD5 {want})", dest.display());
         return Ok(());
     }
-    let part = args.to.join(format!(".{name}.part"));
-    let result = fetch(url, &part, &want);
+    // Streamed into a temporary sibling, moved into place only once the MD5 matches.
+    let mut bytes = 0;
+    let result = rdrop_core::atomic::write_file(&dest, |part| -> anyhow::Result<()> {
+        bytes = fetch(url, part, &want)?;
+        Ok(())
+    });
     match result {
-        Ok(bytes) => {
-            std::fs::rename(&part, &dest)
-                .with_context(|| format!("cannot move {} to {}", part.display(), dest.display()))?;
+        Ok(()) => {
             println!(
                 "saved {} ({bytes} bytes, MD5 {want} verified)",
                 dest.display()
             );
             Ok(())
         }
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            Err(e.context(format!("download of {url} failed; nothing was saved")))
-        }
+        Err(e) => Err(e.context(format!("download of {url} failed; nothing was saved"))),
     }
 }
 

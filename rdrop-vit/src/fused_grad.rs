@@ -1,4 +1,5 @@
-//! LayerNorm and softmax with gradients, at the speed of candle's fused kernels.
+//! Fused kernels given a gradient: LayerNorm and softmax over the last dimension, forward by
+//! candle's fused kernels, backward analytic (the model's two non-GEMM hot spots).
 //!
 //! `candle_nn::ops::layer_norm` / `softmax_last_dim` are fast fused kernels (CPU and CUDA) but
 //! record no backward: their inputs silently get no gradient. Here the forward value comes from
