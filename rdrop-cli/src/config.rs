@@ -27,7 +27,7 @@ pub use rdrop_core::{DecayKind, LossMode, OptimizerKind};
 use rdrop_vit::ViTConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{check_precision, DeviceSpec, Precision};
+use crate::device::{check_precision, DeviceSpec, EngineKind, Precision};
 
 /// `data` value naming the embedded demo archive.
 pub const BUILTIN_DEMO: &str = "builtin:digits";
@@ -298,6 +298,8 @@ pub struct RunConfig {
     pub optimizer: OptimizerKind,
     /// Forward precision (master weights are f32).
     pub precision: Precision,
+    /// `auto` (the explicit engine on CPU in f32, else autograd), `explicit` or `autograd`.
+    pub engine: EngineKind,
     /// Initial dynamic loss scale (f16 only).
     pub loss_scale: f64,
     /// Device.
@@ -349,6 +351,7 @@ impl Default for RunConfig {
             momentum: 0.9,
             optimizer: OptimizerKind::Sgd,
             precision: Precision::Bf16,
+            engine: EngineKind::Auto,
             loss_scale: 1_048_576.0,
             device: DeviceSpec::Cuda(0),
             seed: 42,
@@ -564,6 +567,7 @@ impl RunConfig {
         );
         anyhow::ensure!(self.keep_last > 0, "keep-last must be at least 1");
         check_precision(self.precision, &self.device)?;
+        crate::learner::use_explicit(self.engine, &self.device, self.precision)?;
         Ok(())
     }
 }
@@ -671,6 +675,10 @@ pub struct Overrides {
     /// Forward precision: f32, bf16 or f16 (bf16/f16 on CUDA).
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
+    /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model: any
+    /// device and precision) or `auto` (explicit on CPU in f32, else autograd).
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineKind>,
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceSpec>,
@@ -714,6 +722,7 @@ impl Overrides {
             momentum,
             optimizer,
             precision,
+            engine,
             device,
             seed,
             eval_every,

@@ -96,6 +96,7 @@ fn cuda_open_error(n: usize, e: candle_core::Error) -> anyhow::Error {
 }
 
 pub use rdrop_core::Precision;
+pub use rdrop_vit::EngineKind;
 
 /// Refuses precisions candle cannot run on `device` (reduced precision on CPU: bf16
 /// conv/matmul is widened or missing there, see candle-notes).
@@ -121,6 +122,10 @@ pub struct ComputeArgs {
     /// CPU threads for candle and the data pipeline (default: all cores).
     #[arg(long, value_name = "T")]
     pub threads: Option<usize>,
+    /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model:
+    /// any device and precision) or `auto` (explicit on CPU in f32, else autograd).
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
+    pub engine: EngineKind,
 }
 
 impl Default for ComputeArgs {
@@ -129,6 +134,7 @@ impl Default for ComputeArgs {
             device: DeviceSpec::Cpu,
             precision: Precision::F32,
             threads: None,
+            engine: EngineKind::Auto,
         }
     }
 }
@@ -139,6 +145,11 @@ impl ComputeArgs {
         set_threads(self.threads)?;
         check_precision(self.precision, &self.device)?;
         self.device.open()
+    }
+
+    /// Whether the explicit engine runs (see [`crate::learner::use_explicit`]).
+    pub fn explicit(&self) -> anyhow::Result<bool> {
+        crate::learner::use_explicit(self.engine, &self.device, self.precision)
     }
 }
 

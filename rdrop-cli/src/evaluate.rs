@@ -5,7 +5,6 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use rdrop_core::loss::cross_entropy;
 use rdrop_data::Loader;
-use rdrop_vit::VisionTransformer;
 use serde::Serialize;
 
 /// The result of an evaluation.
@@ -70,9 +69,10 @@ impl Accumulator {
     }
 }
 
-/// Evaluates `model` (dropout off) on every image of `loader`'s epoch 0.
+/// Evaluates a model, given as its eval-mode (dropout off) `logits` function, on every image
+/// of `loader`'s epoch 0.
 pub fn evaluate(
-    model: &VisionTransformer,
+    mut logits: impl FnMut(&Tensor) -> anyhow::Result<Tensor>,
     loader: &Loader,
     device: &Device,
 ) -> anyhow::Result<EvalResult> {
@@ -80,10 +80,7 @@ pub fn evaluate(
     for batch in loader.epoch(0, 0) {
         let batch = batch.context("reading a test batch")?;
         let (x, _) = batch.to_tensors(DType::F32, device)?;
-        let logits = model
-            .forward_t(&x, false)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
+        let logits = logits(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         acc.add(&logits, &batch.labels)?;
     }
     Ok(acc.result())

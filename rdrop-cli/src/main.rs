@@ -12,6 +12,7 @@ mod cmd;
 mod config;
 mod device;
 mod evaluate;
+mod learner;
 mod progress;
 mod run_dir;
 mod setup;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rdrop_core::{DropoutRng, FlatRDropModel, FlatTrainer, TrainConfig, Trainer};
-use rdrop_vit::{Engine, VisionTransformer, ViTConfig};
+use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -22,7 +22,9 @@ fn main() -> anyhow::Result<()> {
     let s = cfg.image_size;
     let x = Tensor::randn(0f32, 1.0, (m, 3, s, s), &Device::Cpu)?;
     let y = Tensor::from_vec(
-        (0..m).map(|i| (i * 7 % cfg.num_classes) as u32).collect::<Vec<_>>(),
+        (0..m)
+            .map(|i| (i * 7 % cfg.num_classes) as u32)
+            .collect::<Vec<_>>(),
         m,
         &Device::Cpu,
     )?;

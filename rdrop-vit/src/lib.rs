@@ -21,7 +21,7 @@ pub mod posembed;
 pub mod save;
 
 pub use config::ViTConfig;
-pub use engine::Engine;
+pub use engine::{Engine, EngineKind};
 pub use error::{Result, VitError};
 pub use load::{load_model, HeadStatus, LoadOptions, LoadReport, Loaded, WeightsLayout};
 pub use model::VisionTransformer;

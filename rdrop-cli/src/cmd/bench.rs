@@ -1,23 +1,115 @@
 //! `rdrop bench train`: R-Drop training-step throughput on synthetic data with a randomly
-//! initialised model — the same step as `rdrop train` (rdrop-core's `Trainer::update`: two
-//! passes, loss, backward, clipping, SGD momentum), timed phase by phase.
+//! initialised model — the same step as `rdrop train` (the explicit engine or the autograd
+//! model, `--engine`: two passes, loss, backward, clipping, SGD momentum), timed phase by phase.
+//! `rdrop bench eval`: inference throughput of the same models.
 //!
 //! Comparable with `../shared/bench/torch_cpu_step.py THREADS cpu-small` (one forward of
 //! [x; x], α 0.3, SGD momentum 0.9, clip 1.0, 3 warm-up steps): "samples/s" counts each
-//! training sample once although it goes through the network twice.
+//! training sample once although it goes through the network twice; and with
+//! `../shared/bench/torch_cpu_eval.py THREADS MODEL BATCH ITERS` (timm, eval mode, no grad).
 
 use candle_core::{Device, Tensor};
-use rdrop_core::{DecayKind, LossConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer};
+use rdrop_core::{DecayKind, LossConfig, OptimConfig, ScheduleConfig, TrainConfig};
 use rdrop_vit::ViTConfig;
 use serde::Serialize;
 
 use crate::config::Passes;
 use crate::device::ComputeArgs;
+use crate::learner::{Learner, Predictor};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Time R-Drop training updates of a randomly initialised ViT on synthetic data.
     Train(TrainArgs),
+    /// Time eval-mode forwards (no dropout, no gradient) of a randomly initialised ViT.
+    Eval(EvalArgs),
+}
+
+/// Arguments of `rdrop bench eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Architecture preset (vit-b16, cpu-small, ...).
+    #[arg(long, default_value = "vit-b16")]
+    pub model: String,
+    /// Input side in pixels (default: the preset's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Images per forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Timed forwards (after one untimed).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// Print one JSON object (its last line).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `rdrop bench eval --json` prints.
+#[derive(Debug, Serialize)]
+pub struct EvalBench {
+    /// Images per second.
+    pub images_per_s: f64,
+    /// Peak memory in GiB (process peak RSS on CPU).
+    pub peak_gib: Option<f64>,
+    /// Model preset.
+    pub model: String,
+    /// Input side.
+    pub image_size: usize,
+    /// Images per forward.
+    pub batch_size: usize,
+    /// Timed forwards.
+    pub iters: usize,
+    /// `explicit` or `autograd`.
+    pub engine: String,
+    /// Device.
+    pub device: String,
+    /// CPU threads.
+    pub threads: usize,
+}
+
+/// Runs `rdrop bench eval`.
+pub fn bench_eval(a: &EvalArgs) -> anyhow::Result<EvalBench> {
+    anyhow::ensure!(
+        a.batch_size > 0 && a.iters > 0,
+        "--batch-size and --iters must be at least 1"
+    );
+    let device = a.compute.open()?;
+    let explicit = a.compute.explicit()?;
+    let mut vc = ViTConfig::preset(&a.model)?;
+    if let Some(s) = a.image_size {
+        vc.image_size = s;
+    }
+    let mut model = crate::setup::new_model(&vc, 0, &device)?;
+    model.set_compute_dtype(a.compute.precision.dtype())?;
+    let mut p = Predictor::new(model, explicit)?;
+    let s = vc.image_size;
+    let x = Tensor::randn(0f32, 1f32, (a.batch_size, 3, s, s), &Device::Cpu)?.to_device(&device)?;
+    p.logits(&x)?;
+    device.synchronize()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..a.iters {
+        p.logits(&x)?;
+    }
+    device.synchronize()?;
+    let wall = t0.elapsed().as_secs_f64();
+    Ok(EvalBench {
+        images_per_s: (a.batch_size * a.iters) as f64 / wall,
+        peak_gib: if device.is_cpu() {
+            peak_rss_gib()
+        } else {
+            None
+        },
+        model: a.model.clone(),
+        image_size: s,
+        batch_size: a.batch_size,
+        iters: a.iters,
+        engine: if explicit { "explicit" } else { "autograd" }.into(),
+        device: a.compute.device.to_string(),
+        threads: rayon::current_num_threads(),
+    })
 }
 
 /// Arguments of `rdrop bench train`.
@@ -68,9 +160,11 @@ pub struct BenchResult {
     pub steps: usize,
     /// Precision.
     pub precision: String,
+    /// `explicit` or `autograd`.
+    pub engine: String,
     /// Device.
     pub device: String,
-    /// CPU threads used by candle.
+    /// CPU threads used by candle and the engine.
     pub threads: usize,
     /// Parameters of the model.
     pub params: usize,
@@ -93,18 +187,40 @@ pub struct BenchResult {
 
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
+        Command::Eval(a) => {
+            let r = bench_eval(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} @ {} px, batch {}, {} engine on {} ({} threads): {:.2} images/s; peak {}",
+                    r.model,
+                    r.image_size,
+                    r.batch_size,
+                    r.engine,
+                    r.device,
+                    r.threads,
+                    r.images_per_s,
+                    r.peak_gib
+                        .map(|g| format!("{g:.2} GiB (process peak RSS)"))
+                        .unwrap_or_else(|| "n/a".into()),
+                );
+            }
+            Ok(())
+        }
         Command::Train(a) => {
             let r = bench_train(&a)?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} @ {} px, micro-batch {}, {} on {} ({} threads): {:.1} R-Drop samples/s, {:.1} ms/update \
+                    "{} @ {} px, micro-batch {}, {} {} engine on {} ({} threads): {:.1} R-Drop samples/s, {:.1} ms/update \
                      (forward {:.1}, backward {:.1}, optimiser {:.1}); peak {} {}",
                     r.model,
                     r.image_size,
                     r.micro_batch,
                     r.precision,
+                    r.engine,
                     r.device,
                     r.threads,
                     r.samples_per_s,
@@ -157,6 +273,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         "--micro-batch and --steps must be at least 1"
     );
     let device = a.compute.open()?;
+    let explicit = a.compute.explicit()?;
     let mut vc = ViTConfig::preset(&a.model)?;
     if let Some(s) = a.image_size {
         vc.image_size = s;
@@ -194,7 +311,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         sync_timing: true,
         ..TrainConfig::default()
     };
-    let mut trainer = Trainer::new(tcfg, model.named_vars())?;
+    let mut trainer = Learner::new(model, tcfg, explicit)?;
     let s = vc.image_size;
     let x =
         Tensor::randn(0f32, 1f32, (a.micro_batch, 3, s, s), &Device::Cpu)?.to_device(&device)?;
@@ -205,13 +322,13 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
     let batch = [(x, y)];
     let mut peak_dev: Option<f64> = None;
     for _ in 0..a.warmup {
-        trainer.update(&model, &batch)?;
+        trainer.update(&batch)?;
         peak_dev = max_opt(peak_dev, cuda_used_gib(&device));
     }
     let (mut f, mut b, mut o) = (0.0, 0.0, 0.0);
     let t0 = std::time::Instant::now();
     for _ in 0..a.steps {
-        let st = trainer.update(&model, &batch)?;
+        let st = trainer.update(&batch)?;
         f += st.forward_s;
         b += st.backward_s;
         o += st.optimizer_s;
@@ -234,8 +351,9 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         micro_batch: a.micro_batch,
         steps: a.steps,
         precision: a.compute.precision.to_string(),
+        engine: trainer.engine_name().into(),
         device: a.compute.device.to_string(),
-        threads: candle_core::utils::get_num_threads(),
+        threads: rayon::current_num_threads(),
         params,
         samples_per_s: a.micro_batch as f64 * n / wall,
         step_ms: 1e3 * wall / n,
@@ -250,6 +368,30 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bench_eval_runs_both_engines() {
+        for engine in [
+            rdrop_vit::EngineKind::Explicit,
+            rdrop_vit::EngineKind::Autograd,
+        ] {
+            let a = EvalArgs {
+                model: "tiny".into(),
+                image_size: None,
+                batch_size: 3,
+                iters: 2,
+                compute: ComputeArgs {
+                    engine,
+                    ..ComputeArgs::default()
+                },
+                json: true,
+            };
+            let r = bench_eval(&a).unwrap();
+            assert!(r.images_per_s > 0.0);
+            assert!(r.peak_gib.unwrap() > 0.0);
+            assert_eq!(r.engine, engine.to_string());
+        }
+    }
 
     #[test]
     fn bench_runs_a_tiny_model() {

@@ -13,6 +13,7 @@ use rdrop_vit::{load_model, HeadStatus, LoadOptions};
 
 use crate::device::ComputeArgs;
 use crate::evaluate::Accumulator;
+use crate::learner::Predictor;
 
 /// Evaluate weights on the test split of a CIFAR dataset.
 ///
@@ -103,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .model
         .set_compute_dtype(args.compute.precision.dtype())?;
     let size = loaded.config.image_size;
+    let mut model = Predictor::new(loaded.model, args.compute.explicit()?)?;
     let mut split = data.test;
     if let Some(n) = args.limit {
         anyhow::ensure!(n > 0, "--limit must be at least 1");
@@ -126,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for batch in loader.epoch(0, 0) {
         let batch = batch.context("reading a test batch")?;
         let (x, _) = batch.to_tensors(DType::F32, &device)?;
-        let logits = loaded.model.forward_t(&x, false)?.to_vec2::<f32>()?;
+        let logits = model.logits(&x)?.to_vec2::<f32>()?;
         acc.add(&logits, &batch.labels)?;
         if args.dump_logits.is_some() {
             dumped.extend(logits.iter().flatten());

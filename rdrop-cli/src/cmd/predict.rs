@@ -11,6 +11,7 @@ use rdrop_vit::{load_model, LoadOptions};
 use serde::Serialize;
 
 use crate::device::ComputeArgs;
+use crate::learner::Predictor;
 
 /// Arguments of `rdrop predict`.
 #[derive(clap::Args, Debug)]
@@ -108,6 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let size = loaded.config.image_size;
     let classes = loaded.config.num_classes;
     let names = loaded.class_names.clone();
+    let mut model = Predictor::new(loaded.model, args.compute.explicit()?)?;
     let label = |i: usize| {
         names
             .as_ref()
@@ -118,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for path in &args.images {
         let x = load_image(path, size)?;
         let x = Tensor::from_vec(x, (1, 3, size, size), &Device::Cpu)?.to_device(&device)?;
-        let logits = loaded.model.forward_t(&x, false)?.to_dtype(DType::F32)?;
+        let logits = model.logits(&x)?.to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?
             .squeeze(0)?
             .to_vec1::<f32>()?;

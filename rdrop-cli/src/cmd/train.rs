@@ -22,7 +22,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use rdrop_core::atomic::{clean_stale, write_dir};
 use rdrop_core::run_folder::{prune, step_name};
-use rdrop_core::{CoreError, StepStats, TrainState, Trainer};
+use rdrop_core::{CoreError, StepStats, TrainState};
 use rdrop_data::{EpochIter, Loader};
 use rdrop_vit::{save_hf, VisionTransformer};
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,7 @@ use crate::cmd::Interrupted;
 use crate::config::{self, RunConfig};
 use crate::device::set_threads;
 use crate::evaluate::{evaluate, EvalResult};
+use crate::learner::Learner;
 use crate::progress::Progress;
 use crate::run_dir::{EvalLine, MetricLine, MetricsWriter, RunFolder, TrainLine};
 use crate::setup;
@@ -220,8 +221,7 @@ pub fn train(
     std::fs::create_dir_all(&dir.root)
         .with_context(|| format!("cannot create {}", dir.root.display()))?;
     let Session {
-        model,
-        mut trainer,
+        mut learner,
         position,
         mut best,
         mut metrics,
@@ -230,7 +230,7 @@ pub fn train(
     announce(
         &cfg,
         &dir,
-        &model,
+        &learner,
         &data_name,
         &train_loader,
         &test_loader,
@@ -243,17 +243,17 @@ pub fn train(
     };
 
     let mut stream = Stream::new(&train_loader, position);
-    let mut progress = Progress::new(trainer.step(), cfg.steps);
+    let mut progress = Progress::new(learner.step(), cfg.steps);
     let mut last_eval: Option<EvalResult> = None;
-    while trainer.step() < cfg.steps {
+    while learner.step() < cfg.steps {
         // One update: `accumulation` micro-batches, two passes each, one optimiser step.
         let t0 = Instant::now();
         let batches = stream.next_update(cfg.accumulation(), &device)?;
-        let stats = match trainer.update(&model, &batches) {
+        let stats = match learner.update(&batches) {
             Ok(s) => s,
             Err(e) => {
                 progress.finish();
-                return Err(update_error(e, trainer.step() + 1, &dir));
+                return Err(update_error(e, learner.step() + 1, &dir));
             }
         };
         log_update(&mut metrics, &mut progress, &stats, stream.pos.epoch, t0)?;
@@ -262,7 +262,7 @@ pub fn train(
                 "step {}: f16 overflow, update skipped ({} so far); loss scale now {}",
                 stats.step,
                 stats.skipped_total,
-                trainer.loss_scale()
+                learner.loss_scale()
             ));
         }
         test_hooks::after_update();
@@ -270,16 +270,16 @@ pub fn train(
         let step = stats.step;
         let last = step == cfg.steps;
         if last || due(step, cfg.eval_every) {
-            let e = evaluate(&model, &test_loader, &device)?;
+            let e = evaluate(|x| learner.logits(x), &test_loader, &device)?;
             log_eval(&mut metrics, &mut progress, step, stream.pos.epoch, &e)?;
             if e.top1 > best.top1 || best.step == 0 {
                 best = Best { top1: e.top1, step };
-                checkpoints.save_best(&model, step, &e)?;
+                checkpoints.save_best(learner.model()?, step, &e)?;
             }
             last_eval = Some(e);
         }
         if stop.is_set() {
-            let ck = checkpoints.save(&trainer, &model, stream.pos, best, &mut metrics)?;
+            let ck = checkpoints.save(&mut learner, stream.pos, best, &mut metrics)?;
             progress.finish();
             let _ = crate::cmd::plot::plot_run(&dir, &dir.curves());
             eprintln!("checkpoint written: {}", ck.display());
@@ -289,22 +289,22 @@ pub fn train(
             .into());
         }
         if last || due(step, cfg.save_every) {
-            checkpoints.save(&trainer, &model, stream.pos, best, &mut metrics)?;
+            checkpoints.save(&mut learner, stream.pos, best, &mut metrics)?;
         }
     }
     progress.finish();
 
-    checkpoints.save_final(&model)?;
+    checkpoints.save_final(learner.model()?)?;
     if let Err(e) = crate::cmd::plot::plot_run(&dir, &dir.curves()) {
         eprintln!("warning: could not draw curves.png: {e:#}");
     }
     let e = match last_eval {
         Some(e) => e,
-        None => evaluate(&model, &test_loader, &device)?,
+        None => evaluate(|x| learner.logits(x), &test_loader, &device)?,
     };
     Ok(Summary {
         out: dir.root.display().to_string(),
-        steps: trainer.step(),
+        steps: learner.step(),
         top1: e.top1,
         top5: e.top5,
         test_loss: e.loss,
@@ -319,10 +319,9 @@ fn due(step: u64, every: u64) -> bool {
     every > 0 && step.is_multiple_of(every)
 }
 
-/// What the loop starts from: model, trainer, data position, best evaluation, metrics file.
+/// What the loop starts from: model and trainer, data position, best evaluation, metrics file.
 struct Session {
-    model: VisionTransformer,
-    trainer: Trainer,
+    learner: Learner,
     position: Position,
     best: Best,
     metrics: MetricsWriter,
@@ -339,16 +338,15 @@ fn start(
     device: &Device,
 ) -> anyhow::Result<Session> {
     let tcfg = setup::train_config(cfg);
+    let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.precision)?;
     match start {
         Start::Fresh { required_model } => {
             let model = setup::initial_model(cfg, classes, required_model.as_deref(), device)?;
-            let trainer =
-                Trainer::new(tcfg, model.named_vars()).context("setting up the trainer")?;
+            let learner = Learner::new(model, tcfg, explicit)?;
             // The resolved configuration, before step 0 (`--dry-run` prints the same text).
             rdrop_core::atomic::write_bytes(&dir.config(), cfg.to_toml()?.as_bytes())?;
             Ok(Session {
-                model,
-                trainer,
+                learner,
                 position: Position::default(),
                 best: Best::default(),
                 metrics: MetricsWriter::create(&dir.metrics())?,
@@ -358,8 +356,7 @@ fn start(
             let model = setup::checkpoint_model(cfg, &ck, device)?;
             let state = TrainState::load(&ck)
                 .with_context(|| format!("loading the training state of {}", ck.display()))?;
-            let trainer =
-                Trainer::restore(tcfg, &model, &state).context("restoring the trainer")?;
+            let learner = Learner::restore(model, tcfg, &state, explicit)?;
             eprintln!(
                 "resuming {} from {} (step {})",
                 dir.root.display(),
@@ -367,8 +364,7 @@ fn start(
                 state.step
             );
             Ok(Session {
-                model,
-                trainer,
+                learner,
                 position: Position {
                     epoch: state.epoch,
                     index: state.batch_index as usize,
@@ -384,15 +380,15 @@ fn start(
 fn announce(
     cfg: &RunConfig,
     dir: &RunFolder,
-    model: &VisionTransformer,
+    learner: &Learner,
     data_name: &str,
     train: &Loader,
     test: &Loader,
     classes: usize,
 ) {
-    let params: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let params = learner.config().num_params();
     eprintln!(
-        "training {} ({} parameters) on {} ({} train / {} test images, {} classes), {} updates of {} = {} × {}, {} {}, out {}",
+        "training {} ({} parameters) on {} ({} train / {} test images, {} classes), {} updates of {} = {} × {}, {} {} ({} engine), out {}",
         if cfg.weights.is_some() { "a pre-trained ViT" } else { "a ViT from scratch" },
         params,
         data_name,
@@ -405,6 +401,7 @@ fn announce(
         cfg.accumulation(),
         cfg.device,
         cfg.precision,
+        learner.engine_name(),
         dir.root.display()
     );
 }
@@ -551,15 +548,15 @@ impl Checkpoints {
     /// `checkpoints/step-N/` after the trainer's current step; keeps the newest `keep_last`.
     fn save(
         &self,
-        trainer: &Trainer,
-        model: &VisionTransformer,
+        learner: &mut Learner,
         pos: Position,
         best: Best,
         metrics: &mut MetricsWriter,
     ) -> anyhow::Result<PathBuf> {
         metrics.sync()?;
-        let step = trainer.step();
-        let mut state = trainer.state(model, pos.epoch, pos.index as u64);
+        let step = learner.step();
+        let mut state = learner.state(pos.epoch, pos.index as u64)?;
+        let model = learner.model()?;
         state.extra = serde_json::to_value(best)?;
         let names = self.class_names.as_deref();
         let dir = write_dir(

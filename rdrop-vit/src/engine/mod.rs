@@ -15,6 +15,7 @@
 
 pub(crate) mod backward;
 pub(crate) mod forward;
+pub mod kind;
 pub(crate) mod params;
 pub(crate) mod plan;
 pub mod sites;
@@ -28,6 +29,7 @@ use crate::config::ViTConfig;
 use crate::error::{Result, VitError};
 use crate::model::VisionTransformer;
 use forward::Masks;
+pub use kind::EngineKind;
 use params::Offsets;
 use plan::Plan;
 

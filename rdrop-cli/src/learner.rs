@@ -1,0 +1,191 @@
+//! The model and its trainer behind one interface, whichever engine runs them: the explicit
+//! engine (`rdrop_vit::Engine` + `rdrop_core::FlatTrainer`, the default on CPU in f32) or the
+//! candle-autograd model (`VisionTransformer` + `rdrop_core::Trainer`, the reference, and the
+//! path on CUDA and in reduced precision). Both write the same checkpoints.
+
+use anyhow::Context;
+use candle_core::Tensor;
+use rdrop_core::{
+    CoreError, FlatRDropModel, FlatTrainer, StepStats, TrainConfig, TrainState, Trainer,
+};
+use rdrop_vit::{Engine, EngineKind, VisionTransformer};
+
+use crate::device::{DeviceSpec, Precision};
+
+/// Whether `kind` runs the explicit engine on `device` at `precision` (a clear error when an
+/// explicit request cannot be honoured).
+pub fn use_explicit(
+    kind: EngineKind,
+    device: &DeviceSpec,
+    precision: Precision,
+) -> anyhow::Result<bool> {
+    kind.resolve(*device == DeviceSpec::Cpu, precision == Precision::F32)
+        .map_err(|e| anyhow::anyhow!("--engine {kind}: {e}"))
+}
+
+enum Inner {
+    Autograd(Trainer),
+    Explicit {
+        engine: Box<Engine>,
+        trainer: FlatTrainer,
+        /// Whether `model` holds the engine's current parameters.
+        synced: bool,
+    },
+}
+
+/// A model being trained (or evaluated) by one of the two engines.
+pub struct Learner {
+    model: VisionTransformer,
+    inner: Inner,
+}
+
+impl Learner {
+    /// A learner at update 0.
+    pub fn new(
+        model: VisionTransformer,
+        tcfg: TrainConfig,
+        explicit: bool,
+    ) -> anyhow::Result<Self> {
+        let inner = if explicit {
+            let engine = Engine::from_model(&model).context("building the explicit engine")?;
+            let trainer = FlatTrainer::new(tcfg, engine.layout().clone())
+                .context("setting up the trainer")?;
+            Inner::Explicit {
+                engine: Box::new(engine),
+                trainer,
+                synced: true,
+            }
+        } else {
+            Inner::Autograd(
+                Trainer::new(tcfg, model.named_vars()).context("setting up the trainer")?,
+            )
+        };
+        Ok(Self { model, inner })
+    }
+
+    /// A learner resumed from a checkpoint's state (`model` holds its weights).
+    pub fn restore(
+        model: VisionTransformer,
+        tcfg: TrainConfig,
+        state: &TrainState,
+        explicit: bool,
+    ) -> anyhow::Result<Self> {
+        let inner = if explicit {
+            model.rng().set_state(state.rng);
+            let mut engine = Engine::from_model(&model).context("building the explicit engine")?;
+            engine.set_rng_state(state.rng);
+            let trainer = FlatTrainer::restore(tcfg, engine.layout().clone(), state)
+                .context("restoring the trainer")?;
+            Inner::Explicit {
+                engine: Box::new(engine),
+                trainer,
+                synced: true,
+            }
+        } else {
+            Inner::Autograd(Trainer::restore(tcfg, &model, state).context("restoring the trainer")?)
+        };
+        Ok(Self { model, inner })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &rdrop_vit::ViTConfig {
+        self.model.config()
+    }
+
+    /// `explicit` or `autograd`.
+    pub fn engine_name(&self) -> &'static str {
+        match self.inner {
+            Inner::Autograd(_) => "autograd",
+            Inner::Explicit { .. } => "explicit",
+        }
+    }
+
+    /// One update over `batches` (see `rdrop_core::Trainer::update`).
+    pub fn update(&mut self, batches: &[(Tensor, Tensor)]) -> Result<StepStats, CoreError> {
+        match &mut self.inner {
+            Inner::Autograd(t) => t.update(&self.model, batches),
+            Inner::Explicit {
+                engine,
+                trainer,
+                synced,
+            } => {
+                *synced = false;
+                trainer.update(engine.as_mut(), batches)
+            }
+        }
+    }
+
+    /// Updates completed.
+    pub fn step(&self) -> u64 {
+        match &self.inner {
+            Inner::Autograd(t) => t.step(),
+            Inner::Explicit { trainer, .. } => trainer.step(),
+        }
+    }
+
+    /// The current loss scale (1 unless f16 on the autograd path).
+    pub fn loss_scale(&self) -> f64 {
+        match &self.inner {
+            Inner::Autograd(t) => t.loss_scale(),
+            Inner::Explicit { .. } => 1.0,
+        }
+    }
+
+    /// The checkpointable state at data position (`epoch`, `index`).
+    pub fn state(&self, epoch: u64, index: u64) -> anyhow::Result<TrainState> {
+        Ok(match &self.inner {
+            Inner::Autograd(t) => t.state(&self.model, epoch, index),
+            Inner::Explicit {
+                engine, trainer, ..
+            } => trainer.state(engine.as_ref(), epoch, index)?,
+        })
+    }
+
+    /// Eval-mode logits `(B, classes)` in f32 for images `x`.
+    pub fn logits(&mut self, x: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(match &mut self.inner {
+            Inner::Autograd(_) => self.model.forward_t(x, false)?,
+            Inner::Explicit { engine, .. } => engine.forward_eval(x)?,
+        })
+    }
+
+    /// The model with the current parameters (for saving).
+    pub fn model(&mut self) -> anyhow::Result<&VisionTransformer> {
+        if let Inner::Explicit { engine, synced, .. } = &mut self.inner {
+            if !*synced {
+                engine.write_to(&self.model)?;
+                *synced = true;
+            }
+        }
+        Ok(&self.model)
+    }
+}
+
+/// Eval-mode logits from either engine, for `rdrop eval` / `predict` (no trainer).
+pub enum Predictor {
+    /// The autograd model.
+    Autograd(VisionTransformer),
+    /// The explicit engine (a copy of the model's parameters).
+    Explicit(Box<Engine>),
+}
+
+impl Predictor {
+    /// A predictor for `model` on the engine `explicit` chooses.
+    pub fn new(model: VisionTransformer, explicit: bool) -> anyhow::Result<Self> {
+        Ok(if explicit {
+            Predictor::Explicit(Box::new(
+                Engine::from_model(&model).context("building the explicit engine")?,
+            ))
+        } else {
+            Predictor::Autograd(model)
+        })
+    }
+
+    /// Eval-mode logits `(B, classes)` for images `x`.
+    pub fn logits(&mut self, x: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(match self {
+            Predictor::Autograd(m) => m.forward_t(x, false)?,
+            Predictor::Explicit(e) => e.forward_eval(x)?,
+        })
+    }
+}
