@@ -7,8 +7,9 @@ use std::sync::Once;
 
 use plotters::prelude::*;
 use plotters::style::FontStyle;
+use rdrop_core::RunFolder;
 
-use crate::run_dir::{read_metrics, MetricLine, RunFolder};
+use crate::metrics::{read_metrics, MetricLine};
 
 /// Text font of the plots (DejaVu Sans Mono, Bitstream Vera licence; see assets/README.md).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
@@ -256,7 +257,7 @@ fn panel<DB: DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run_dir::{EvalLine, MetricsWriter, TrainLine};
+    use crate::metrics::{EvalLine, MetricsWriter, TrainLine};
 
     #[test]
     fn draws_a_png_from_metrics() {

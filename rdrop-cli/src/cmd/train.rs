@@ -6,7 +6,7 @@
 //! [`train`] is the loop, top to bottom: an update, its metrics, an evaluation when due, a
 //! checkpoint when due. Everything around it lives in named functions here ([`start`],
 //! [`Checkpoints`]) or in modules of its own ([`crate::setup`], [`crate::evaluate`],
-//! [`crate::run_dir`], and rdrop-core's [`rdrop_core::run_folder`] and
+//! [`crate::metrics`], and rdrop-core's [`rdrop_core::run_folder`] and
 //! [`rdrop_core::atomic`]).
 //!
 //! A run folder `OUT` gets `config.toml` (before step 0), `metrics.jsonl`,
@@ -22,7 +22,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use rdrop_core::atomic::{clean_stale, write_dir};
 use rdrop_core::run_folder::{prune, step_name};
-use rdrop_core::{CoreError, StepStats, TrainState};
+use rdrop_core::{CoreError, RunFolder, StepStats, TrainState};
 use rdrop_data::{EpochIter, Loader};
 use rdrop_vit::{save_hf, VisionTransformer};
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,8 @@ use crate::config::{self, RunConfig};
 use crate::device::set_threads;
 use crate::evaluate::{evaluate, EvalResult};
 use crate::learner::Learner;
+use crate::metrics::{EvalLine, MetricLine, MetricsWriter, TrainLine};
 use crate::progress::Progress;
-use crate::run_dir::{EvalLine, MetricLine, MetricsWriter, RunFolder, TrainLine};
 use crate::setup;
 use crate::signals::{self, StopFlag};
 use crate::test_hooks;

@@ -73,8 +73,6 @@ impl MetricLine {
     }
 }
 
-pub use rdrop_core::RunFolder;
-
 /// Reads every line of a `metrics.jsonl`; a malformed line is an error naming its number
 /// (except a torn last line, which a crash mid-write can leave: it is ignored).
 pub fn read_metrics(path: &Path) -> anyhow::Result<Vec<MetricLine>> {
