@@ -12,6 +12,7 @@ mod checkpoint;
 mod cmd;
 mod config;
 mod device;
+mod hub;
 mod progress;
 mod run_dir;
 mod signals;

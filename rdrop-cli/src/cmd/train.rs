@@ -296,6 +296,7 @@ fn pretrained_model(
         hub_cache: None,
         num_heads: None,
     };
+    crate::hub::prefetch(spec)?;
     let loaded = load_model(spec, &opts).with_context(|| format!("loading weights `{spec}`"))?;
     eprint!("{}", loaded.report);
     Ok(loaded.model)
