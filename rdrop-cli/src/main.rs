@@ -12,6 +12,7 @@ mod cmd;
 mod config;
 mod device;
 mod evaluate;
+mod hub;
 mod learner;
 mod metrics;
 mod progress;

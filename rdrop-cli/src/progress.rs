@@ -106,3 +106,102 @@ impl Progress {
         }
     }
 }
+
+/// Files at least this large get a download display; smaller ones (configs) arrive silently.
+const LARGE_DOWNLOAD: u64 = 8 << 20;
+
+/// The progress of a hub download ([`rdrop_vit::hub::Progress`]): a byte bar (rate, ETA) on a
+/// terminal, otherwise a line at the start, every 10 s, and at the end.
+#[derive(Debug)]
+pub struct DownloadProgress {
+    /// Draw a bar when stderr is a terminal (false: plain lines only, for
+    /// `HF_HUB_DISABLE_PROGRESS_BARS`).
+    bars: bool,
+    bar: Option<ProgressBar>,
+    file: String,
+    total: u64,
+    done: u64,
+    large: bool,
+    started: Instant,
+    last_log: Instant,
+}
+
+impl DownloadProgress {
+    /// A display; `bars` false keeps to plain lines even on a terminal.
+    pub fn new(bars: bool) -> Self {
+        Self {
+            bars: bars && std::io::stderr().is_terminal(),
+            bar: None,
+            file: String::new(),
+            total: 0,
+            done: 0,
+            large: false,
+            started: Instant::now(),
+            last_log: Instant::now(),
+        }
+    }
+}
+
+fn megabytes(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+impl rdrop_vit::hub::Progress for DownloadProgress {
+    fn start(&mut self, file: &str, total: u64) {
+        self.file = file.to_string();
+        self.total = total;
+        self.done = 0;
+        self.large = total >= LARGE_DOWNLOAD;
+        self.started = Instant::now();
+        self.last_log = Instant::now();
+        if !self.large {
+            return;
+        }
+        if self.bars {
+            let b = ProgressBar::new(total);
+            let style = ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}<{eta_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_message(format!("downloading {file}"));
+            self.bar = Some(b);
+        } else {
+            eprintln!("downloading {file} ({:.1} MB)", megabytes(total));
+        }
+    }
+
+    fn advance(&mut self, done: u64) {
+        self.done = done;
+        match &self.bar {
+            Some(b) => b.set_position(done),
+            None if self.large && self.last_log.elapsed() >= Duration::from_secs(10) => {
+                self.last_log = Instant::now();
+                let s = self.started.elapsed().as_secs_f64().max(1e-9);
+                eprintln!(
+                    "downloading {}: {:.1}/{:.1} MB ({:.0}%, {:.1} MB/s)",
+                    self.file,
+                    megabytes(done),
+                    megabytes(self.total),
+                    100.0 * done as f64 / self.total.max(1) as f64,
+                    megabytes(done) / s
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        if self.large && self.done == self.total {
+            eprintln!(
+                "downloaded {} ({:.1} MB in {:.0} s)",
+                self.file,
+                megabytes(self.total),
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}

@@ -110,6 +110,7 @@ pub fn initial_model(
                 seed: c.seed,
                 ..LoadOptions::default()
             };
+            crate::hub::prefetch(spec)?;
             let loaded =
                 load_model(spec, &opts).with_context(|| format!("loading weights `{spec}`"))?;
             eprint!("{}", loaded.report);

@@ -1,47 +1,53 @@
-//! Hugging Face hub repos (`org/name`) through the standard cache.
+//! Hugging Face hub repos (`org/name[@revision]`) through the standard cache.
 //!
-//! The cache folder is the one `huggingface_hub` uses: `HF_HUB_CACHE`, else
-//! `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
-//! `~/.cache/huggingface/hub`; layout `models--ORG--NAME/{refs/main, snapshots/<rev>/<file>}`.
-//! Files already there are used without network. Otherwise they are downloaded with `hf-hub`
-//! into that cache, unless `HF_HUB_OFFLINE` is set (`1`/`true`/`yes`), in which case the error
-//! names the missing file and where it was looked for.
+//! The variables are those of `huggingface_hub` ([`HubSettings`]): `HF_ENDPOINT` (a mirror),
+//! `HF_TOKEN` or the token file under `HF_HOME` (gated and private repos), `HF_HUB_CACHE` /
+//! `HF_HOME` (the cache) and `HF_HUB_OFFLINE` (cache only). The cache layout is theirs too, so
+//! `huggingface-cli download` and rdrop share files:
+//!
+//! ```text
+//! models--ORG--NAME/
+//!   blobs/<etag>                      the content (etag = sha256 for LFS files)
+//!   snapshots/<commit>/<file>         a relative symlink to ../../blobs/<etag>
+//!   refs/<revision>                   the commit a branch or tag pointed to
+//! ```
+//!
+//! A file already in the cache is used without any request (unlike `huggingface_hub`, which
+//! asks the hub whether a branch moved; pin `@commit`, or delete `refs/<branch>`, to choose).
+//! A missing one is downloaded ([`download`]), checked (length; sha256 for LFS files) and
+//! moved into place only when complete: a failed download leaves nothing behind.
+
+mod download;
+mod settings;
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Result, VitError};
+pub use settings::{HubSettings, DEFAULT_ENDPOINT};
 
-/// The hub cache folder from the environment (see the module docs).
+use crate::error::{Result, VitError};
+use download::{Client, Failure};
+
+/// Receives the progress of a download; all methods default to doing nothing (`()` is the
+/// silent progress).
+pub trait Progress {
+    /// A download of `file` (`total` bytes) starts.
+    fn start(&mut self, _file: &str, _total: u64) {}
+    /// `done` bytes of it have arrived.
+    fn advance(&mut self, _done: u64) {}
+    /// The download ended, complete or not.
+    fn finish(&mut self) {}
+}
+
+impl Progress for () {}
+
+/// The hub cache folder from the environment (see [`HubSettings::cache`]).
 pub fn cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(p) = env("HF_HUB_CACHE").or_else(|| env("HUGGINGFACE_HUB_CACHE")) {
-        return p;
-    }
-    if let Some(h) = env("HF_HOME") {
-        return h.join("hub");
-    }
-    let cache = env("XDG_CACHE_HOME").unwrap_or_else(|| {
-        env("HOME")
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join(".cache")
-    });
-    cache.join("huggingface").join("hub")
+    HubSettings::from_env().cache
 }
 
 /// True when `HF_HUB_OFFLINE` asks for cache-only resolution.
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
+    HubSettings::from_env().offline
 }
 
 /// Whether `spec` looks like a hub repo id (`org/name`, optionally `@revision`).
@@ -57,9 +63,14 @@ pub fn looks_like_repo_id(spec: &str) -> bool {
         })
 }
 
+/// The folder of `repo` (`org/name`) in `cache`.
+pub fn repo_folder(cache: &Path, repo: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo.replace('/', "--")))
+}
+
 /// A file of a hub repo in the cache `cache` (`revision` is a branch, tag or commit).
 pub fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
-    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let folder = repo_folder(cache, repo);
     // A ref file holds the commit; a revision may also be a commit hash itself.
     let commit = std::fs::read_to_string(folder.join("refs").join(revision))
         .map(|s| s.trim().to_string())
@@ -69,59 +80,180 @@ pub fn cached_file(cache: &Path, repo: &str, revision: &str, file: &str) -> Opti
 }
 
 /// Resolves `file` of hub repo `repo_spec` (`org/name[@revision]`) in the cache `cache`,
-/// downloading it when missing and allowed. `Ok(None)` when the repo does not have the file
-/// (download answered "not found") or, offline, when `optional` and it is not cached.
+/// with the other settings from the environment and no progress display; see [`fetch`].
 pub fn get(cache: &Path, repo_spec: &str, file: &str, optional: bool) -> Result<Option<PathBuf>> {
+    let settings = HubSettings {
+        cache: cache.to_path_buf(),
+        ..HubSettings::from_env()
+    };
+    fetch(&settings, repo_spec, file, optional, &mut ())
+}
+
+/// A path segment (`revision`, `file`) that is safe to join to a folder and to put in a URL:
+/// ASCII letters, digits, `-_.` and `/` between non-empty parts that are not `.` or `..`.
+fn safe_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+}
+
+/// A name the hub gives (commit, etag) that can be a file name.
+fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `s` percent-encoded for a URL path (`/` kept unless `keep_slash` is false), like
+/// `urllib.parse.quote`.
+fn quote(s: &str, keep_slash: bool) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b'/' if keep_slash => "/".into(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Resolves `file` of hub repo `repo_spec` (`org/name[@revision]`, default revision `main`)
+/// with `settings`: from the cache without any request when it is there, else downloaded
+/// into the cache (unless `settings.offline`), reporting to `progress`.
+///
+/// `Ok(None)` when `optional` and the file does not exist (HTTP 404) or, offline, is not
+/// cached. Every error names the repo, the file and the cause (HTTP status, the token to set,
+/// a cut connection, a corrupt file).
+pub fn fetch(
+    settings: &HubSettings,
+    repo_spec: &str,
+    file: &str,
+    optional: bool,
+    progress: &mut dyn Progress,
+) -> Result<Option<PathBuf>> {
     let (repo, revision) = match repo_spec.split_once('@') {
         Some((r, rev)) => (r, rev),
         None => (repo_spec, "main"),
     };
+    let err = |msg: String| VitError::Hub {
+        repo: repo.into(),
+        file: file.into(),
+        msg,
+    };
+    if !looks_like_repo_id(repo) {
+        return Err(err(
+            "is not in a hub repo: expected `org/name[@revision]`".into()
+        ));
+    }
+    if !safe_path(revision) {
+        return Err(err(format!(
+            "cannot be fetched: revision `{revision}` is not a branch, tag or commit name"
+        )));
+    }
+    if !safe_path(file) {
+        return Err(err("is not a valid file name in a repo".into()));
+    }
+    let cache = &settings.cache;
     if let Some(p) = cached_file(cache, repo, revision, file) {
         return Ok(Some(p));
     }
-    let where_ = cache.join(format!("models--{}", repo.replace('/', "--")));
-    if offline() {
+    let folder = repo_folder(cache, repo);
+    if settings.offline {
         if optional {
             return Ok(None);
         }
-        return Err(VitError::Hub {
-            repo: repo.into(),
-            file: file.into(),
-            msg: format!(
-                "is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set: download it first or unset HF_HUB_OFFLINE",
-                where_.display()
-            ),
-        });
+        return Err(err(format!(
+            "is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set: download it first or unset HF_HUB_OFFLINE",
+            folder.display()
+        )));
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.to_path_buf()))
-        .with_progress(true)
-        .build()
-        .map_err(|e| VitError::Hub {
-            repo: repo.into(),
-            file: file.into(),
-            msg: format!("cannot start the hub client: {e}"),
-        })?;
-    let r = hf_hub::Repo::with_revision(
-        repo.to_string(),
-        hf_hub::RepoType::Model,
-        revision.to_string(),
+    let failed = |f: Failure| {
+        err(format!(
+            "is not in the Hugging Face cache ({}) and could not be downloaded: {f}",
+            folder.display()
+        ))
+    };
+    let client = Client::new(settings).map_err(|m| failed(Failure::Other(m)))?;
+    let url = format!(
+        "{}/{repo}/resolve/{}/{}",
+        settings.endpoint,
+        quote(revision, false),
+        quote(file, true)
     );
-    match api.repo(r).get(file) {
-        Ok(p) => Ok(Some(p)),
-        Err(e) => {
-            let msg = e.to_string();
-            if optional && msg.contains("404") {
-                return Ok(None);
-            }
-            Err(VitError::Hub {
-                repo: repo.into(),
-                file: file.into(),
-                msg: format!(
-                    "is not in the Hugging Face cache ({}) and could not be downloaded: {msg}",
-                    where_.display()
-                ),
-            })
+    let remote = match client.metadata(&url) {
+        Ok(r) => r,
+        Err(Failure::NotFound(_)) if optional => return Ok(None),
+        Err(f) => return Err(failed(f)),
+    };
+    if !safe_name(&remote.commit) || !safe_name(&remote.etag) {
+        return Err(failed(Failure::Other(format!(
+            "{url} answered with an unusable commit `{}` or etag `{}`",
+            remote.commit, remote.etag
+        ))));
+    }
+    let io = |p: &Path, e: std::io::Error| VitError::io(p, e);
+    let blobs = folder.join("blobs");
+    let blob = blobs.join(&remote.etag);
+    if !blob.is_file() {
+        std::fs::create_dir_all(&blobs).map_err(|e| io(&blobs, e))?;
+        // Own name per process, so two downloads of one blob do not write into one file.
+        let tmp = Partial(blobs.join(format!("{}.{}.incomplete", remote.etag, std::process::id())));
+        let res = client.download(&remote, &tmp.0, file, progress);
+        progress.finish();
+        res.map_err(failed)?;
+        std::fs::rename(&tmp.0, &blob).map_err(|e| io(&blob, e))?;
+    }
+    let pointer = folder.join("snapshots").join(&remote.commit).join(file);
+    link(&blob, &pointer, file).map_err(|e| io(&pointer, e))?;
+    if revision != remote.commit {
+        let r = folder.join("refs").join(revision);
+        if let Some(parent) = r.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
         }
+        std::fs::write(&r, &remote.commit).map_err(|e| io(&r, e))?;
+    }
+    Ok(Some(pointer))
+}
+
+/// A temporary download, removed when dropped (after a successful rename there is nothing
+/// left to remove).
+struct Partial(PathBuf);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Makes `pointer` (`snapshots/<commit>/<file>`) refer to `blob`: a relative symlink as
+/// `huggingface_hub` makes, or a copy where symlinks are not available.
+fn link(blob: &Path, pointer: &Path, file: &str) -> std::io::Result<()> {
+    if let Some(parent) = pointer.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if pointer.symlink_metadata().is_ok() {
+        std::fs::remove_file(pointer)?;
+    }
+    #[cfg(unix)]
+    {
+        // snapshots/<commit>/<a/b/file> -> ../../(../)*blobs/<etag>
+        let mut target = PathBuf::new();
+        for _ in 0..file.split('/').count() + 1 {
+            target.push("..");
+        }
+        target.push("blobs");
+        if let Some(name) = blob.file_name() {
+            target.push(name);
+        }
+        std::os::unix::fs::symlink(target, pointer)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        std::fs::copy(blob, pointer).map(|_| ())
     }
 }
 

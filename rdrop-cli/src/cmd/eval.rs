@@ -80,6 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device: device.clone(),
         ..Default::default()
     };
+    crate::hub::prefetch(&args.weights)?;
     let mut loaded = load_model(&args.weights, &opts)
         .with_context(|| format!("loading weights `{}`", args.weights))?;
     if !args.json {
