@@ -18,6 +18,7 @@ pub mod model;
 pub mod ops;
 pub mod posembed;
 pub mod save;
+pub mod sites;
 
 pub use config::ViTConfig;
 pub use error::{Result, VitError};
