@@ -71,9 +71,9 @@ impl Learner {
         explicit: bool,
     ) -> anyhow::Result<Self> {
         let inner = if explicit {
-            model.rng().set_state(state.rng);
+            model.rng().set_state(&state.rng)?;
             let mut engine = Engine::from_model(&model).context("building the explicit engine")?;
-            engine.set_rng_state(state.rng);
+            engine.set_rng_state(&state.rng)?;
             let trainer = FlatTrainer::restore(tcfg, engine.layout().clone(), state)
                 .context("restoring the trainer")?;
             Inner::Explicit {

@@ -429,6 +429,7 @@ impl FlatTrainer {
                     .into(),
             ));
         }
+        state.rng.check_generator()?;
         t.opt.load_state(&state.optimizer)?;
         t.step = state.step;
         Ok(t)

@@ -7,6 +7,7 @@
 //! - [`loss`]: the objective in its `mean` and `reference` conventions and their equivalence
 //!   (`reference(α) = 2 · mean(m·α)` at micro-batch `m`);
 //! - [`passes`]: the two stochastic passes, concatenated `[x; x]` or sequential;
+//! - [`rng`]: dropout masks keyed by (seed, update, site, sample, pass) (Philox4x32-10);
 //! - [`optim`]: SGD with (Nesterov) momentum and AdamW, PyTorch semantics, exportable state;
 //! - [`clip`]: `clip_grad_norm_`; [`scaler`]: dynamic loss scaling for f16;
 //! - [`schedule`]: warm-up + cosine/linear learning-rate multiplier `lr_lambda(k)`;
@@ -39,7 +40,7 @@ pub use loss::{mean_to_reference, rdrop_loss, reference_to_mean, LossConfig, Los
 pub use model::RDropModel;
 pub use optim::{OptimConfig, Optimizer, OptimizerKind, OptimizerState, WeightDecayScope};
 pub use passes::{two_pass_logits, TwoPass};
-pub use rng::{DropoutRng, RngState};
+pub use rng::{DropoutContext, DropoutRng, RngState, RowKey};
 pub use run_folder::RunFolder;
 pub use scaler::{LossScaler, ScalerConfig, ScalerState};
 pub use schedule::{lr_lambda, DecayKind, ScheduleConfig};

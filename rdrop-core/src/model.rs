@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use crate::rng::RngState;
+use crate::rng::{RngState, RowKey};
 
 /// A model trainable with R-Drop.
 pub trait RDropModel {
@@ -17,6 +17,11 @@ pub trait RDropModel {
     /// State of the dropout RNG (saved in checkpoints for bit-exact resume).
     fn rng_state(&self) -> RngState;
 
-    /// Restores the dropout RNG.
-    fn set_rng_state(&self, state: RngState);
+    /// Restores the dropout RNG; errors if `state` belongs to another mask generator.
+    fn set_rng_state(&self, state: &RngState) -> Result<()>;
+
+    /// The dropout key of the next train-mode forward: the `update` being computed and, for
+    /// each row of its batch, the sample's index in the update's global batch and its R-Drop
+    /// pass ([`crate::DropoutRng::set_context`]).
+    fn set_dropout_context(&self, update: u32, rows: Vec<RowKey>);
 }

@@ -2,7 +2,8 @@
 //! (the reference code saved only the weights; <https://arxiv.org/abs/2106.14448>).
 //!
 //! A checkpoint directory holds:
-//! - `train_state.json`: update count, data position (epoch, batch index), dropout RNG state,
+//! - `train_state.json`: update count, data position (epoch, batch index), dropout RNG state
+//!   (the seed and the mask generator's name: the masks' update number is the update count),
 //!   loss scaler, the optimiser's per-parameter step counts, and a free `extra` value for the
 //!   caller (history, best accuracy, …);
 //! - `optimizer.safetensors`: the optimiser's state tensors, stored bit-for-bit;
@@ -27,7 +28,9 @@ use crate::scaler::ScalerState;
 pub const STATE_FILE: &str = "train_state.json";
 /// File name of the optimiser tensors inside a checkpoint directory.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const FORMAT: u32 = 1;
+/// Version of `train_state.json`. 2: dropout masks from keyed Philox (`rng = {seed,
+/// generator}`); 1 (older rdrop): ChaCha8 masks indexed by a call counter (`rng = {seed, calls}`).
+pub const FORMAT: u32 = 2;
 
 /// Everything besides the weights that an exact resume needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +50,12 @@ pub struct TrainState {
     /// Free-form data of the caller, saved and restored as is.
     #[serde(default)]
     pub extra: serde_json::Value,
+}
+
+/// Just the version, read before the rest (an older file's fields may not parse).
+#[derive(Deserialize)]
+struct Version {
+    format: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -86,17 +95,37 @@ impl TrainState {
             path: path.clone(),
             source,
         })?;
-        let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|source| CoreError::Json {
+        let json_err = |source| CoreError::Json {
             path: path.clone(),
             source,
-        })?;
-        if disk.format != FORMAT {
+        };
+        let version: Version = serde_json::from_slice(&bytes).map_err(json_err)?;
+        match version.format {
+            FORMAT => {}
+            1 => {
+                return Err(CoreError::Checkpoint {
+                    path,
+                    msg: "written by an older rdrop (train-state format 1), whose dropout masks \
+                          came from ChaCha8 streams indexed by a call counter; this version keys \
+                          the masks by (seed, update, site, sample, pass) with Philox4x32-10, so \
+                          the run cannot be continued bit-exactly. Finish it with the rdrop \
+                          version that wrote it, or start a new run from its weights \
+                          (`rdrop train --weights <checkpoint dir>`)"
+                        .into(),
+                });
+            }
+            other => {
+                return Err(CoreError::Checkpoint {
+                    path,
+                    msg: format!("unsupported state format {other} (expected {FORMAT})"),
+                });
+            }
+        }
+        let disk: OnDisk = serde_json::from_slice(&bytes).map_err(json_err)?;
+        if let Err(e) = disk.state.rng.check_generator() {
             return Err(CoreError::Checkpoint {
                 path,
-                msg: format!(
-                    "unsupported state format {} (expected {FORMAT})",
-                    disk.format
-                ),
+                msg: format!("{e}; the run cannot be continued bit-exactly"),
             });
         }
         let mut state = disk.state;

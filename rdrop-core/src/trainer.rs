@@ -15,6 +15,11 @@
 //! whatever the micro-batching) and `w_j = 1/A` in `reference` mode (the reference's
 //! `loss / gradient_accumulation_steps`). Both are `1/A` for equal micro-batches.
 //!
+//! Dropout masks are keyed by `(seed, k, site, sample, pass)` ([`crate::rng`]), where `sample`
+//! is the sample's index among the update's `Σ n` samples (micro-batch offset + row), so an
+//! update's masks do not depend on how it is split into micro-batches, on the two-pass mode,
+//! or on where a resumed run starts.
+//!
 //! Master weights are the model's f32 variables; with `precision = bf16 | f16` the input is cast
 //! to that dtype and the model is expected to compute in its input's dtype (casting its f32
 //! variables, whose gradients then come back in f32). Logits are cast to f32 for the loss.
@@ -252,7 +257,7 @@ impl Trainer {
     }
 
     /// A trainer for `model`'s variables resumed from `state` (optimiser, scaler, update count)
-    /// and the model's dropout RNG set to `state.rng`. The weights are loaded separately
+    /// and the model's dropout RNG set to `state.rng` (an error if it names another generator). The weights are loaded separately
     /// (e.g. [`crate::checkpoint::load_vars`]).
     pub fn restore<M: RDropModel + ?Sized>(
         cfg: TrainConfig,
@@ -271,7 +276,8 @@ impl Trainer {
         }
         t.scaler.set_state(state.scaler);
         t.step = state.step;
-        model.set_rng_state(state.rng);
+        // The masks' update number comes from `step`, so the seed is all the RNG needs.
+        model.set_rng_state(&state.rng)?;
         Ok(t)
     }
 
@@ -374,7 +380,20 @@ impl Trainer {
         } else {
             x.clone()
         };
-        let (p, q) = two_pass_logits(model, &x, self.cfg.two_pass)?;
+        // The masks' key: this update's number and the micro-batch's first sample in it.
+        let update = u32::try_from(self.step + 1).map_err(|_| {
+            CoreError::Config(format!(
+                "update {} exceeds the dropout key's u32 update number",
+                self.step + 1
+            ))
+        })?;
+        let offset = self.pending.as_ref().map_or(0, |p| p.samples);
+        let offset = u32::try_from(offset).map_err(|_| {
+            CoreError::Config(format!(
+                "{offset} samples in one update exceed the dropout key's u32 sample index"
+            ))
+        })?;
+        let (p, q) = two_pass_logits(model, &x, self.cfg.two_pass, update, offset)?;
         let (p, q) = match p.dtype() {
             DType::F16 | DType::BF16 => (p.to_dtype(DType::F32)?, q.to_dtype(DType::F32)?),
             _ => (p, q),

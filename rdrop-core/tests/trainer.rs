@@ -1,12 +1,14 @@
-//! Behaviour of the composed update: two-pass equivalence, accumulation invariance, the f16 loss
-//! scaler (skip + backoff + growth), the typed non-finite error, and the bit-exact resume.
+//! Behaviour of the composed update: two-pass equivalence, accumulation invariance (both with
+//! dropout, whose masks are keyed by sample and pass), the f16 loss scaler (skip + backoff +
+//! growth), the typed non-finite error, the bit-exact resume and the refusal of format-1 state.
 
 mod common;
 
 use candle_core::{DType, Tensor};
 use rdrop_core::{
-    load_vars, save_vars, CoreError, LossConfig, OptimConfig, OptimizerKind, Precision, RDropModel,
-    ScalerConfig, ScheduleConfig, StepStats, TrainConfig, TrainState, Trainer, TwoPass,
+    load_vars, save_vars, two_pass_logits, CoreError, LossConfig, OptimConfig, OptimizerKind,
+    Precision, RDropModel, ScalerConfig, ScheduleConfig, StepStats, TrainConfig, TrainState,
+    Trainer, TwoPass,
 };
 
 fn small_cfg(accum: usize) -> TrainConfig {
@@ -39,12 +41,47 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The masks depend on (sample, pass) only, so the concatenated `[x; x]` forward and two
+/// sequential forwards compute the same logits: bit for bit on this CPU model (every row's
+/// products and sums are computed in the same order whatever the batch size).
 #[test]
-fn concat_and_sequential_agree_without_dropout() {
+fn concat_and_sequential_logits_are_identical_with_dropout() {
+    let data = common::batches(1, 4, 5, 3, 1);
+    let model = common::Mlp::random(5, 8, 3, 0.5, 9).unwrap();
+    let (pc, qc) = two_pass_logits(&model, &data[0].0, TwoPass::Concat, 3, 8).unwrap();
+    let (ps, qs) = two_pass_logits(&model, &data[0].0, TwoPass::Sequential, 3, 8).unwrap();
+    assert_eq!(to_vec(&pc), to_vec(&ps));
+    assert_eq!(to_vec(&qc), to_vec(&qs));
+    assert_ne!(
+        to_vec(&pc),
+        to_vec(&qc),
+        "the two passes must see different masks"
+    );
+    // another update or offset gives other masks
+    let (p2, _) = two_pass_logits(&model, &data[0].0, TwoPass::Concat, 4, 8).unwrap();
+    let (p3, _) = two_pass_logits(&model, &data[0].0, TwoPass::Concat, 3, 12).unwrap();
+    assert_ne!(to_vec(&pc), to_vec(&p2));
+    assert_ne!(to_vec(&pc), to_vec(&p3));
+}
+
+#[test]
+fn concat_and_sequential_agree_with_and_without_dropout() {
+    for p in [0.0, 0.3] {
+        concat_and_sequential_agree(p);
+    }
+}
+
+/// Whole updates: the losses agree exactly or to float-sum noise (the gradient of a `2m`-row
+/// GEMM is one sum, the sequential one two), the parameters to 1e-6.
+fn concat_and_sequential_agree(dropout: f64) {
     let data = common::batches(6, 4, 5, 3, 1);
     let mut params = vec![];
     for mode in [TwoPass::Concat, TwoPass::Sequential] {
-        let model = common::Mlp::random(5, 8, 3, 0.0, 9).unwrap();
+        let model = common::Mlp::random(5, 8, 3, dropout, 9).unwrap();
         let cfg = TrainConfig {
             two_pass: mode,
             ..small_cfg(2)
@@ -57,10 +94,15 @@ fn concat_and_sequential_agree_without_dropout() {
         params.push((model.params(), losses));
     }
     let d = max_diff(&params[0].0, &params[1].0);
-    assert!(d < 1e-6, "concat vs sequential parameters differ by {d}");
+    assert!(
+        d < 1e-6,
+        "p {dropout}: concat vs sequential parameters differ by {d}"
+    );
     for (a, b) in params[0].1.iter().zip(&params[1].1) {
-        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        assert!((a - b).abs() < 1e-6, "p {dropout}: {a} vs {b}");
     }
+    // the first update's loss is computed before any parameter differs: identical
+    assert_eq!(params[0].1[0], params[1].1[0], "p {dropout}");
     // and training actually moved the parameters
     let init = common::Mlp::random(5, 8, 3, 0.0, 9).unwrap().params();
     assert!(max_diff(&init, &params[0].0) > 1e-3);
@@ -68,21 +110,32 @@ fn concat_and_sequential_agree_without_dropout() {
 
 #[test]
 fn mean_mode_is_independent_of_micro_batching() {
+    // With dropout too: a sample's masks are keyed by its index in the update, not in its
+    // micro-batch.
+    for p in [0.0, 0.3] {
+        micro_batching_case(p);
+    }
+}
+
+fn micro_batching_case(dropout: f64) {
     let data = common::batches(2, 4, 5, 3, 2);
     let joined = (
         Tensor::cat(&[&data[0].0, &data[1].0], 0).unwrap(),
         Tensor::cat(&[&data[0].1, &data[1].1], 0).unwrap(),
     );
     let run = |mbs: &[(Tensor, Tensor)]| -> (Vec<Vec<f32>>, StepStats) {
-        let model = common::Mlp::random(5, 8, 3, 0.0, 4).unwrap();
+        let model = common::Mlp::random(5, 8, 3, dropout, 4).unwrap();
         let mut tr = Trainer::new(small_cfg(mbs.len()), model.named_vars()).unwrap();
         let st = tr.update(&model, mbs).unwrap();
         (model.params(), st)
     };
     let (pa, sa) = run(&data);
     let (pb, sb) = run(std::slice::from_ref(&joined));
-    assert!(max_diff(&pa, &pb) < 1e-6);
-    assert!((sa.loss - sb.loss).abs() < 1e-6 && (sa.grad_norm - sb.grad_norm).abs() < 1e-6);
+    assert!(max_diff(&pa, &pb) < 1e-6, "p {dropout}");
+    assert!(
+        (sa.loss - sb.loss).abs() < 1e-6 && (sa.grad_norm - sb.grad_norm).abs() < 1e-6,
+        "p {dropout}: {sa:?} vs {sb:?}"
+    );
     assert_eq!(
         (sa.micro_batches, sa.samples, sb.micro_batches, sb.samples),
         (2, 8, 1, 8)
@@ -341,6 +394,66 @@ fn load_rejects_a_mismatched_checkpoint() {
     };
     assert!(Trainer::restore(adam, &m, &st).is_err());
     let _ = DType::F32;
+}
+
+/// A train state of format 1 (older rdrop: ChaCha8 masks by call counter) or of another mask
+/// generator cannot be continued bit-exactly: a typed error naming the file and the reason.
+#[test]
+fn load_refuses_format_1_and_other_generators() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = common::Mlp::random(5, 8, 3, 0.1, 1).unwrap();
+    let mut tr = Trainer::new(small_cfg(1), m.named_vars()).unwrap();
+    tr.update(&m, &common::batches(1, 4, 5, 3, 1)).unwrap();
+    tr.state(&m, 0, 1).save(dir.path()).unwrap();
+    let path = dir.path().join(rdrop_core::state::STATE_FILE);
+    let good: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(good["format"], 2);
+    assert_eq!(good["rng"]["generator"], rdrop_core::rng::GENERATOR);
+
+    // format 1 as the previous version wrote it
+    let mut old = good.clone();
+    old["format"] = 1.into();
+    old["rng"] = serde_json::json!({"seed": 1, "calls": 14});
+    std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+    match TrainState::load(dir.path()) {
+        Err(e @ CoreError::Checkpoint { .. }) => {
+            let msg = e.to_string();
+            for want in [
+                path.display().to_string().as_str(),
+                "format 1",
+                "ChaCha8",
+                "bit-exactly",
+                "--weights",
+            ] {
+                assert!(msg.contains(want), "{want:?} missing in: {msg}");
+            }
+        }
+        other => panic!("expected a Checkpoint error, got {other:?}"),
+    }
+
+    // format 2 with another generator
+    let mut other = good.clone();
+    other["rng"]["generator"] = "chacha8".into();
+    std::fs::write(&path, serde_json::to_vec(&other).unwrap()).unwrap();
+    match TrainState::load(dir.path()) {
+        Err(e @ CoreError::Checkpoint { .. }) => {
+            assert!(e.to_string().contains("chacha8"), "{e}")
+        }
+        other => panic!("expected a Checkpoint error, got {other:?}"),
+    }
+    // and a model refuses such a state directly
+    let st = TrainState {
+        rng: rdrop_core::RngState {
+            seed: 1,
+            generator: "chacha8".into(),
+        },
+        ..tr.state(&m, 0, 1)
+    };
+    assert!(Trainer::restore(small_cfg(1), &m, &st).is_err());
+
+    // the untouched file loads
+    std::fs::write(&path, serde_json::to_vec(&good).unwrap()).unwrap();
+    assert_eq!(TrainState::load(dir.path()).unwrap().rng, m.rng_state());
 }
 
 #[test]

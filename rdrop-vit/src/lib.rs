@@ -19,6 +19,7 @@ pub mod load;
 pub mod model;
 pub mod posembed;
 pub mod save;
+pub mod sites;
 
 pub use config::ViTConfig;
 pub use engine::{Engine, EngineKind};

@@ -6,7 +6,9 @@
 //! Dropout sits where the reference has it: after adding the position embeddings and after each
 //! of the two MLP linears (rate `dropout`), on the attention probabilities
 //! (`attention_dropout`) and after the attention output projection (`attention_output_dropout`).
-//! Masks come from the model's seedable [`DropoutRng`], so runs are reproducible.
+//! Masks come from the model's [`DropoutRng`], keyed by `(seed, update, site, sample, pass)`
+//! with the sites numbered in [`crate::sites`], so runs are reproducible and an explicit engine
+//! can apply the same masks.
 //!
 //! Parameters are f32 `Var`s named like Hugging Face `ViTForImageClassification`
 //! (`vit.embeddings.cls_token`, `vit.encoder.layer.N.attention.attention.query.weight`, …,
@@ -17,10 +19,11 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
-use rdrop_core::{DropoutRng, RDropModel, RngState};
+use rdrop_core::{DropoutRng, RDropModel, RngState, RowKey};
 
 use crate::config::ViTConfig;
 use crate::fused_grad::{layer_norm, softmax_last_dim};
+use crate::sites;
 
 /// How a fresh parameter is initialised (timm/HF conventions; the head is zero as in the recipe).
 #[derive(Clone, Copy)]
@@ -171,14 +174,15 @@ impl Block {
         })
     }
 
-    /// `x (B, T, D)` → `(B, T, D)`. The residual stream `x` stays in f32 (autocast
-    /// semantics); GEMMs, GELU and dropout run in the compute dtype `dt`, softmax in f32.
+    /// `x (B, T, D)` → `(B, T, D)` for encoder layer `layer` (its dropout sites). The residual
+    /// stream `x` stays in f32 (autocast semantics); GEMMs, GELU and dropout run in the compute
+    /// dtype `dt`, softmax in f32.
     fn forward(
         &self,
         x: &Tensor,
         cfg: &ViTConfig,
         rng: &DropoutRng,
-        train: bool,
+        (train, layer): (bool, u32),
         dt: DType,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -199,10 +203,20 @@ impl Block {
         let (k, v) = (qkv.get(1)?, qkv.get(2)?);
         let att = q.matmul(&k.t()?)?; // (B, H, T, T)
         let att = softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dt)?;
-        let att = rng.dropout(&att, cfg.attention_dropout, train)?;
+        let att = rng.dropout(
+            &att,
+            cfg.attention_dropout,
+            train,
+            sites::attention_probs(layer),
+        )?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
         let o = self.out.forward(&o, dt)?;
-        let o = rng.dropout(&o, cfg.attention_output_dropout, train)?;
+        let o = rng.dropout(
+            &o,
+            cfg.attention_output_dropout,
+            train,
+            sites::attention_output(layer),
+        )?;
         let x = (x + o.reshape((b, t, d))?.to_dtype(DType::F32)?)?;
 
         let y = self
@@ -210,9 +224,9 @@ impl Block {
             .forward(&x, cfg.layer_norm_eps, dt)?
             .reshape((b * t, d))?;
         let y = self.fc1.forward(&y, dt)?.gelu_erf()?;
-        let y = rng.dropout(&y, cfg.dropout, train)?;
+        let y = rng.dropout(&y, cfg.dropout, train, sites::mlp_hidden(layer))?;
         let y = self.fc2.forward(&y, dt)?;
-        let y = rng.dropout(&y, cfg.dropout, train)?;
+        let y = rng.dropout(&y, cfg.dropout, train, sites::mlp_output(layer))?;
         x + y.reshape((b, t, d))?.to_dtype(DType::F32)?
     }
 }
@@ -368,11 +382,13 @@ impl VisionTransformer {
     }
 
     /// Input tokens `(B, 1 + g², D)` in f32: class token and patch embeddings plus position
-    /// embeddings, then dropout (rate `dropout`) when `train`.
+    /// embeddings, then dropout (rate `dropout`, site [`sites::EMBEDDINGS`]) when `train`.
+    /// Starts the forward's dropout context ([`DropoutRng::begin_forward`]).
     pub fn embeddings(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dt = self.compute_dtype;
         let x = x.to_dtype(dt)?;
         let b = x.dim(0)?;
+        self.rng.begin_forward(b, train)?;
         let d = self.cfg.hidden_size;
         // Tokens enter the f32 residual stream (see `Block::forward`).
         let tokens = self.patch_embed(&x, dt)?.to_dtype(DType::F32)?;
@@ -381,15 +397,16 @@ impl VisionTransformer {
             .contiguous()?;
         let h =
             Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&cast(&self.pos_embed, DType::F32)?)?;
-        self.rng.dropout(&h, self.cfg.dropout, train)
+        self.rng
+            .dropout(&h, self.cfg.dropout, train, sites::EMBEDDINGS)
     }
 
     /// Final class-token features before the classifier, `(B, D)` in the compute dtype.
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let dt = self.compute_dtype;
         let mut h = self.embeddings(x, train)?;
-        for blk in &self.blocks {
-            h = blk.forward(&h, &self.cfg, &self.rng, train, dt)?;
+        for (layer, blk) in (0u32..).zip(&self.blocks) {
+            h = blk.forward(&h, &self.cfg, &self.rng, (train, layer), dt)?;
         }
         let h = self.norm.forward(&h, self.cfg.layer_norm_eps, dt)?;
         h.i((.., 0, ..))?.contiguous()
@@ -427,8 +444,12 @@ impl RDropModel for VisionTransformer {
         self.rng.state()
     }
 
-    fn set_rng_state(&self, state: RngState) {
+    fn set_rng_state(&self, state: &RngState) -> Result<()> {
         self.rng.set_state(state)
+    }
+
+    fn set_dropout_context(&self, update: u32, rows: Vec<RowKey>) {
+        self.rng.set_context(update, rows)
     }
 }
 
@@ -473,12 +494,14 @@ mod tests {
         let t2 = m.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
         assert_ne!(t1, t2);
         assert_ne!(t1, e1);
-        // Same RNG state → same train-mode output (reproducible runs).
-        let s = m.rng_state();
+        // Same key (seed, update, rows) → same train-mode output (reproducible runs).
+        let rows = rdrop_core::DropoutContext::pass_rows(4, 2, 1);
+        m.set_dropout_context(7, rows.clone());
         let a = m.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
-        m.set_rng_state(s);
+        m.set_dropout_context(7, rows);
         let b = m.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(a, b);
+        assert_ne!(a, t1);
         Ok(())
     }
 

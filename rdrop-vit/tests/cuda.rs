@@ -1,6 +1,7 @@
 //! CUDA checks (build with `--features cuda`; on a machine without a GPU each test prints why it
 //! did nothing): f32 logits and gradients against transformers' fixtures, bf16/f16 compute with
-//! f32 master weights and f32 gradients, and curand-backed dropout.
+//! f32 master weights and f32 gradients, and dropout masks equal to the CPU's (keyed Philox,
+//! generated on the host).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -100,7 +101,7 @@ fn cuda_f32_bf16_f16_logits_and_gradients() {
 }
 
 #[test]
-fn cuda_dropout_is_stochastic_and_reproducible() {
+fn cuda_dropout_masks_equal_the_cpu_masks() {
     let Some(dev) = gpu() else { return };
     let opts = LoadOptions {
         device: dev.clone(),
@@ -113,11 +114,22 @@ fn cuda_dropout_is_stochastic_and_reproducible() {
     let e1 = l.model.forward_t(x, false).unwrap();
     let e2 = l.model.forward_t(x, false).unwrap();
     assert_eq!(diff(&e1, &e2), 0.0);
-    let s = rdrop_core::RDropModel::rng_state(&l.model);
     let t1 = l.model.forward_t(x, true).unwrap();
     let t2 = l.model.forward_t(x, true).unwrap();
-    assert!(diff(&t1, &t2) > 0.0);
-    rdrop_core::RDropModel::set_rng_state(&l.model, s);
+    assert!(diff(&t1, &t2) > 0.0, "automatic contexts differ");
+    let b = x.dim(0).unwrap() as u32;
+    let rows = rdrop_core::DropoutContext::pass_rows(0, b, 1);
+    rdrop_core::RDropModel::set_dropout_context(&l.model, 3, rows.clone());
     let t3 = l.model.forward_t(x, true).unwrap();
-    assert_eq!(diff(&t1, &t3), 0.0);
+    rdrop_core::RDropModel::set_dropout_context(&l.model, 3, rows.clone());
+    let t4 = l.model.forward_t(x, true).unwrap();
+    assert_eq!(diff(&t3, &t4), 0.0, "same key, same logits");
+    // The mask uploaded to the GPU is the CPU's, bit for bit.
+    let rng = l.model.rng();
+    rng.set_context(3, rows);
+    rng.begin_forward(b as usize, true).unwrap();
+    let shape = (b as usize, 4, 197, 197);
+    let on_gpu = rng.mask(shape, 0.1, 1, DType::F32, &dev).unwrap();
+    let on_cpu = rng.mask(shape, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(diff(&on_gpu.to_device(&Device::Cpu).unwrap(), &on_cpu), 0.0);
 }

@@ -139,6 +139,15 @@ fn check_grads(cfg: &ViTConfig, mode: LossMode, smoothing: f64) {
     let (update, first, weight) = (3u64, 8usize, 0.5f64);
 
     // Autograd: one forward of [x; x] with the engine's row keys.
+    let rows: Vec<rdrop_core::RowKey> = (0..2)
+        .flat_map(|pass| {
+            (0..b).map(move |i| rdrop_core::RowKey {
+                sample: (first + i) as u32,
+                pass,
+            })
+        })
+        .collect();
+    m.rng().set_context(update as u32, rows);
     let xx = Tensor::cat(&[&x, &x], 0).unwrap();
     let logits = m.forward_t(&xx, true).unwrap();
     let (p, q) = (
@@ -207,4 +216,20 @@ fn gradients_match_autograd_without_dropout() {
     ] {
         check_grads(&with_dropout(cfg, 0.0), LossMode::Mean, 0.0);
     }
+}
+
+#[test]
+fn gradients_match_autograd_with_dropout() {
+    for cfg in [
+        ViTConfig::preset("tiny").unwrap(),
+        ViTConfig::preset("cpu-small").unwrap(),
+        odd_cfg(),
+    ] {
+        check_grads(&with_dropout(cfg, 0.1), LossMode::Mean, 0.0);
+    }
+    check_grads(
+        &with_dropout(ViTConfig::preset("tiny").unwrap(), 0.1),
+        LossMode::Reference,
+        0.1,
+    );
 }

@@ -7,7 +7,22 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rdrop_core::{DropoutRng, RDropModel, RngState};
+use rdrop_core::{DropoutRng, RDropModel, RngState, RowKey};
+use rdrop_kernels::philox::{fill_mask, MaskKey};
+
+/// Deterministic ±-noise for test data: `shape` values, each 0 or 2 (Philox, `stream` apart).
+pub fn noise(shape: (usize, usize), seed: u64, stream: u32) -> Result<Tensor> {
+    let mut v = vec![0f32; shape.0 * shape.1];
+    let key = MaskKey {
+        seed,
+        update: stream,
+        site: 0,
+        sample: 0,
+        pass: 0,
+    };
+    fill_mask(&key, 0.5, &mut v);
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
 
 pub struct Mlp {
     pub w1: Var,
@@ -41,17 +56,16 @@ impl Mlp {
 
     /// Random init from a seed (d_in → hidden → classes).
     pub fn random(d_in: usize, hidden: usize, classes: usize, p: f64, seed: u64) -> Result<Self> {
-        let g = DropoutRng::new(seed ^ 0xABCD);
         // deterministic pseudo-random weights: mask-based noise is enough for tests
-        let w = |shape: (usize, usize)| -> Result<Tensor> {
-            let m = g.mask(shape, 0.5, DType::F32, &Device::Cpu)?; // values 0 or 2
+        let w = |shape: (usize, usize), stream: u32| -> Result<Tensor> {
+            let m = noise(shape, seed ^ 0xABCD, stream)?; // values 0 or 2
             (m.affine(0.5, -0.5)? * 0.6)?.affine(1.0, 0.0) // ±0.3
         };
         let b = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu);
         Self::from_tensors(
-            &w((hidden, d_in))?,
+            &w((hidden, d_in), 0)?,
             &b(hidden)?,
-            &w((classes, hidden))?,
+            &w((classes, hidden), 1)?,
             &b(classes)?,
             p,
             seed,
@@ -83,12 +97,13 @@ impl RDropModel for Mlp {
         let b1 = self.b1.as_tensor().to_dtype(dt)?;
         let w2 = self.w2.as_tensor().to_dtype(dt)?;
         let b2 = self.b2.as_tensor().to_dtype(dt)?;
+        self.rng.begin_forward(x.dim(0)?, train)?;
         let h = x.matmul(&w1.t()?)?.broadcast_add(&b1)?.tanh()?;
         let h = if train {
             let fixed = self.masks.lock().unwrap().pop_front();
             match fixed {
                 Some(m) => (h * m.to_dtype(dt)?)?,
-                None => self.rng.dropout(&h, self.p, true)?,
+                None => self.rng.dropout(&h, self.p, true, 0)?,
             }
         } else {
             h
@@ -109,15 +124,18 @@ impl RDropModel for Mlp {
         self.rng.state()
     }
 
-    fn set_rng_state(&self, state: RngState) {
+    fn set_rng_state(&self, state: &RngState) -> Result<()> {
         self.rng.set_state(state)
+    }
+
+    fn set_dropout_context(&self, update: u32, rows: Vec<RowKey>) {
+        self.rng.set_context(update, rows)
     }
 }
 
 /// Deterministic micro-batches: `n` batches of `(m, d)` inputs (±1 noise from a seeded mask
 /// plus a smooth offset) and `u32` labels in `0..c`.
 pub fn batches(n: usize, m: usize, d: usize, c: usize, seed: u64) -> Vec<(Tensor, Tensor)> {
-    let g = DropoutRng::new(seed);
     let offset = Tensor::arange(0f32, (m * d) as f32, &Device::Cpu)
         .unwrap()
         .reshape((m, d))
@@ -131,7 +149,7 @@ pub fn batches(n: usize, m: usize, d: usize, c: usize, seed: u64) -> Vec<(Tensor
         .unwrap();
     (0..n)
         .map(|i| {
-            let noise = g.mask((m, d), 0.5, DType::F32, &Device::Cpu).unwrap(); // 0 or 2
+            let noise = noise((m, d), seed, i as u32).unwrap(); // 0 or 2
             let x = (noise.affine(1.0, -1.0).unwrap() + &offset).unwrap();
             let y: Vec<u32> = (0..m).map(|j| ((i * 7 + j * 3) % c) as u32).collect();
             (x, Tensor::new(y.as_slice(), &Device::Cpu).unwrap())

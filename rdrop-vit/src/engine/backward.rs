@@ -13,8 +13,8 @@ use rdrop_kernels::linear::linear_bwd;
 use super::forward::Masks;
 use super::params::Offsets;
 use super::plan::{attn_dims, Plan};
-use super::sites;
 use crate::config::ViTConfig;
+use crate::sites;
 
 /// Two disjoint mutable views `[a, a + na)` and `[b, b + nb)` of `g`, with `a + na <= b`.
 fn pair(g: &mut [f32], a: usize, na: usize, b: usize, nb: usize) -> (&mut [f32], &mut [f32]) {
@@ -83,10 +83,10 @@ pub(crate) fn backward(
         let acts = &mut plan.layers[l];
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
         plan.dtmp.copy_from_slice(&plan.dres);
-        if let Some(s) = masks.site(sites::mlp_output(l), cfg.dropout) {
+        if let Some(s) = masks.site(sites::mlp_output(l as u32), cfg.dropout) {
             dropout_apply(&mut plan.dtmp, td, &s, masks.rows);
         }
-        let fc1_site = masks.site(sites::mlp_hidden(l), cfg.dropout);
+        let fc1_site = masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
         gelu_fwd(&mut plan.hidden, &acts.pre);
         if let Some(s) = fc1_site {
             dropout_apply(&mut plan.hidden, t * m, &s, masks.rows);
@@ -147,7 +147,10 @@ pub(crate) fn backward(
 
         // mid = x + drop(out(attn)),  attn = attention(qkv(LN1(x)))
         plan.dtmp.copy_from_slice(&plan.dres);
-        if let Some(s) = masks.site(sites::attention_output(l), cfg.attention_output_dropout) {
+        if let Some(s) = masks.site(
+            sites::attention_output(l as u32),
+            cfg.attention_output_dropout,
+        ) {
             dropout_apply(&mut plan.dtmp, td, &s, masks.rows);
         }
         let (dw, db) = pair(grads, o.out_w, d * d, o.out_b, d);
@@ -163,7 +166,7 @@ pub(crate) fn backward(
             d,
             d,
         );
-        let probs_site = masks.site(sites::attention_probs(l), cfg.attention_dropout);
+        let probs_site = masks.site(sites::attention_probs(l as u32), cfg.attention_dropout);
         attention_bwd(
             &mut plan.dqkv,
             &mut plan.attn_scratch,

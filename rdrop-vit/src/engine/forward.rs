@@ -11,8 +11,8 @@ use rdrop_kernels::patch::im2col;
 
 use super::params::{LayerOffsets, Offsets};
 use super::plan::{attn_dims, LayerActs, Plan};
-use super::sites;
 use crate::config::ViTConfig;
+use crate::sites;
 
 /// Where the dropout masks of a forward come from (`None` sites: no dropout there).
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +125,7 @@ pub(crate) fn block(
         d,
         3 * d,
     );
-    let probs_site = masks.site(sites::attention_probs(l), cfg.attention_dropout);
+    let probs_site = masks.site(sites::attention_probs(l as u32), cfg.attention_dropout);
     attention_fwd(
         &mut acts.attn,
         &mut acts.probs,
@@ -143,7 +143,10 @@ pub(crate) fn block(
         d,
     );
     acts.mid.copy_from_slice(&acts.x);
-    let s = masks.site(sites::attention_output(l), cfg.attention_output_dropout);
+    let s = masks.site(
+        sites::attention_output(l as u32),
+        cfg.attention_output_dropout,
+    );
     residual_add(&mut acts.mid, proj, t * d, s, masks.rows);
 
     layernorm_fwd(
@@ -166,7 +169,7 @@ pub(crate) fn block(
         d,
         m,
     );
-    if let Some(s) = masks.site(sites::mlp_hidden(l), cfg.dropout) {
+    if let Some(s) = masks.site(sites::mlp_hidden(l as u32), cfg.dropout) {
         dropout_apply(hidden, t * m, &s, masks.rows);
     }
     linear_fwd(
@@ -179,7 +182,7 @@ pub(crate) fn block(
         d,
     );
     out.copy_from_slice(&acts.mid);
-    let s = masks.site(sites::mlp_output(l), cfg.dropout);
+    let s = masks.site(sites::mlp_output(l as u32), cfg.dropout);
     residual_add(out, proj, t * d, s, masks.rows);
 }
 

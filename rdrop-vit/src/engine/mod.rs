@@ -1,7 +1,7 @@
 //! The explicit training engine: the ViT's forward and hand-derived backward over flat
 //! parameter/gradient buffers and activations planned once per batch size (after karpathy's
 //! llm.c). The candle-autograd model ([`crate::VisionTransformer`]) is its reference: both draw
-//! the same dropout masks (Philox keys, [`sites`]) and tests hold logits and every gradient
+//! the same dropout masks (Philox keys, [`crate::sites`]) and tests hold logits and every gradient
 //! together.
 //!
 //! - [`params`]: the flat layout (checkpoint names, fused q/k/v), copies to and from the model;
@@ -18,7 +18,6 @@ pub(crate) mod forward;
 pub mod kind;
 pub(crate) mod params;
 pub(crate) mod plan;
-pub mod sites;
 
 use candle_core::{Device, Storage, Tensor};
 use rdrop_core::{FlatLayout, FlatRDropModel, LossConfig, LossMode, MicroLoss, RngState};
@@ -128,8 +127,10 @@ impl Engine {
     }
 
     /// Sets the dropout generator's state (resume).
-    pub fn set_rng_state(&mut self, s: RngState) {
-        self.rng = s;
+    pub fn set_rng_state(&mut self, s: &RngState) -> Result<()> {
+        s.check_generator()?;
+        self.rng = s.clone();
+        Ok(())
     }
 
     /// Bytes of activations and scratch currently planned.
@@ -324,7 +325,7 @@ impl FlatRDropModel for Engine {
     }
 
     fn rng_state(&self) -> RngState {
-        self.rng
+        self.rng.clone()
     }
 }
 
