@@ -246,6 +246,160 @@ pub fn residual_dropout_add_reference(
     }
 }
 
+/// [`dropout_apply`] that also records the mask: `keep[r·n + i] = 1` where the element is kept,
+/// `0` where it is dropped (a byte an element; the backward then reads the mask instead of
+/// regenerating it). With `p == 0` nothing is written and `x` is unchanged.
+///
+/// # Panics
+/// If `x` or `keep` is not `rows.len()` rows of `n`.
+pub fn dropout_apply_keep(x: &mut [f32], keep: &mut [u8], n: usize, site: &Site, rows: &[RowKey]) {
+    assert_eq!(x.len(), n * rows.len(), "dropout: buffer is not rows × n");
+    assert_eq!(
+        keep.len(),
+        x.len(),
+        "dropout: mask and buffer differ in length"
+    );
+    if site.p == 0.0 || n == 0 {
+        return;
+    }
+    let (thr, scale) = (drop_threshold(site.p), keep_scale(site.p));
+    x.par_chunks_mut(n)
+        .zip(keep.par_chunks_mut(n))
+        .zip(rows.par_iter())
+        .for_each(|((row, kr), &rk)| {
+            let key = site.key(rk);
+            simd(|| {
+                for (b, (xb, kb)) in row.chunks_mut(BATCH).zip(kr.chunks_mut(BATCH)).enumerate() {
+                    let w = words_batch(&key, (b * LANES) as u32);
+                    for ((v, k), &w) in xb.iter_mut().zip(kb.iter_mut()).zip(w.iter()) {
+                        let kept = w >= thr;
+                        *k = kept as u8;
+                        *v = if kept { *v * scale } else { 0.0 };
+                    }
+                }
+            })
+        });
+}
+
+/// [`residual_dropout_add`] that also records the mask in `keep` (as [`dropout_apply_keep`]).
+///
+/// # Panics
+/// If `res`, `y` or `keep` is not `rows.len()` rows of `n`.
+pub fn residual_dropout_add_keep(
+    res: &mut [f32],
+    keep: &mut [u8],
+    y: &[f32],
+    n: usize,
+    site: &Site,
+    rows: &[RowKey],
+) {
+    assert_eq!(
+        res.len(),
+        n * rows.len(),
+        "residual_dropout_add: res is not rows × n"
+    );
+    assert_eq!(
+        y.len(),
+        res.len(),
+        "residual_dropout_add: y and res differ in length"
+    );
+    assert_eq!(
+        keep.len(),
+        res.len(),
+        "residual_dropout_add: mask and res differ in length"
+    );
+    if site.p == 0.0 || n == 0 {
+        residual_dropout_add(res, y, n, site, rows);
+        return;
+    }
+    let (thr, scale) = (drop_threshold(site.p), keep_scale(site.p));
+    res.par_chunks_mut(n)
+        .zip(y.par_chunks(n))
+        .zip(keep.par_chunks_mut(n))
+        .zip(rows.par_iter())
+        .for_each(|(((res, y), kr), &rk)| {
+            let key = site.key(rk);
+            simd(|| {
+                for (b, ((rb, yb), kb)) in res
+                    .chunks_mut(BATCH)
+                    .zip(y.chunks(BATCH))
+                    .zip(kr.chunks_mut(BATCH))
+                    .enumerate()
+                {
+                    let w = words_batch(&key, (b * LANES) as u32);
+                    for (((r, &y), k), &w) in rb.iter_mut().zip(yb).zip(kb.iter_mut()).zip(w.iter())
+                    {
+                        let kept = w >= thr;
+                        *k = kept as u8;
+                        *r += if kept { scale } else { 0.0 } * y;
+                    }
+                }
+            })
+        });
+}
+
+/// Chunk of the saved-mask loops (fixed, so results do not depend on the thread count; they
+/// are elementwise anyway).
+const KEEP_CHUNK: usize = 1 << 14;
+
+/// `x[i] = keep[i] ? x[i]·1/(1−p) : 0`: a recorded mask applied again (e.g. to a gradient).
+/// A no-op when `p == 0`.
+///
+/// # Panics
+/// If `keep` and `x` differ in length (when `p > 0`).
+pub fn apply_keep(x: &mut [f32], keep: &[u8], p: f32) {
+    if p == 0.0 {
+        return;
+    }
+    assert_eq!(
+        keep.len(),
+        x.len(),
+        "apply_keep: mask and buffer differ in length"
+    );
+    let scale = keep_scale(p);
+    x.par_chunks_mut(KEEP_CHUNK)
+        .zip(keep.par_chunks(KEEP_CHUNK))
+        .for_each(|(x, k)| {
+            simd(|| {
+                for (v, &k) in x.iter_mut().zip(k) {
+                    *v = if k != 0 { *v * scale } else { 0.0 };
+                }
+            })
+        });
+}
+
+/// `out[i] = keep[i] ? x[i]·1/(1−p) : 0` (`out = x` when `p == 0`).
+///
+/// # Panics
+/// If `out`, `x` (and `keep` when `p > 0`) differ in length.
+pub fn apply_keep_to(out: &mut [f32], x: &[f32], keep: &[u8], p: f32) {
+    assert_eq!(
+        out.len(),
+        x.len(),
+        "apply_keep_to: out and x differ in length"
+    );
+    if p == 0.0 {
+        out.copy_from_slice(x);
+        return;
+    }
+    assert_eq!(
+        keep.len(),
+        x.len(),
+        "apply_keep_to: mask and buffer differ in length"
+    );
+    let scale = keep_scale(p);
+    out.par_chunks_mut(KEEP_CHUNK)
+        .zip(x.par_chunks(KEEP_CHUNK))
+        .zip(keep.par_chunks(KEEP_CHUNK))
+        .for_each(|((o, x), k)| {
+            simd(|| {
+                for ((o, &x), &k) in o.iter_mut().zip(x).zip(k) {
+                    *o = if k != 0 { x * scale } else { 0.0 };
+                }
+            })
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +503,51 @@ mod tests {
             let sum: Vec<f32> = res0.iter().zip(&dy).map(|(a, b)| a + b).collect();
             assert_eq!(outs[0].0, sum);
         }
+    }
+
+    #[test]
+    fn saved_masks_equal_regenerated_ones() {
+        let rows: Vec<RowKey> = (0..5)
+            .map(|i| RowKey {
+                sample: 7 + i % 3,
+                pass: i / 3,
+            })
+            .collect();
+        let n = 333;
+        let x: Vec<f32> = (0..n * rows.len())
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
+        let y: Vec<f32> = (0..n * rows.len())
+            .map(|i| (i as f32 * 0.11).sin())
+            .collect();
+        let site = Site {
+            seed: 3,
+            update: 9,
+            site: 4,
+            p: 0.3,
+        };
+        let mut want = x.clone();
+        dropout_apply(&mut want, n, &site, &rows);
+        let mut got = x.clone();
+        let mut keep = vec![0u8; x.len()];
+        dropout_apply_keep(&mut got, &mut keep, n, &site, &rows);
+        assert_eq!(got, want);
+        assert!(keep.iter().any(|&k| k == 0) && keep.iter().any(|&k| k == 1));
+        let mut again = x.clone();
+        apply_keep(&mut again, &keep, site.p);
+        assert_eq!(again, want);
+        let mut out = vec![f32::NAN; x.len()];
+        apply_keep_to(&mut out, &x, &keep, site.p);
+        assert_eq!(out, want);
+        let mut r1 = x.clone();
+        residual_dropout_add(&mut r1, &y, n, &site, &rows);
+        let mut r2 = x.clone();
+        let mut keep2 = vec![9u8; x.len()];
+        residual_dropout_add_keep(&mut r2, &mut keep2, &y, n, &site, &rows);
+        assert_eq!(r1, r2);
+        assert_eq!(keep, keep2);
+        let mut same = x.clone();
+        apply_keep(&mut same, &[], 0.0);
+        assert_eq!(same, x);
     }
 }

@@ -67,23 +67,24 @@ fn steady_state_step_keeps_and_plans_nothing() {
         trainer.update(&mut engine, &batch).unwrap();
     }
     let plan = engine.plan_bytes() as isize;
+    // The test's own records are allocated before the baseline.
+    let mut counts = Vec::with_capacity(20);
+    let mut deltas: Vec<isize> = Vec::with_capacity(20);
     let base = LIVE.load(Ordering::Relaxed);
     let mut extra_peak = 0isize;
-    let mut counts = Vec::new();
     for step in 0..20 {
         PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
         let c0 = COUNT.load(Ordering::Relaxed);
         trainer.update(&mut engine, &batch).unwrap();
         counts.push(COUNT.load(Ordering::Relaxed) - c0);
         extra_peak = extra_peak.max(PEAK.load(Ordering::Relaxed) - base);
-        let live = LIVE.load(Ordering::Relaxed);
-        assert_eq!(
-            live,
-            base,
-            "update {step}: live heap changed by {} bytes",
-            live - base
-        );
+        deltas.push(LIVE.load(Ordering::Relaxed) - base);
+        let _ = step;
     }
+    assert!(
+        deltas.iter().all(|&d| d == 0),
+        "live heap after each update, relative to the start: {deltas:?}"
+    );
     eprintln!(
         "plan {:.1} MiB; peak transient heap in an update {:.2} MiB; allocations per update {:?}",
         plan as f64 / (1 << 20) as f64,

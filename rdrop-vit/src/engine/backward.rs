@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 use rdrop_kernels::attention::attention_bwd;
-use rdrop_kernels::dropout::dropout_apply;
-use rdrop_kernels::gelu::{gelu_bwd_inplace, gelu_fwd};
+use rdrop_kernels::dropout::{apply_keep, apply_keep_to};
+use rdrop_kernels::gelu::gelu_bwd_inplace;
 use rdrop_kernels::layernorm::{layernorm_bwd, layernorm_fwd};
 use rdrop_kernels::linear::linear_bwd;
 
@@ -20,6 +20,15 @@ use crate::sites;
 fn pair(g: &mut [f32], a: usize, na: usize, b: usize, nb: usize) -> (&mut [f32], &mut [f32]) {
     let (lo, hi) = g.split_at_mut(b);
     (&mut lo[a..a + na], &mut hi[..nb])
+}
+
+/// The hidden dropout rate as the forward applied it (0 outside training).
+fn hidden_p(cfg: &ViTConfig, masks: &Masks) -> f32 {
+    if masks.train {
+        cfg.dropout as f32
+    } else {
+        0.0
+    }
 }
 
 /// Backward of the forward that filled `plan` (same `masks`), adding into `grads`.
@@ -82,15 +91,8 @@ pub(crate) fn backward(
         let o = &off.layers[l];
         let acts = &mut plan.layers[l];
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
-        plan.dtmp.copy_from_slice(&plan.dres);
-        if let Some(s) = masks.site(sites::mlp_output(l as u32), cfg.dropout) {
-            dropout_apply(&mut plan.dtmp, td, &s, masks.rows);
-        }
-        let fc1_site = masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
-        gelu_fwd(&mut plan.hidden, &acts.pre);
-        if let Some(s) = fc1_site {
-            dropout_apply(&mut plan.hidden, t * m, &s, masks.rows);
-        }
+        let p_hidden = hidden_p(cfg, masks);
+        apply_keep_to(&mut plan.dtmp, &plan.dres, &acts.keep_out, p_hidden);
         let (dw, db) = pair(grads, o.fc2_w, d * m, o.fc2_b, d);
         linear_bwd(
             Some(&mut plan.dhidden),
@@ -98,15 +100,13 @@ pub(crate) fn backward(
             dw,
             Some(db),
             &plan.dtmp,
-            &plan.hidden,
+            &acts.h,
             &p[o.fc2_w..o.fc2_w + d * m],
             n,
             m,
             d,
         );
-        if let Some(s) = fc1_site {
-            dropout_apply(&mut plan.dhidden, t * m, &s, masks.rows);
-        }
+        apply_keep(&mut plan.dhidden, &acts.keep_hidden, p_hidden);
         gelu_bwd_inplace(&mut plan.dhidden, &acts.pre);
         layernorm_fwd(
             &mut plan.ln,
@@ -146,13 +146,12 @@ pub(crate) fn backward(
         );
 
         // mid = x + drop(out(attn)),  attn = attention(qkv(LN1(x)))
-        plan.dtmp.copy_from_slice(&plan.dres);
-        if let Some(s) = masks.site(
-            sites::attention_output(l as u32),
-            cfg.attention_output_dropout,
-        ) {
-            dropout_apply(&mut plan.dtmp, td, &s, masks.rows);
-        }
+        let p_out = if masks.train {
+            cfg.attention_output_dropout as f32
+        } else {
+            0.0
+        };
+        apply_keep_to(&mut plan.dtmp, &plan.dres, &acts.keep_attn_out, p_out);
         let (dw, db) = pair(grads, o.out_w, d * d, o.out_b, d);
         linear_bwd(
             Some(&mut plan.dattn),
@@ -215,9 +214,7 @@ pub(crate) fn backward(
     }
 
     // Embeddings: x0 = drop([cls; tok] + pos).
-    if let Some(s) = masks.site(sites::EMBEDDINGS, cfg.dropout) {
-        dropout_apply(&mut plan.dres, td, &s, masks.rows);
-    }
+    apply_keep(&mut plan.dres, &plan.keep_embed, hidden_p(cfg, masks));
     let dres = &plan.dres;
     {
         // Σ over the batch in a fixed order (thread-count independent): split the (T·D)

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 use rdrop_kernels::attention::attention_fwd;
-use rdrop_kernels::dropout::{dropout_apply, residual_dropout_add, RowKey, Site};
+use rdrop_kernels::dropout::{dropout_apply_keep, residual_dropout_add_keep, RowKey, Site};
 use rdrop_kernels::layernorm::layernorm_fwd;
 use rdrop_kernels::linear::{linear_fwd, linear_gelu_fwd};
 use rdrop_kernels::patch::im2col;
@@ -35,16 +35,17 @@ impl Masks<'_> {
     }
 }
 
-/// `res += y`, or `res += mask ⊙ y` at a dropout site.
+/// `res += y`, or `res += mask ⊙ y` at a dropout site (recording the mask in `keep`).
 pub(crate) fn residual_add(
     res: &mut [f32],
+    keep: &mut [u8],
     y: &[f32],
     n: usize,
     site: Option<Site>,
     rows: &[RowKey],
 ) {
     match site {
-        Some(s) => residual_dropout_add(res, y, n, &s, rows),
+        Some(s) => residual_dropout_add_keep(res, keep, y, n, &s, rows),
         None => res
             .par_chunks_mut(n.max(1))
             .zip(y.par_chunks(n.max(1)))
@@ -69,11 +70,18 @@ pub(crate) fn embed(cfg: &ViTConfig, p: &[f32], off: &Offsets, plan: &mut Plan, 
     );
     let cls = &p[off.cls..off.cls + d];
     let pos = &p[off.pos..off.pos + t * d];
-    let out: &mut [f32] = match plan.layers.first_mut() {
+    let Plan {
+        layers,
+        x_out,
+        keep_embed,
+        tok,
+        ..
+    } = plan;
+    let out: &mut [f32] = match layers.first_mut() {
         Some(l) => &mut l.x,
-        None => &mut plan.x_out,
+        None => x_out,
     };
-    let tok = &plan.tok;
+    let tok = &*tok;
     out.par_chunks_mut(t * d).enumerate().for_each(|(bi, x)| {
         for (j, v) in x[..d].iter_mut().enumerate() {
             *v = cls[j] + pos[j];
@@ -84,7 +92,7 @@ pub(crate) fn embed(cfg: &ViTConfig, p: &[f32], off: &Offsets, plan: &mut Plan, 
         }
     });
     if let Some(s) = masks.site(sites::EMBEDDINGS, cfg.dropout) {
-        dropout_apply(out, t * d, &s, masks.rows);
+        dropout_apply_keep(out, keep_embed, t * d, &s, masks.rows);
     }
 }
 
@@ -99,7 +107,6 @@ pub(crate) fn block(
     out: &mut [f32],
     ln: &mut [f32],
     proj: &mut [f32],
-    hidden: &mut [f32],
     rows: usize,
     masks: &Masks,
 ) {
@@ -147,7 +154,14 @@ pub(crate) fn block(
         sites::attention_output(l as u32),
         cfg.attention_output_dropout,
     );
-    residual_add(&mut acts.mid, proj, t * d, s, masks.rows);
+    residual_add(
+        &mut acts.mid,
+        &mut acts.keep_attn_out,
+        proj,
+        t * d,
+        s,
+        masks.rows,
+    );
 
     layernorm_fwd(
         ln,
@@ -161,7 +175,7 @@ pub(crate) fn block(
     );
     linear_gelu_fwd(
         &mut acts.pre,
-        hidden,
+        &mut acts.h,
         ln,
         &p[o.fc1_w..o.fc1_w + m * d],
         &p[o.fc1_b..o.fc1_b + m],
@@ -170,11 +184,11 @@ pub(crate) fn block(
         m,
     );
     if let Some(s) = masks.site(sites::mlp_hidden(l as u32), cfg.dropout) {
-        dropout_apply(hidden, t * m, &s, masks.rows);
+        dropout_apply_keep(&mut acts.h, &mut acts.keep_hidden, t * m, &s, masks.rows);
     }
     linear_fwd(
         proj,
-        hidden,
+        &acts.h,
         &p[o.fc2_w..o.fc2_w + d * m],
         Some(&p[o.fc2_b..o.fc2_b + d]),
         n,
@@ -183,7 +197,7 @@ pub(crate) fn block(
     );
     out.copy_from_slice(&acts.mid);
     let s = masks.site(sites::mlp_output(l as u32), cfg.dropout);
-    residual_add(out, proj, t * d, s, masks.rows);
+    residual_add(out, &mut acts.keep_out, proj, t * d, s, masks.rows);
 }
 
 /// The whole forward of `plan.rows` rows: logits in `plan.logits`. `img` holds the images
@@ -224,7 +238,6 @@ pub(crate) fn forward(
             x_out,
             ln,
             proj,
-            hidden,
             ..
         } = plan;
         if slots == nl {
@@ -242,7 +255,6 @@ pub(crate) fn forward(
                 out,
                 ln,
                 proj,
-                hidden,
                 rows,
                 masks,
             );
@@ -256,7 +268,6 @@ pub(crate) fn forward(
                 x_out,
                 ln,
                 proj,
-                hidden,
                 rows,
                 masks,
             );

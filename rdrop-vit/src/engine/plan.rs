@@ -6,13 +6,18 @@
 //! per layer:  x (N·D)  residual stream entering the block
 //!             μ₁, r₁, μ₂, r₂ (N each)  LayerNorm statistics (the LN outputs are recomputed)
 //!             qkv (3·N·D), P (B·H·T·T) softmax before dropout, attn (N·D) heads' output
-//!             mid (N·D)  residual after attention, pre (N·M) fc1 before GELU
-//! once:       x_L (N·D), final LN of the class rows (B·D + 2B), logits (B·C),
-//!             patch rows (B·g²·C·p²), scratch: 2·N·M + 4·N·D + 3·N·D + attention/LN scratch
+//!             mid (N·D)  residual after attention, pre (N·M) fc1 before GELU,
+//!             h (N·M) dropout(GELU(pre)) (fc2's input)
+//!             masks, one byte an element where the rate is > 0: attention output (N·D),
+//!             MLP hidden (N·M), MLP output (N·D)
+//! once:       x_L (N·D), final LN of the class rows (B·D + 2B), logits (B·C), embeddings'
+//!             mask (N·D bytes), patch rows (B·g²·C·p²),
+//!             scratch: N·M + 6·N·D + 3·N·D + attention/LN scratch
 //! ```
-//! so `L·(N·(6D + M + 4) + B·H·T²) + …` floats. Dropout masks are never stored: they are
-//! regenerated from their Philox keys. GELU outputs and LayerNorm outputs are recomputed in
-//! the backward (one cheap elementwise pass each) instead of being stored.
+//! so `L·(N·(6D + 2M + 4) + B·H·T²)` floats plus `L·N·(2D + M)` mask bytes and the rest.
+//! Attention-probability masks are regenerated from their Philox keys (`B·H·T²` bytes a
+//! layer would be the largest mask). LayerNorm outputs are recomputed in the backward (one
+//! cheap pass) instead of being stored.
 
 use rdrop_kernels::attention::{attention_bwd_scratch_len, AttnDims};
 use rdrop_kernels::layernorm::layernorm_bwd_scratch_len;
@@ -32,6 +37,10 @@ pub(crate) struct LayerActs {
     pub mean2: Vec<f32>,
     pub rstd2: Vec<f32>,
     pub pre: Vec<f32>,
+    pub h: Vec<f32>,
+    pub keep_attn_out: Vec<u8>,
+    pub keep_hidden: Vec<u8>,
+    pub keep_out: Vec<u8>,
 }
 
 /// Every buffer of a forward and backward at `rows` batch rows.
@@ -49,13 +58,14 @@ pub(crate) struct Plan {
     pub meanf: Vec<f32>,
     pub rstdf: Vec<f32>,
     pub logits: Vec<f32>,
+    /// The embeddings' dropout mask.
+    pub keep_embed: Vec<u8>,
     /// im2col rows of the images.
     pub patches: Vec<f32>,
     // Scratch (forward and backward).
     pub tok: Vec<f32>,
     pub ln: Vec<f32>,
     pub proj: Vec<f32>,
-    pub hidden: Vec<f32>,
     pub dres: Vec<f32>,
     pub dtmp: Vec<f32>,
     pub dln: Vec<f32>,
@@ -95,6 +105,8 @@ impl Plan {
         let z = |k: usize| vec![0f32; k];
         let zb = |k: usize| vec![0f32; if train { k } else { 0 }];
         let slots = if train { cfg.num_layers } else { 1 };
+        // A mask where the site drops something (training plans only).
+        let mask = |k: usize, p: f64| vec![0u8; if train && p > 0.0 { k } else { 0 }];
         let layers = (0..slots)
             .map(|_| LayerActs {
                 x: z(n * d),
@@ -107,6 +119,10 @@ impl Plan {
                 mean2: z(n),
                 rstd2: z(n),
                 pre: z(n * m),
+                h: z(n * m),
+                keep_attn_out: mask(n * d, cfg.attention_output_dropout),
+                keep_hidden: mask(n * m, cfg.dropout),
+                keep_out: mask(n * d, cfg.dropout),
             })
             .collect();
         Self {
@@ -119,11 +135,11 @@ impl Plan {
             meanf: z(rows),
             rstdf: z(rows),
             logits: z(rows * c),
+            keep_embed: mask(n * d, cfg.dropout),
             patches: z(rows * g2 * cpp),
             tok: z(rows * g2 * d),
             ln: z(n * d),
             proj: z(n * d),
-            hidden: z(n * m),
             dres: zb(n * d),
             dtmp: zb(n * d),
             dln: zb(n * d),
@@ -153,8 +169,15 @@ impl Plan {
                     + a.mean2.len()
                     + a.rstd2.len()
                     + a.pre.len()
+                    + a.h.len()
             })
             .sum();
+        let masks: usize = self
+            .layers
+            .iter()
+            .map(|a| a.keep_attn_out.len() + a.keep_hidden.len() + a.keep_out.len())
+            .sum::<usize>()
+            + self.keep_embed.len();
         let once = [
             &self.x_out,
             &self.cls,
@@ -166,7 +189,6 @@ impl Plan {
             &self.tok,
             &self.ln,
             &self.proj,
-            &self.hidden,
             &self.dres,
             &self.dtmp,
             &self.dln,
@@ -181,6 +203,6 @@ impl Plan {
         .iter()
         .map(|v| v.len())
         .sum::<usize>();
-        4 * (l + once)
+        4 * (l + once) + masks
     }
 }
