@@ -164,7 +164,7 @@ impl Learner {
 /// Eval-mode logits from either engine, for `rdrop eval` / `predict` (no trainer).
 pub enum Predictor {
     /// The autograd model.
-    Autograd(VisionTransformer),
+    Autograd(Box<VisionTransformer>),
     /// The explicit engine (a copy of the model's parameters).
     Explicit(Box<Engine>),
 }
@@ -177,7 +177,7 @@ impl Predictor {
                 Engine::from_model(&model).context("building the explicit engine")?,
             ))
         } else {
-            Predictor::Autograd(model)
+            Predictor::Autograd(Box::new(model))
         })
     }
 

@@ -532,7 +532,7 @@ mod tests {
         let mut keep = vec![0u8; x.len()];
         dropout_apply_keep(&mut got, &mut keep, n, &site, &rows);
         assert_eq!(got, want);
-        assert!(keep.iter().any(|&k| k == 0) && keep.iter().any(|&k| k == 1));
+        assert!(keep.contains(&0) && keep.contains(&1));
         let mut again = x.clone();
         apply_keep(&mut again, &keep, site.p);
         assert_eq!(again, want);
