@@ -35,17 +35,9 @@ pub const BUILTIN_DEMO: &str = "builtin:digits";
 /// Preset names accepted by `--preset`.
 pub const PRESETS: &[&str] = &["demo", "vit-b16-cifar100", "vit-src"];
 
-/// How the two stochastic passes are run. The one CLI twin left of an rdrop-core enum
-/// (`TwoPass`): `passes.rs` is being rewritten for the explicit engine, which will derive
-/// `clap::ValueEnum` there behind rdrop-core's `clap` feature, as the other enums do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Passes {
-    /// One forward of [x; x] (the paper).
-    Concat,
-    /// Two forwards (the reference code; less peak memory).
-    Sequential,
-}
+/// How the two stochastic passes are run (rdrop-core's enum, a clap value through its
+/// `clap` feature).
+pub use rdrop_core::TwoPass as Passes;
 
 /// Training-time augmentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -57,14 +49,6 @@ pub enum AugmentKind {
     None,
 }
 
-impl From<Passes> for rdrop_core::TwoPass {
-    fn from(p: Passes) -> Self {
-        match p {
-            Passes::Concat => Self::Concat,
-            Passes::Sequential => Self::Sequential,
-        }
-    }
-}
 
 /// The `[vit]` table: the model's three dropout rates and, for random init, its architecture.
 ///

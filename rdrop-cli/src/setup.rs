@@ -65,7 +65,7 @@ pub fn train_config(c: &RunConfig) -> TrainConfig {
         clip_norm: (c.clip_grad_norm > 0.0).then_some(c.clip_grad_norm),
         accum_steps: c.accumulation(),
         micro_batch: c.micro_batch,
-        two_pass: c.passes.into(),
+        two_pass: c.passes,
         precision: c.precision,
         scaler: ScalerConfig {
             init_scale: c.loss_scale,

@@ -18,14 +18,16 @@ use serde::{Deserialize, Serialize};
 use crate::model::RDropModel;
 use crate::rng::DropoutContext;
 
-/// How the two passes are run.
+/// How the two passes are run (the explicit engine always runs one forward of `[x; x]`: with
+/// masks keyed by (sample, pass) both give the same masks and the same objective).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum TwoPass {
-    /// One forward of the concatenated `[x; x]`.
+    /// One forward of the concatenated `[x; x]` (the paper).
     #[default]
     Concat,
-    /// Two forwards of `x`.
+    /// Two forwards of `x` (the reference code; less peak memory on the autograd path).
     Sequential,
 }
 

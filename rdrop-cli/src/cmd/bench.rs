@@ -306,7 +306,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         clip_norm: Some(1.0),
         accum_steps: 1,
         micro_batch: a.micro_batch,
-        two_pass: a.passes.into(),
+        two_pass: a.passes,
         precision: a.compute.precision,
         sync_timing: true,
         ..TrainConfig::default()
