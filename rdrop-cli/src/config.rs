@@ -49,7 +49,6 @@ pub enum AugmentKind {
     None,
 }
 
-
 /// The `[vit]` table: the model's three dropout rates and, for random init, its architecture.
 ///
 /// The rates always apply (to pre-trained weights too: their `config.json` rates are

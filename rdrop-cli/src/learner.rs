@@ -189,3 +189,27 @@ impl Predictor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_is_the_default_on_cpu_in_f32_only() {
+        let auto = EngineKind::default();
+        assert!(use_explicit(auto, &DeviceSpec::Cpu, Precision::F32).unwrap());
+        assert!(!use_explicit(auto, &DeviceSpec::Cuda(0), Precision::Bf16).unwrap());
+        assert!(!use_explicit(EngineKind::Autograd, &DeviceSpec::Cpu, Precision::F32).unwrap());
+        let e = use_explicit(EngineKind::Explicit, &DeviceSpec::Cuda(0), Precision::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--engine explicit") && e.contains("CPU"), "{e}");
+        // The default run configuration on CPU in f32 resolves to the engine too.
+        let c = crate::config::RunConfig {
+            device: DeviceSpec::Cpu,
+            precision: Precision::F32,
+            ..crate::config::RunConfig::default()
+        };
+        assert!(use_explicit(c.engine, &c.device, c.precision).unwrap());
+    }
+}
