@@ -71,9 +71,9 @@ impl Learner {
         explicit: bool,
     ) -> anyhow::Result<Self> {
         let inner = if explicit {
+            // The engine takes the model's dropout state (its seed) with its weights.
             model.rng().set_state(&state.rng)?;
-            let mut engine = Engine::from_model(&model).context("building the explicit engine")?;
-            engine.set_rng_state(&state.rng)?;
+            let engine = Engine::from_model(&model).context("building the explicit engine")?;
             let trainer = FlatTrainer::restore(tcfg, engine.layout().clone(), state)
                 .context("restoring the trainer")?;
             Inner::Explicit {

@@ -44,7 +44,7 @@ enum Command {
     /// Inspect, benchmark, preview or download the CIFAR datasets.
     #[command(subcommand)]
     Data(cmd::data::Command),
-    /// Benchmarks (training step throughput on synthetic data).
+    /// Benchmarks on synthetic data: the training step (`bench train`) and inference (`bench eval`).
     #[command(subcommand)]
     Bench(cmd::bench::Command),
     /// Draw curves.png (loss, CE, KL, lr, test top-1) from a run folder's metrics.jsonl.

@@ -27,7 +27,7 @@ use crate::optim::{OptimConfig, OptimizerKind, OptimizerState, WeightDecayScope}
 use crate::rng::RngState;
 use crate::schedule::lr_lambda;
 use crate::state::TrainState;
-use crate::trainer::{Precision, StepStats, TrainConfig};
+use crate::trainer::{check_finite, Precision, StepStats, TrainConfig};
 
 /// One named tensor inside a flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -513,20 +513,7 @@ impl FlatTrainer {
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
         let (params, grads) = model.params_and_grads();
         let grad_norm = sum_squares(grads).sqrt();
-        if !loss.is_finite() {
-            return Err(CoreError::NonFinite {
-                step: k,
-                what: "loss",
-                value: loss,
-            });
-        }
-        if !grad_norm.is_finite() {
-            return Err(CoreError::NonFinite {
-                step: k,
-                what: "gradient norm",
-                value: grad_norm,
-            });
-        }
+        check_finite(k, loss, grad_norm)?;
         let coef = match self.cfg.clip_norm {
             Some(max) => clip_coef(grad_norm, max),
             None => 1.0,

@@ -208,6 +208,26 @@ struct Pending {
     backward_s: f64,
 }
 
+/// [`CoreError::NonFinite`] when update `step`'s loss or gradient norm is inf/NaN (where no
+/// loss scaler can absorb it); shared by [`Trainer`] and [`crate::FlatTrainer`].
+pub(crate) fn check_finite(step: u64, loss: f64, grad_norm: f64) -> Result<()> {
+    if !loss.is_finite() {
+        return Err(CoreError::NonFinite {
+            step,
+            what: "loss",
+            value: loss,
+        });
+    }
+    if !grad_norm.is_finite() {
+        return Err(CoreError::NonFinite {
+            step,
+            what: "gradient norm",
+            value: grad_norm,
+        });
+    }
+    Ok(())
+}
+
 /// Runs R-Drop updates on a fixed list of variables; owns the optimiser and the loss scaler.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -477,20 +497,7 @@ impl Trainer {
             vals[3] as f64,
         );
         if !self.scaler.enabled() {
-            if !loss.is_finite() {
-                return Err(CoreError::NonFinite {
-                    step: k,
-                    what: "loss",
-                    value: loss,
-                });
-            }
-            if !grad_norm.is_finite() {
-                return Err(CoreError::NonFinite {
-                    step: k,
-                    what: "gradient norm",
-                    value: grad_norm,
-                });
-            }
+            check_finite(k, loss, grad_norm)?;
         }
         let skipped = self
             .scaler

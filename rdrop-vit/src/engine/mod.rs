@@ -64,11 +64,6 @@ fn with_cpu<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R)
     Ok(f(&all[start..start + t.elem_count()]))
 }
 
-/// Labels as `u32`, checked against the batch.
-fn with_labels<R>(y: &Tensor, f: impl FnOnce(&[u32]) -> R) -> Result<R> {
-    with_cpu(y, f)
-}
-
 /// The plan for `rows` rows (training: every block's activations; inference: one slot),
 /// re-planned only when the shape changes.
 fn ensure_plan<'a>(
@@ -154,41 +149,36 @@ impl Engine {
     /// Logits `(B, classes)` of images `x (B, C, S, S)` in eval mode (no dropout). Uses an
     /// inference plan (one block's activations, reused by every block).
     pub fn forward_eval(&mut self, x: &Tensor) -> Result<Tensor> {
-        let b = self.check_images(x)?;
-        let plan = ensure_plan(&mut self.plan, &self.cfg, b, false);
-        let masks = Masks {
-            seed: 0,
-            update: 0,
-            rows: &[],
-            train: false,
-        };
-        with_cpu(x, |img: &[f32]| {
-            forward::forward(&self.cfg, &self.params, &self.off, plan, img, false, &masks)
-        })?;
-        Ok(Tensor::from_slice(
-            &plan.logits,
-            (b, self.cfg.num_classes),
-            &Device::Cpu,
-        )?)
+        self.forward_logits(x, 0, &[], false)
     }
 
     /// Training-mode logits `(B, classes)` with the masks of `update` and `rows` (one per image:
     /// sample index in the update's batch and R-Drop pass). Keeps the activations for
     /// [`Engine::backward`].
     pub fn forward_train(&mut self, x: &Tensor, update: u32, rows: &[RowKey]) -> Result<Tensor> {
+        self.forward_logits(x, update, rows, true)
+    }
+
+    fn forward_logits(
+        &mut self,
+        x: &Tensor,
+        update: u32,
+        rows: &[RowKey],
+        train: bool,
+    ) -> Result<Tensor> {
         let b = self.check_images(x)?;
-        if rows.len() != b {
+        if train && rows.len() != b {
             return Err(VitError::Config(format!(
                 "{} row keys for {b} images",
                 rows.len()
             )));
         }
-        let plan = ensure_plan(&mut self.plan, &self.cfg, b, true);
+        let plan = ensure_plan(&mut self.plan, &self.cfg, b, train);
         let masks = Masks {
             seed: self.rng.seed,
             update,
             rows,
-            train: true,
+            train,
         };
         with_cpu(x, |img: &[f32]| {
             forward::forward(&self.cfg, &self.params, &self.off, plan, img, false, &masks)
@@ -305,7 +295,7 @@ impl FlatRDropModel for Engine {
             },
             label_smoothing: loss.label_smoothing,
         };
-        let v = with_labels(y, |labels| {
+        let v = with_cpu(y, |labels: &[u32]| {
             let (p, q) = plan.logits.split_at(m * classes);
             let (dp, dq) = plan.dlogits.split_at_mut(m * classes);
             rdrop_loss(dp, dq, p, q, labels, classes, &kcfg, weight as f32)
