@@ -8,8 +8,10 @@
 # CUDA_ERROR_NO_DEVICE). See ../shared/reference/cuda-build.md.
 #
 # usage: scripts/build-cuda.sh [--build]   release `rdrop` with --features cuda, stripped,
-#                                          into dist/cuda/rdrop (default)
-#                                          (+ dist/cuda-pack/rdrop.gz to carry to a GPU machine)
+#                                          into dist/cuda/rdrop (default), and the CUDA test
+#                                          binaries (tests/cuda*.rs) into dist/cuda/tests/
+#                                          (+ dist/cuda-pack/{rdrop.gz,cuda-tests.tar.gz}: carry
+#                                          dist/cuda-pack to a GPU machine)
 #        scripts/build-cuda.sh --check     cargo clippy -D warnings (cargo check if clippy is
 #                                          missing) of the whole workspace, all targets, CUDA
 #                                          on; compiles the kernels (needs nvcc only)
@@ -165,6 +167,26 @@ build)
     mkdir -p "$DIST-pack"
     gzip -6 -c "$DIST/rdrop" >"$DIST-pack/rdrop.gz.tmp" && mv "$DIST-pack/rdrop.gz.tmp" "$DIST-pack/rdrop.gz"
     log "packed $DIST-pack/rdrop.gz ($(du -h "$DIST-pack/rdrop.gz" | cut -f1))"
+    # the GPU tests (`#[ignore]`d: no GPU here), built as release test binaries, stripped and
+    # packed next to the binary: gpu-check.sh runs them with --ignored on the GPU machine
+    log "building the CUDA test binaries (rdrop-kernels, rdrop-vit; run there with --ignored)"
+    (cd "$REPO" && cargo test --release -p rdrop-kernels -p rdrop-vit --features rdrop-vit/cuda \
+        --no-run --message-format=json) >"$TARGET/cuda-tests.jsonl"
+    rm -rf "$DIST/tests" && mkdir -p "$DIST/tests"
+    "$PY" - "$TARGET/cuda-tests.jsonl" "$DIST/tests" <<'PYEOF'
+import json, shutil, sys
+# the integration test targets whose name starts with "cuda" (tests/cuda*.rs)
+for line in open(sys.argv[1]):
+    m = json.loads(line) if line.startswith("{") else {}
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"] \
+            and t.get("name", "").startswith("cuda"):
+        pkg = m["package_id"].split("#")[0].rstrip("/").split("/")[-1]
+        shutil.copy(m["executable"], f"{sys.argv[2]}/{pkg}-{t['name']}")
+PYEOF
+    strip "$DIST"/tests/* 2>/dev/null || true
+    tar -C "$DIST" -czf "$DIST-pack/cuda-tests.tar.gz.tmp" tests && mv "$DIST-pack/cuda-tests.tar.gz.tmp" "$DIST-pack/cuda-tests.tar.gz"
+    log "packed $DIST-pack/cuda-tests.tar.gz: $(ls "$DIST/tests" | tr '\n' ' ')($(du -h "$DIST-pack/cuda-tests.tar.gz" | cut -f1))"
     # sanity: it starts here with the stub libcuda (no GPU) and prints its version
     if v=$(LD_LIBRARY_PATH="$NV/lib:$CUDA_ROOT/lib64/stubs" "$DIST/rdrop" --version); then
         log "$v starts (stub libcuda)"

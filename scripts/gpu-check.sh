@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # One prepared check of rdrop's CUDA build on a GPU machine (PyTorch + timm there, no Rust, no
 # network), measured against PyTorch on the same GPU, in under 8 minutes:
-#   a. `rdrop eval` of scripts/fixtures/gpu-check-vit on CPU vs CUDA (f32 within 1e-3 and
+#   a. the CUDA tests (kernels vs their CPU twins, CUDA engine vs CPU engine, resume), carried as
+#      test binaries and run with --ignored;
+#   b. `rdrop eval` of scripts/fixtures/gpu-check-vit on CPU vs CUDA (f32 within 1e-3 and
 #      identical predictions; bf16 within 2e-2 of the logit scale), and vs transformers;
-#   b. `rdrop bench train --model vit-b16 --image-size 224 --micro-batch 64 --precision bf16
+#   c. data parallel with world size 1 through NCCL vs the plain run (losses within 1e-6);
+#   d. compute-sanitizer memcheck over one small training step;
+#   e. `rdrop bench train --model vit-b16 --image-size 224 --micro-batch 64 --precision bf16
 #      --device cuda` vs scripts/torch_gpu_step.py (eager, --compile), then each at the largest
-#      micro-batch it fits;
-#   c. `rdrop data bench` vs scripts/torchvision_loader.py at 224 px with all cores;
-#   d. one JSON summary with every figure and ratio: printed, and written to
-#      ${OUT:-.}/gpu-check.json (rewritten after each part, so a cut-off run keeps what it did);
+#      micro-batch it fits; (`--with-data`: `rdrop data bench` vs torchvision too);
+#   f. one JSON with every figure and ratio and a top-level `summary` (train_ratio_vs_eager, ...):
+#      printed, and written to ${OUT:-.}/gpu-check.json (rewritten after each part, so a cut-off
+#      run keeps what it did) and gpu-check-<gpu>-<date>.json (commit it under docs/);
 #      the progress log goes to ${OUT:-.}/gpu-check.log; the last stdout line is `HEADLINE {...}`.
 # Every part is time-boxed and records its error in the JSON instead of stopping the rest.
 #
-# Needs the binary from `scripts/build-cuda.sh`: dist/cuda/rdrop, or its gzip'd copy
-# dist/cuda-pack/rdrop.gz (carry dist/cuda-pack to the machine: it fits the 64 MiB the device
-# tool moves, the bare binary does not). usage: bash scripts/gpu-check.sh [--dry-run] [--budget SECONDS]
+# Needs the binary and the CUDA test binaries from `scripts/build-cuda.sh`: dist/cuda/, or their
+# gzip'd copies dist/cuda-pack/{rdrop.gz,cuda-tests.tar.gz} (carry dist/cuda-pack to the machine: it fits the 64 MiB the device
+# tool moves, the bare binary does not). usage: bash scripts/gpu-check.sh [--dry-run] [--budget SECONDS] [--with-data]
 # Environment: RDROP_BIN (default dist/cuda/rdrop), PYTHON (a python with torch; default: the
 # first of python3, /opt/torch/.venv/bin/python3 that imports torch), OUT (output folder).
 # --dry-run: plumbing test on a machine without a GPU: tiny CPU sizes; runs that need a GPU are
@@ -53,7 +57,8 @@ say "python: $PY; binary: $BIN"
 # packages (nvidia/cu13/lib, nvidia/*/lib) or a CUDA install; libcuda.so.1 is the driver's.
 LIBDIRS=$("$PY" - <<'EOF' 2>/dev/null
 import glob, os, site, sys
-need = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13"]
+need = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13", "libnvrtc.so.13",
+        "libnccl.so.2"]  # NCCL: loaded at run time by data parallel (nvidia-nccl-cu13)
 roots = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + sys.path))
 cands = []
 for r in roots:

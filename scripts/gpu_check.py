@@ -5,13 +5,21 @@ the Python with torch and the CUDA libraries the binary needs).
 
 Parts, each time-boxed; a failing part records its error in the JSON and the rest go on:
   env    the GPU, driver, torch, the binary and the libraries it resolved
+  parity the CUDA test binaries (dist/cuda/tests or dist/cuda-pack/cuda-tests.tar.gz, from
+         scripts/build-cuda.sh) run with --ignored: each CUDA kernel against its CPU twin and
+         the CUDA engine against the CPU engine (same masks), resume exactness
   eval   `rdrop eval` of scripts/fixtures/gpu-check-vit on the demo test split: CPU f32 vs
          CUDA f32 (max |Δlogit| <= 1e-3, identical predictions) and CUDA bf16
          (max |Δlogit| <= 2e-2 · max|logit|); plus PyTorch/transformers' logits of the same model
-  data   `rdrop data bench` vs scripts/torchvision_loader.py at 224 px with all cores
+  dp     data parallel through the real code path with world size 1 (torchrun's variables,
+         NCCL all-reduce) against the same short demo run without them: losses per update
+  memcheck `compute-sanitizer --tool memcheck` over one small training step of the engine
   train  `rdrop bench train` (vit-b16, 224, bf16, micro-batch 64) vs scripts/torch_gpu_step.py
          eager and --compile, back to back; then each at the largest micro-batch it fits
-The JSON summary (every figure and ratio) is rewritten after each part, printed at the end.
+  data   (only with --with-data) `rdrop data bench` vs scripts/torchvision_loader.py at 224 px
+The JSON (every figure and ratio, a top-level `summary` with the issue's figures) is rewritten
+after each part, printed at the end, and copied to gpu-check-<gpu>-<date>.json beside --out
+(commit that one as docs/gpu-check-<gpu>-<date>.json).
 
 usage: gpu_check.py --bin RDROP --python PY --out FILE [--budget SECONDS] [--dry-run]
   --dry-run: plumbing test on a machine without a GPU (tiny sizes, CPU; CUDA runs are
@@ -106,9 +114,10 @@ class MemSampler:
         return round((self.peak - self.base) / 1024, 3)  # GiB
 
 
-def run(cmd, timeout, env=None, mem=False):
+def run(cmd, timeout, env=None, mem=False, keep_output=False):
     """Runs cmd (in its own process group, killed whole on timeout). Returns a dict with rc,
-    seconds, the last JSON object printed on stdout (if any), stderr's tail, device memory."""
+    seconds, the last JSON object printed on stdout (if any), stderr's tail, device memory
+    (and, with keep_output, the tails of stdout and stderr)."""
     res = {"cmd": " ".join(str(c) for c in cmd)}
     if timeout < 8:  # the budget is spent: say so rather than start what cannot finish
         log("skipped (time budget spent): " + res["cmd"])
@@ -135,6 +144,8 @@ def run(cmd, timeout, env=None, mem=False):
             res["rc"], res["timed_out"] = None, True
     res["s"] = round(time.monotonic() - t, 2)
     res["json"] = last_json(out)
+    if keep_output:
+        res["stdout"], res["stderr"] = (out or "")[-6000:], (err or "")[-3000:]
     gib = sampler.result()
     if gib is not None:
         res["device_mem_peak_gib"] = gib
@@ -308,6 +319,94 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             return {"error": f"shape {tl.shape} vs rdrop {rd.shape}"}
         return {"top1": r["json"]["top1"], "rdrop_cpu_vs_transformers": compare(tl, rd, 1e-4, False)}
 
+    # -- parity: the ignored CUDA tests ----------------------------------------------------------
+    def parity_part(self, s):
+        folder = REPO / "dist/cuda/tests"
+        pack = REPO / "dist/cuda-pack/cuda-tests.tar.gz"
+        if not (folder.is_dir() and any(folder.iterdir())):
+            if not pack.exists():
+                s["error"] = f"no CUDA test binaries: neither {folder} nor {pack} (scripts/build-cuda.sh)"
+                s["pass"] = False
+                return
+            subprocess.run(["tar", "-C", str(self.tmp), "-xzf", str(pack)], check=True, timeout=60)
+            folder = self.tmp / "tests"
+        ok, passed, failed = True, 0, 0
+        for b in sorted(folder.iterdir()):
+            r = run([b, "--ignored", "--test-threads", "1"], self.budget.box(150), self.env,
+                    keep_output=True)
+            out = r.pop("stdout", "")
+            tests = dict(re.findall(r"^test (\S+) \.\.\. (ok|FAILED|ignored)", out, re.M))
+            m = re.search(r"test result: \w+\. (\d+) passed; (\d+) failed", out)
+            p, f = (int(m.group(1)), int(m.group(2))) if m else (0, None)
+            fails = [ln for ln in out.splitlines() if "panicked" in ln or ln.startswith("---- ")]
+            s[b.name] = {"rc": r.get("rc"), "s": r.get("s"), "passed": p, "failed": f,
+                         "tests": tests, **({"failures": fails[:20], "error": r.get("error")}
+                                            if r.get("rc") != 0 else {})}
+            ok &= r.get("rc") == 0 and p > 0
+            passed, failed = passed + p, failed + (f or 0)
+        s["passed"], s["failed"], s["pass"] = passed, failed, bool(ok and passed > 0)
+
+    # -- dp: world size 1 through NCCL ------------------------------------------------------------
+    def dp_part(self, s):
+        import socket
+
+        steps = 6 if self.dry else 30
+        base = ["train", "--preset", "demo", "--data", "builtin:digits", "--steps", steps,
+                "--device", self.cuda, "--json"]
+        plain = run(self.rdrop(*base, "--out", self.tmp / "dp-plain"), self.budget.box(120), self.env)
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            port = so.getsockname()[1]
+        env1 = dict(self.env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist = run(self.rdrop(*base, "--out", self.tmp / "dp-nccl"), self.budget.box(120), env1)
+        s["plain"], s["world1"] = plain, dist
+        s["world_size"] = pick(dist.get("json"), r"world_size", r"world")
+        s["collective"] = (dist.get("json") or {}).get("collective")
+
+        def losses(d):
+            f = d / "metrics.jsonl"
+            if not f.exists():
+                return None
+            rows = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+            return [(r.get("step"), r.get("loss")) for r in rows if r.get("kind") == "train"]
+
+        a, b = losses(self.tmp / "dp-plain"), losses(self.tmp / "dp-nccl")
+        if not a or not b:
+            s["error"] = s.get("error") or "a run wrote no train losses (see plain / world1)"
+            s["pass"] = False
+            return
+        diff = max((abs(x[1] - y[1]) for x, y in zip(a, b)), default=None)
+        s["updates_compared"], s["max_abs_loss_diff"] = min(len(a), len(b)), diff
+        s["tolerance"] = 1e-6
+        # the second run must say it ran distributed (a binary that ignored the variables
+        # would compare a plain run with itself)
+        s["pass"] = bool(len(a) == len(b) and diff is not None and diff <= 1e-6
+                         and plain.get("rc") == 0 and dist.get("rc") == 0 and s["world_size"] == 1)
+
+    # -- memcheck ---------------------------------------------------------------------------------
+    def memcheck_part(self, s):
+        import glob
+
+        cs = shutil.which("compute-sanitizer") or next(iter(sorted(glob.glob(
+            "/usr/local/cuda*/bin/compute-sanitizer") + glob.glob("/opt/nvidia/*/compute-sanitizer"))), None)
+        if not cs:
+            s["skipped"], s["pass"] = "compute-sanitizer not found", None
+            return
+        r = run([cs, "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "20",
+                 *self.rdrop("bench", "train", "--model", "cpu-small", "--image-size", 32,
+                             "--micro-batch", 4, "--steps", 1, "--warmup", 1, "--precision",
+                             "f32" if self.dry else "bf16", "--device", self.cuda, "--json")],
+                self.budget.box(180), self.env, keep_output=True)
+        text = r.pop("stdout", "") + r.pop("stderr", "")
+        m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+        s["run"], s["errors"] = r, int(m.group(1)) if m else None
+        s["reports"] = [ln for ln in text.splitlines() if ln.startswith("=========")][:40]
+        if "Device not supported" in text or "not supported on this" in text:
+            s["pass"], s["unsupported"] = None, "compute-sanitizer refused the device (gVisor machines do)"
+        else:
+            s["pass"] = bool(r.get("rc") == 0 and s["errors"] == 0)
+
     # -- c. data -------------------------------------------------------------------------------
     def data_part(self, s):
         size, batches = (64, 10) if self.dry else (224, 300)
@@ -431,12 +530,23 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
 
     def main(self):
         self.part("env", self.env_part)
+        self.part("parity", self.parity_part)
         self.part("eval", self.eval_part)
-        self.part("data", self.data_part)
+        self.part("dp", self.dp_part)
+        self.part("memcheck", self.memcheck_part)
         self.part("train_mb64", self.train_part)
         self.part("train_max", self.max_part)
+        if self.a.with_data:
+            self.part("data", self.data_part)
+        self.summary["summary"] = issue_summary(self.summary)
         self.summary["headline"] = headline(self.summary)
         self.save()
+        gpu = re.sub(r"[^a-z0-9]+", "-", str(_get(self.summary, ("env", "python", "gpu")) or
+                                            ("dry-run" if self.dry else "gpu")).lower())
+        gpu = re.sub(r"^nvidia-", "", gpu).strip("-") or "gpu"
+        dated = self.out.parent / f"gpu-check-{gpu}-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
+        shutil.copy(self.out, dated)
+        log(f"copied to {dated} (commit it as docs/{dated.name})")
         shutil.rmtree(self.tmp, ignore_errors=True)
         print(json.dumps(self.summary, indent=2))
         print("HEADLINE " + json.dumps(self.summary["headline"]))
@@ -464,10 +574,41 @@ def compare(ref, got, tol, relative):
     return out
 
 
+def issue_summary(s):
+    """The figures issues 10 and 11 ask for, at the top of the JSON."""
+    g = lambda *ks: _get(s, ks)
+    out = {
+        "train_ratio_vs_eager": g("train_mb64", "summary", "ratio_rdrop_over_torch_eager"),
+        "train_ratio_vs_compile": g("train_mb64", "summary", "ratio_rdrop_over_torch_compile"),
+        "peak_mem_ratio_vs_eager": g("train_mb64", "summary", "mem_ratio_rdrop_over_torch_eager"),
+        "engine_parity_pass": g("parity", "pass"),
+        "max_micro_batch_rdrop": g("train_max", "rdrop_max_micro_batch"),
+        "max_micro_batch_torch": g("train_max", "torch_max_micro_batch"),
+        "eval_f32_pass": g("eval", "cuda_f32_vs_cpu", "pass"),
+        "eval_bf16_pass": g("eval", "cuda_bf16_vs_cpu", "pass"),
+        "memcheck_pass": g("memcheck", "pass"),
+        "memcheck_errors": g("memcheck", "errors"),
+        "data_parallel_pass": g("dp", "pass"),
+        "data_parallel_world_size": g("dp", "world_size"),
+        "micro_batch": g("train_mb64", "micro_batch"),
+    }
+    num = lambda v: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    mr, mt = num(out["max_micro_batch_rdrop"]), num(out["max_micro_batch_torch"])
+    out["goals"] = {
+        "train_ratio_vs_eager_ge_1_3": None if num(out["train_ratio_vs_eager"]) is None else out["train_ratio_vs_eager"] >= 1.3,
+        "train_ratio_vs_compile_ge_1_0": None if num(out["train_ratio_vs_compile"]) is None else out["train_ratio_vs_compile"] >= 1.0,
+        "peak_mem_ratio_vs_eager_le_1_0": None if num(out["peak_mem_ratio_vs_eager"]) is None else out["peak_mem_ratio_vs_eager"] <= 1.0,
+        "max_micro_batch_at_least_torch": None if mr is None or mt is None else mr >= mt,
+        "engine_parity_pass": out["engine_parity_pass"],
+    }
+    return out
+
+
 def headline(s):
     g = lambda *ks: _get(s, ks)
     return {
         "gpu": g("env", "python", "gpu") or g("env", "nvidia_smi"),
+        "summary": g("summary"),
         "eval_f32_pass": g("eval", "cuda_f32_vs_cpu", "pass"),
         "eval_f32_max_abs_diff": g("eval", "cuda_f32_vs_cpu", "max_abs_diff"),
         "eval_bf16_pass": g("eval", "cuda_bf16_vs_cpu", "pass"),
@@ -517,4 +658,6 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=450, help="seconds for everything")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--with-data", action="store_true",
+                    help="also compare the data loader with torchvision (not needed by the issues)")
     Check(ap.parse_args()).main()
