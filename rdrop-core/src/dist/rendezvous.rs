@@ -106,6 +106,8 @@ struct State {
     dead: Option<(usize, String)>,
     /// This rank finished or is being dropped: the readers stop reporting.
     closing: bool,
+    /// A death is being reported (rank 0 relays it before the local calls fail).
+    dying: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,10 +293,14 @@ impl Group {
     /// rank; e.g. `ncclCommAbort`, so that a rank blocked in a device collective returns.
     /// If a peer already died, runs it at once.
     pub fn set_abort_hook(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        let mut slot = lock(&self.inner.hook);
         let dead = lock(&self.inner.state).dead.as_ref().map(|d| d.0);
         match dead {
-            Some(r) => hook(r),
-            None => *lock(&self.inner.hook) = Some(Box::new(hook)),
+            Some(r) => {
+                drop(slot);
+                hook(r)
+            }
+            None => *slot = Some(Box::new(hook)),
         }
     }
 
@@ -577,13 +583,14 @@ impl Inner {
     fn mark_dead(&self, rank: usize, how: String) {
         {
             let mut st = lock(&self.state);
-            if st.closing || st.dead.is_some() {
+            if st.closing || st.dead.is_some() || st.dying {
                 return;
             }
-            st.dead = Some((rank, how.clone()));
+            st.dying = true;
         }
-        self.cv.notify_all();
         if self.rank == 0 {
+            // Before the local calls fail (and this process perhaps exits), so that the others
+            // learn who died rather than seeing rank 0 go.
             let mut p = (rank as u32).to_le_bytes().to_vec();
             p.extend_from_slice(how.as_bytes());
             for (r, w) in self.writers.iter().enumerate() {
@@ -593,9 +600,17 @@ impl Inner {
                 }
             }
         }
-        if let Some(h) = lock(&self.hook).as_ref() {
-            h(rank);
+        {
+            // The hook runs before any call can fail with the death (so a rank that returns
+            // from a failed call finds e.g. NCCL already aborted); `set_abort_hook` takes the
+            // same lock, so a hook is run exactly once whenever it is registered.
+            let hook = lock(&self.hook);
+            if let Some(h) = hook.as_ref() {
+                h(rank);
+            }
+            lock(&self.state).dead = Some((rank, how));
         }
+        self.cv.notify_all();
     }
 }
 
