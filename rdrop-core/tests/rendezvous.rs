@@ -364,3 +364,16 @@ fn killed_peer_is_relayed_by_rank_zero() {
     let out = finished(root);
     assert!(out.contains("DIED 2"), "{out}");
 }
+
+#[test]
+fn a_taken_port_is_a_listen_error_naming_the_override() {
+    let taken = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let e = Group::join(&spec(0, 2, port), Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(e, DistError::Listen { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("RDROP_MASTER_PORT"),
+        "{msg}"
+    );
+}

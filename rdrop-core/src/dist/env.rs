@@ -14,6 +14,11 @@
 //!    differ). Run rdrop under `srun`: in a batch script's own shell `SLURM_NTASKS` counts
 //!    tasks that no process stands for.
 //! 3. **Single**: one process, rank 0 of 1.
+//!
+//! **Port.** `RDROP_MASTER_PORT` ([`PORT_OVERRIDE`]) overrides the rendezvous port for either
+//! launcher. Recent torchrun (c10d rendezvous, `--standalone`) exports
+//! `TORCHELASTIC_USE_AGENT_STORE=True` and its agent's own TCPStore already listens on
+//! `MASTER_PORT`; then rdrop's rendezvous uses `MASTER_PORT + 1` (the same on every rank).
 
 /// Which launcher started this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +51,9 @@ pub struct WorldSpec {
 }
 
 use super::error::DistError;
+
+/// Overrides the rendezvous port whatever the launcher (e.g. when `MASTER_PORT` is taken).
+pub const PORT_OVERRIDE: &str = "RDROP_MASTER_PORT";
 
 /// The default rendezvous address of a single process (never used for a connection).
 const LOCALHOST: &str = "127.0.0.1";
@@ -87,13 +95,33 @@ impl WorldSpec {
     /// variable and its value.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, DistError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
-            return torchrun(&get);
+        let mut spec = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            torchrun(&get)?
+        } else if get("SLURM_PROCID").is_some() {
+            slurm(&get)?
+        } else {
+            return Ok(Self::single());
+        };
+        if let Some(p) = get(PORT_OVERRIDE) {
+            spec.master_port = parse_port(PORT_OVERRIDE, &p)?;
+        } else if spec.source == LaunchSource::Torchrun
+            && get("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"))
+        {
+            // torchrun's agent already listens on MASTER_PORT (its TCPStore): take the next.
+            spec.master_port =
+                spec.master_port
+                    .checked_add(1)
+                    .ok_or_else(|| DistError::BadVar {
+                        var: "MASTER_PORT".into(),
+                        value: spec.master_port.to_string(),
+                        problem: format!(
+                            "torchrun's agent store holds it and there is no next port; set \
+                     {PORT_OVERRIDE}"
+                        ),
+                    })?;
         }
-        if get("SLURM_PROCID").is_some() {
-            return slurm(&get);
-        }
-        Ok(Self::single())
+        Ok(spec)
     }
 
     fn check(self) -> Result<Self, DistError> {
@@ -495,6 +523,50 @@ mod tests {
         assert_eq!(w.rendezvous_addr(), "node-a:29500");
         let v6 = WorldSpec::from_vars(vars(&with(TORCHRUN, &[("MASTER_ADDR", "::1")]))).unwrap();
         assert_eq!(v6.rendezvous_addr(), "[::1]:29500");
+    }
+
+    #[test]
+    fn port_override_and_torchrun_agent_store() {
+        let w = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[("TORCHELASTIC_USE_AGENT_STORE", "True")],
+        )))
+        .unwrap();
+        assert_eq!(w.master_port, 29501);
+        let w = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[("TORCHELASTIC_USE_AGENT_STORE", "False")],
+        )))
+        .unwrap();
+        assert_eq!(w.master_port, 29500);
+        let w = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[
+                ("TORCHELASTIC_USE_AGENT_STORE", "1"),
+                (PORT_OVERRIDE, "31000"),
+            ],
+        )))
+        .unwrap();
+        assert_eq!(w.master_port, 31000);
+        let w = WorldSpec::from_vars(vars(&with(SLURM, &[(PORT_OVERRIDE, "31001")]))).unwrap();
+        assert_eq!(w.master_port, 31001);
+        let e = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[
+                ("TORCHELASTIC_USE_AGENT_STORE", "1"),
+                ("MASTER_PORT", "65535"),
+            ],
+        )))
+        .unwrap_err();
+        assert!(e.to_string().contains(PORT_OVERRIDE), "{e}");
+        let e = WorldSpec::from_vars(vars(&with(TORCHRUN, &[(PORT_OVERRIDE, "x")]))).unwrap_err();
+        assert!(
+            matches!(&e, DistError::BadVar { var, .. } if var == PORT_OVERRIDE),
+            "{e:?}"
+        );
+        // A single process ignores it.
+        let w = WorldSpec::from_vars(vars(&[(PORT_OVERRIDE, "x")])).unwrap();
+        assert_eq!(w, WorldSpec::single());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod rendezvous;
 pub mod shard;
 
 pub use collective::Collective;
-pub use env::{expand_hostlist, LaunchSource, WorldSpec};
+pub use env::{expand_hostlist, LaunchSource, WorldSpec, PORT_OVERRIDE};
 pub use error::DistError;
 pub use local::LocalCollective;
 pub use nccl::{Nccl, NcclCollective};
