@@ -313,3 +313,28 @@ fn unequal_shares_are_refused() {
         assert!(e.contains("equal share"), "{e}");
     }
 }
+
+/// A world of one (threads or the TCP group of a one-rank launch) is the plain update, to the
+/// bit.
+#[test]
+fn one_rank_is_the_plain_update() {
+    let cfg = vit();
+    let m = model(&cfg);
+    let data = batches(&cfg);
+    let tcfg = train_cfg(LossMode::Mean, 2);
+    let plain = one_process(&m, &data, tcfg);
+    let spec = rdrop_core::dist::WorldSpec::single();
+    let group = rdrop_core::dist::Group::join(&spec, std::time::Duration::from_secs(1)).unwrap();
+    let local = LocalCollective::group(1).pop().unwrap();
+    for c in [&group as &dyn rdrop_core::dist::Collective, &local] {
+        let mut engine = Engine::from_model(&m).unwrap();
+        let mut trainer = FlatTrainer::new(tcfg, engine.layout().clone()).unwrap();
+        for (b, want) in data.iter().zip(&plain.1) {
+            let mbs = micro_batches(b, 0..GLOBAL_BATCH, 2);
+            let got = trainer.update_distributed(&mut engine, &mbs, c).unwrap();
+            assert_eq!((got.loss, got.grad_norm), (want.loss, want.grad_norm));
+        }
+        assert_eq!(engine.params(), &plain.0[..]);
+    }
+    group.finish().unwrap();
+}
