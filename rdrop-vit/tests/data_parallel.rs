@@ -338,3 +338,96 @@ fn one_rank_is_the_plain_update() {
     }
     group.finish().unwrap();
 }
+
+/// A second model with `base`'s weights and seed (each rank of the autograd path owns one).
+fn copy_of(base: &VisionTransformer) -> VisionTransformer {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let m = VisionTransformer::new(base.config(), vb, DropoutRng::new(17)).unwrap();
+    for ((n, v), (bn, bv)) in m.named_vars().iter().zip(base.named_vars()) {
+        assert_eq!(n, &bn);
+        v.set(&bv.as_tensor().copy().unwrap()).unwrap();
+    }
+    m
+}
+
+fn var_values(m: &VisionTransformer) -> Vec<f32> {
+    m.named_vars()
+        .iter()
+        .flat_map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The autograd trainer's distributed update (the CUDA path's; here on CPU through the host
+/// all-reduce): two ranks equal one process at accumulation `WORLD·A`, as for the engine.
+fn check_autograd(mode: LossMode, accum: usize) {
+    let cfg = vit();
+    let base = model(&cfg);
+    let data = batches(&cfg);
+    let init = var_values(&base);
+    let tcfg = train_cfg(mode, accum);
+    let one = copy_of(&base);
+    let mut trainer =
+        rdrop_core::Trainer::new(train_cfg(mode, WORLD * accum), one.named_vars()).unwrap();
+    let single_stats: Vec<StepStats> = data
+        .iter()
+        .map(|b| {
+            let mbs = micro_batches(b, 0..GLOBAL_BATCH, WORLD * accum);
+            trainer.update(&one, &mbs).unwrap()
+        })
+        .collect();
+    let single = (var_values(&one), single_stats);
+    let moved = max_abs_diff(&single.0, &init);
+    assert!(moved > 1e-3, "the parameters hardly moved ({moved})");
+    let group = LocalCollective::group(WORLD);
+    let dist: Vec<(Vec<f32>, Vec<StepStats>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                let m = copy_of(&base);
+                let data = &data;
+                s.spawn(move || {
+                    let rank = rdrop_core::dist::Collective::rank(&c);
+                    let mut t = rdrop_core::Trainer::new(tcfg, m.named_vars()).unwrap();
+                    let stats = data
+                        .iter()
+                        .map(|b| {
+                            let mbs = micro_batches(b, shard(GLOBAL_BATCH, WORLD, rank), accum);
+                            t.update_distributed(&m, &mbs, &c).unwrap()
+                        })
+                        .collect::<Vec<_>>();
+                    (var_values(&m), stats)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        dist[0].0, dist[1].0,
+        "autograd {mode:?} A={accum}: ranks diverged"
+    );
+    assert_same_update(
+        &format!(
+            "autograd {mode:?} A={accum} vs one process A={}",
+            WORLD * accum
+        ),
+        &dist[0],
+        &single,
+    );
+}
+
+#[test]
+fn autograd_two_ranks_equal_one_process_mean_accum_1() {
+    check_autograd(LossMode::Mean, 1);
+}
+
+#[test]
+fn autograd_two_ranks_equal_one_process_reference_accum_2() {
+    check_autograd(LossMode::Reference, 2);
+}

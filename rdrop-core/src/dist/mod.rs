@@ -2,7 +2,8 @@
 //! ([`rendezvous`]), the collective operations ([`collective`]: TCP, NCCL in [`nccl`], threads
 //! in [`local`]) and the split of each global batch over the ranks ([`shard`]).
 //!
-//! The update itself is [`crate::FlatTrainer::update_distributed`]: each rank computes the
+//! The update itself is [`crate::FlatTrainer::update_distributed`] (explicit engines) or
+//! [`crate::Trainer::update_distributed`] (autograd; gradients summed by [`grads`]): each rank computes the
 //! gradients of its share of the global batch, with dropout masks keyed by the samples' global
 //! indices and loss weights of the global batch, the flat gradients are summed over the ranks,
 //! and every rank applies the same step: the single-process update up to the order of float
@@ -11,6 +12,7 @@
 pub mod collective;
 pub mod env;
 pub mod error;
+pub mod grads;
 pub mod local;
 pub mod nccl;
 pub mod rendezvous;
@@ -19,6 +21,7 @@ pub mod shard;
 pub use collective::Collective;
 pub use env::{expand_hostlist, LaunchSource, WorldSpec, PORT_OVERRIDE};
 pub use error::DistError;
+pub use grads::all_reduce_grads;
 pub use local::LocalCollective;
 pub use nccl::{Nccl, NcclCollective};
 pub use rendezvous::{Group, DEFAULT_TIMEOUT};
