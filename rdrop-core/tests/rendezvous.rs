@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use rdrop_core::dist::{DistError, Group, LaunchSource, WorldSpec};
+use rdrop_core::dist::{DistError, Group, JoinOptions, LaunchSource, WorldSpec};
 
 const ROLE: &str = "RDROP_RDV_ROLE";
 
@@ -167,6 +167,16 @@ fn child_entry() {
                 Err(DistError::PeerDied { rank, .. }) => println!("DIED {rank}"),
                 other => panic!("expected PeerDied, got {other:?}"),
             }
+        }
+        "fast-heartbeat" => {
+            let opts = JoinOptions {
+                timeout,
+                heartbeat: Duration::from_millis(100),
+                dead_after: Duration::from_secs(30),
+            };
+            let _g = Group::join_with(&s, &opts).unwrap();
+            println!("JOINED");
+            std::thread::sleep(Duration::from_secs(60));
         }
         "expect-refused" => match Group::join(&s, timeout) {
             Err(e @ DistError::Refused { .. }) => println!("REFUSED {e}"),
@@ -376,4 +386,66 @@ fn a_taken_port_is_a_listen_error_naming_the_override() {
         msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("RDROP_MASTER_PORT"),
         "{msg}"
     );
+}
+
+/// A rank that goes silent without closing its sockets (stopped with SIGSTOP: a vanished host
+/// looks the same) is declared dead after `dead_after`.
+#[test]
+fn a_silent_peer_is_dead_after_the_allowed_silence() {
+    let port = free_port();
+    let mut child = spawn("fast-heartbeat", 1, 2, port, 10_000);
+    let opts = JoinOptions {
+        timeout: Duration::from_secs(10),
+        heartbeat: Duration::from_millis(100),
+        dead_after: Duration::from_millis(1500),
+    };
+    let g = Group::join_with(&spec(0, 2, port), &opts).unwrap();
+    wait_joined(&mut child);
+    // Stopped, its sockets stay open and nothing more arrives: as if its host vanished.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &child.id().to_string()])
+        .status()
+        .expect("the `kill` command");
+    assert!(stopped.success());
+    let t0 = Instant::now();
+    let r = bounded(Duration::from_secs(20), move || g.barrier());
+    let waited = t0.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    match r {
+        Err(DistError::PeerDied { rank: 1, how }) => assert!(how.contains("heartbeat"), "{how}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+}
+
+/// Ranks idle for longer than `dead_after` (in a long step) stay alive through the heartbeats.
+#[test]
+fn heartbeats_keep_an_idle_group_alive() {
+    let port = free_port();
+    let opts = JoinOptions {
+        timeout: Duration::from_secs(10),
+        heartbeat: Duration::from_millis(50),
+        dead_after: Duration::from_millis(1000),
+    };
+    let peer = std::thread::spawn(move || {
+        let g = Group::join_with(&spec(1, 2, port), &opts).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        g.barrier().unwrap();
+        g.finish().unwrap();
+    });
+    let g = Group::join_with(&spec(0, 2, port), &opts).unwrap();
+    std::thread::sleep(Duration::from_millis(2500)); // 2.5 times the allowed silence
+    g.barrier().unwrap();
+    g.finish().unwrap();
+    peer.join().unwrap();
+    let bad = JoinOptions {
+        dead_after: Duration::from_millis(50),
+        ..opts
+    };
+    let e = Group::join_with(&spec(0, 2, port), &bad).unwrap_err();
+    assert!(matches!(e, DistError::Unsupported(_)), "{e:?}");
 }

@@ -24,5 +24,5 @@ pub use error::DistError;
 pub use grads::all_reduce_grads;
 pub use local::LocalCollective;
 pub use nccl::{Nccl, NcclCollective};
-pub use rendezvous::{Group, DEFAULT_TIMEOUT};
+pub use rendezvous::{Group, JoinOptions, DEFAULT_TIMEOUT};
 pub use shard::{check_batch, micro_batch, shard};
