@@ -483,7 +483,7 @@ impl FlatTrainer {
 
     /// One data-parallel update: `micro_batches` are this rank's share of the global batch
     /// (rank `r` of `N` holds global samples `r·B/N ..` in order, cut into `accum_steps`
-    /// micro-batches; [`crate::dist::shard`]); every rank must hold as many samples. With
+    /// micro-batches; [`crate::dist::shard()`]); every rank must hold as many samples. With
     /// `n` local and `B = N·n` global samples:
     /// ```text
     /// first_sample(j) = r·n + Σ_{i<j} m_i                  (masks keyed by global index)
