@@ -26,6 +26,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The cudarc this crate is built with (its `driver` types are the launchers' buffers).
+pub use cudarc;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 pub use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, DriverError};
 use cudarc::nvrtc::Ptx;
@@ -840,9 +842,10 @@ impl CudaKernels {
     /// Softmax with dropout over materialised scores (crate::attention, bit for bit in f32
     /// before the casts): per row `(b, h, i)`, `P = softmax(scale · S)` (max and sum in f32, the
     /// CPU's lane order), written **in place over the scores** `probs` (P is what the backward
-    /// needs), and `attn = P ⊙ M` (the input of the `A·V` GEMM; `= P` without dropout) with the
-    /// mask element `(h, i, j)` = element `h·Tk·Tk + i·Tk + j` of sample `b`'s key (as
-    /// crate::attention), recorded in `keep`.
+    /// needs), and with dropout `attn = P ⊙ M` (the input of the `A·V` GEMM) with the mask
+    /// element `(h, i, j)` = element `h·Tk·Tk + i·Tk + j` of sample `b`'s key (as
+    /// crate::attention), recorded in `keep`. Without dropout (`site` `None` or `p == 0`) A = P:
+    /// `attn` and `keep` are not touched (they may be empty) and the GEMM reads `probs`.
     /// Shapes: `probs`, `attn`, `keep` `(B, H, Tk, Tk)`, `row_keys` `2·B` u32. Grid: 8 lanes per
     /// row (four rows a warp), 256-thread blocks.
     #[allow(clippy::too_many_arguments)]
@@ -861,8 +864,8 @@ impl CudaKernels {
         const K: &str = "softmax_dropout_fwd";
         let n = prod(K, &[b, heads, tokens, tokens])?;
         len(K, "probs", probs.len(), n)?;
-        len(K, "attn", attn.len(), n)?;
         if active(site) {
+            len(K, "attn", attn.len(), n)?;
             len(K, "keep", keep.len(), n)?;
             len(K, "row_keys", row_keys.len(), 2 * b)?;
         }

@@ -4,7 +4,8 @@
 // Shapes and formulas: the launchers in mod.rs.
 #include "common.cuh"
 
-/// Row `(bh, i)` of `rows = B·H·Tk`; P written in place over S, A = P ⊙ M into `attn`, the mask
+/// Row `(bh, i)` of `rows = B·H·Tk`; P written in place over S, A = P ⊙ M into `attn` (only
+/// with dropout), the mask
 /// (element `h·Tk·Tk + i·Tk + j` of sample b's key) into `keep`.
 template <class T>
 __device__ void softmax_dropout_fwd_impl(T* probs, T* attn, uint8_t* keep, const uint32_t* row_keys, float scale,
@@ -45,12 +46,10 @@ __device__ void softmax_dropout_fwd_impl(T* probs, T* attn, uint8_t* keep, const
             int j = (int)(e - base);
             float p = rd::exp_sm(scale * rd::to_f32(s[j]) - mx) * inv;
             s[j] = rd::from_f32<T>(p);
-            if (active) {
+            if (active) {  // without dropout A = P: `attn` is not touched
                 bool kept = rd::keep_of(w[q], k.thr);
                 kr[j] = kept;
                 a[j] = rd::from_f32<T>(rd::apply_keep(p, kept, k.scale));
-            } else {
-                a[j] = rd::from_f32<T>(p);
             }
         }
     }
