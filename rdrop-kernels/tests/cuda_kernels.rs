@@ -354,6 +354,10 @@ fn softmax_dropout_forward_backward() {
         k.softmax_dropout_bwd(&mut ds, &up(&s, &da), &probs, &keep, p, scale, b, h, t)
             .unwrap();
         let gds = down(&s, &ds);
+        let mut inplace = up(&s, &da);
+        k.softmax_dropout_bwd_inplace(&mut inplace, &probs, &keep, p, scale, b, h, t)
+            .unwrap();
+        same_bits("softmax bwd in place", &down(&s, &inplace), &gds);
         for row in 0..b * h * t {
             let o = row * t;
             let dp: Vec<f64> = (0..t)

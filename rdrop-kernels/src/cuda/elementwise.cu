@@ -87,6 +87,7 @@ extern "C" __global__ void embed_bwd_params(float* dcls, float* dpos, const floa
     long long n = (long long)tokens * d;
     if (e >= n) return;
     float acc = dpos[e];
+#pragma unroll 8
     for (int r = 0; r < b; ++r) acc += masked(dx[r * n + e], keep, r * n + e, use_keep, scale);
     dpos[e] = acc;
     if (e < d) {
@@ -296,7 +297,7 @@ extern "C" __global__ void cls_scatter_grad(float* dx, const float* dcls, int b,
         int blk = (int)(i / c), j = (int)(i % c);                                           \
         int r1 = min(n, (blk + 1) * rd::LN_BWD_ROWS);                                       \
         float acc = 0.0f;                                                                   \
-        for (int r = blk * rd::LN_BWD_ROWS; r < r1; ++r) acc += rd::to_f32(dy[(long long)r * c + j]); \
+        _Pragma("unroll 8") for (int r = blk * rd::LN_BWD_ROWS; r < r1; ++r) acc += rd::to_f32(dy[(long long)r * c + j]); \
         part[i] = acc;                                                                      \
     }
 RD_FOR_EACH_T(K_COLUMN_PARTIALS)
@@ -306,6 +307,8 @@ extern "C" __global__ void column_reduce(float* out, const float* part, int bloc
     long long j = gtid();
     if (j >= c) return;
     float acc = out[j];
+    // in block order (deterministic); unrolled so that the loads overlap
+#pragma unroll 8
     for (int blk = 0; blk < blocks; ++blk) acc += part[(long long)blk * stride + j];
     out[j] = acc;
 }

@@ -952,6 +952,54 @@ impl CudaKernels {
         )
     }
 
+    /// [`Self::softmax_dropout_bwd`] in place: `d` holds `dattn` on entry and `dscores` on
+    /// return (saves a `(B, H, Tk, Tk)` buffer). Grid: 8 lanes per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_bwd_inplace<T: Compute>(
+        &self,
+        d: &mut impl DevicePtrMut<T>,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+    ) -> Result<()> {
+        const K: &str = "softmax_dropout_bwd";
+        check_p(K, p)?;
+        let n = prod(K, &[b, heads, tokens, tokens])?;
+        len(K, "d", d.len(), n)?;
+        len(K, "probs", probs.len(), n)?;
+        if p != 0.0 {
+            len(K, "keep", keep.len(), n)?;
+        }
+        int(K, "elements", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let rows = b * heads * tokens;
+        let st = &*self.stream;
+        let (dp, _g1) = d.device_ptr_mut(st);
+        let (pp, _g3) = probs.device_ptr(st);
+        let (kp, _g4) = keep.device_ptr(st);
+        self.launch(
+            &format!("softmax_dropout_bwd_{}", T::NAME),
+            grid_for(rows * 8),
+            &[
+                Arg::P(dp),
+                Arg::P(dp),
+                Arg::P(pp),
+                Arg::P(kp),
+                Arg::I((p != 0.0) as i32),
+                Arg::F(if p == 0.0 { 1.0 } else { keep_scale(p) }),
+                Arg::F(scale),
+                Arg::I(rows as i32),
+                Arg::I(tokens as i32),
+            ],
+        )
+    }
+
     // ----------------------------------------------------------------------- dropout and GELU
 
     /// The shared checks and mask arguments of the per-sample dropout kernels:

@@ -64,7 +64,8 @@ __device__ void softmax_dropout_fwd_impl(T* probs, T* attn, uint8_t* keep, const
     }
 RD_FOR_EACH_T(K_SM_FWD)
 
-/// `dS = scale · P ⊙ (dP − Σ_j dP_j P_j)`, `dP = keep ⊙ dA · ks` (or dA), per row.
+/// `dS = scale · P ⊙ (dP − Σ_j dP_j P_j)`, `dP = keep ⊙ dA · ks` (or dA), per row; `ds` may be
+/// `da`.
 template <class T>
 __device__ void softmax_dropout_bwd_impl(T* ds, const T* da, const T* p, const uint8_t* keep, int use_keep, float ks,
                                          float scale, int rows, int t) {
@@ -81,6 +82,9 @@ __device__ void softmax_dropout_bwd_impl(T* ds, const T* da, const T* p, const u
     gather8(part, lanes);
     if (!ok) return;
     float dot = rd::sm_tree(lanes) + rd::sm_tail_dot(dar, pr, kr, use_keep != 0, ks, t);
+    // `ds` may be `da` (in place): the group has read all of dA before any lane writes, and
+    // each lane then reads only the elements it writes.
+    __syncwarp(0xffu << (threadIdx.x & 24));
     T* dsr = ds + o;
     for (int j = l; j < t; j += rd::SM_LANES)
         dsr[j] = rd::from_f32<T>(rd::softmax_bwd_elem(rd::to_f32(pr[j]), rd::sm_dp(dar, kr, use_keep != 0, ks, j), dot, scale));
