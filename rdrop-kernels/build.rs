@@ -21,6 +21,10 @@ fn main() {
         .flag_if_supported("-std=c++17")
         // The twin must round as the GPU code does (nvcc runs with --fmad=false): no contraction.
         .flag_if_supported("-ffp-contract=off")
+        // plain functions over arrays: no C++ runtime needed (nor linked into the binaries)
+        .flag_if_supported("-fno-exceptions")
+        .flag_if_supported("-fno-rtti")
+        .cpp_link_stdlib(None)
         .warnings(true)
         .compile("rdrop_cuda_twin");
 

@@ -147,19 +147,17 @@ void rd_twin_softmax_fwd_row(float* s, float* a, uint8_t* keep, int t, float sca
     for (int l = 0; l < 8; ++l) lanes[l] = rd::sm_lane_sum(s, t, l, scale, mx);
     float sum = rd::sm_tree(lanes) + rd::sm_tail_sum(s, t, scale, mx);
     float inv = rd::div32(1.0f, sum);
-    float* p = new float[t > 0 ? t : 1];
-    for (int j = 0; j < t; ++j) p[j] = rd::exp_sm(scale * s[j] - mx) * inv;
-    for (int j = 0; j < t; ++j) {
-        s[j] = p[j];
+    for (int j = 0; j < t; ++j) {  // each element read, then overwritten, as in the kernel
+        float p = rd::exp_sm(scale * s[j] - mx) * inv;
+        s[j] = p;
         if (active) {
             bool kept = rd::keep_of(rd::mask_word(k, sample, pass, base + (uint32_t)j), thr);
             keep[j] = kept;
-            a[j] = rd::apply_keep(p[j], kept, kscale);
+            a[j] = rd::apply_keep(p, kept, kscale);
         } else {
-            a[j] = p[j];
+            a[j] = p;
         }
     }
-    delete[] p;
 }
 
 /// softmax_dropout_bwd of one row.
