@@ -1904,3 +1904,28 @@ impl CudaKernels {
 
 /// The optional compute copy of the parameters written by the update kernels.
 pub type CudaViewMutT<'a, T> = cudarc::driver::CudaViewMut<'a, T>;
+
+#[cfg(test)]
+mod tests {
+    use super::MODULES;
+
+    /// Every kernel the launchers look up is an entry of its embedded PTX (no GPU needed), so
+    /// a renamed or missing kernel fails here rather than in `CudaKernels::new` on a GPU.
+    #[test]
+    fn every_kernel_name_is_in_its_ptx() {
+        let mut count = 0;
+        for (module, ptx, names) in MODULES {
+            for pattern in names {
+                for t in ["f32", "bf16", "f16"] {
+                    let name = pattern.replace("{}", t);
+                    assert!(
+                        ptx.contains(&format!(".entry {name}(")),
+                        "{name} is not in {module}.ptx"
+                    );
+                    count += 1;
+                }
+            }
+        }
+        assert!(count > 100, "{count} names");
+    }
+}
