@@ -99,5 +99,31 @@ fn build_ptx() -> Result<(), String> {
             return Err(format!("nvcc failed on {src} ({})", st.status));
         }
     }
+    // SASS for the target GPU from the same PTX (ptxas beside nvcc), so that loading the
+    // kernels does not JIT 0.7 MB of PTX in every process; the PTX stays as the fallback.
+    let ptxas = match nvcc.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join("ptxas"),
+        _ => PathBuf::from("ptxas"),
+    };
+    let jobs: Vec<_> = MODULES
+        .iter()
+        .map(|m| {
+            let child = Command::new(&ptxas)
+                .arg(format!("-arch=sm_{cap}"))
+                .arg("-O3")
+                .arg("-o")
+                .arg(out.join(format!("{m}.cubin")))
+                .arg(out.join(format!("{m}.ptx")))
+                .spawn()
+                .map_err(|e| format!("cannot run {} ({e})", ptxas.display()))?;
+            Ok((m, child))
+        })
+        .collect::<Result<_, String>>()?;
+    for (m, child) in jobs {
+        let st = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !st.status.success() {
+            return Err(format!("ptxas failed on {m}.ptx ({})", st.status));
+        }
+    }
     Ok(())
 }

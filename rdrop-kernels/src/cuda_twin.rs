@@ -342,8 +342,8 @@ pub fn layernorm_bwd(
     };
 }
 
-/// `softmax_dropout_fwd` of one row: `s` becomes P; returns `A`; `keep` written when the
-/// site drops. `base` is the row's first element in the sample's mask stream (`h·T·T + i·T`).
+/// `softmax_dropout_fwd` of one row: `s` becomes P; returns `A` (all NaN without dropout: the
+/// kernel leaves `attn` untouched then, A = P); `keep` written when the site drops. `base` is the row's first element in the sample's mask stream (`h·T·T + i·T`).
 pub fn softmax_fwd_row(
     s: &mut [f32],
     keep: &mut [u8],
@@ -354,7 +354,7 @@ pub fn softmax_fwd_row(
 ) -> Vec<f32> {
     let t = s.len();
     assert_eq!(keep.len(), t, "cuda_twin: keep length");
-    let mut a = vec![0f32; t];
+    let mut a = vec![f32::NAN; t];
     let st = site.filter(|x| x.p != 0.0);
     let (seed, update, id, thr, ks) = match st {
         Some(x) => (

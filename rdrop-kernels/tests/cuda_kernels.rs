@@ -222,6 +222,10 @@ fn gelu_dropout_forward_backward_bitwise() {
         k.gelu_dropout_bwd(&mut g, &ddh, &dpre_in, &keep_d, p)
             .unwrap();
         same_bits("gelu bwd", &down(&s, &g), &cpu);
+        // h again from the recorded mask (the backward's recomputation)
+        let mut h2 = s.alloc_zeros::<f32>(pre.len()).unwrap();
+        k.gelu_apply_keep(&mut h2, &dpre_in, &keep_d, p).unwrap();
+        same_bits("gelu_apply_keep", &down(&s, &h2), &h);
         let mut g2 = up(&s, &dh);
         k.gelu_dropout_bwd_inplace(&mut g2, &dpre_in, &keep_d, p)
             .unwrap();

@@ -177,6 +177,16 @@ __device__ void gelu_dropout_fwd_impl(T* h, uint8_t* keep, const T* pre, const u
     }
 RD_FOR_EACH_T(K_GELU_FWD)
 
+/// `h = keep ? gelu(pre)·scale : 0` from a recorded mask (`h = gelu(pre)` without one): the
+/// forward's GELU + dropout recomputed in the backward without regenerating the mask.
+#define K_GELU_KEEP(SUF, T)                                                                            \
+    extern "C" __global__ void gelu_apply_keep_##SUF(T* h, const T* pre, const uint8_t* keep, int use_keep, \
+                                                     float scale, int n) {                             \
+        long long i = gtid();                                                                          \
+        if (i < n) h[i] = rd::from_f32<T>(masked(rd::gelu(rd::to_f32(pre[i])), keep, i, use_keep, scale)); \
+    }
+RD_FOR_EACH_T(K_GELU_KEEP)
+
 // ------------------------------------------------------------------- recorded masks (bwd)
 #define K_APPLY_KEEP(SUF, T)                                                                           \
     extern "C" __global__ void apply_keep_##SUF(T* out, const T* x, const uint8_t* keep, int use_keep, \

@@ -150,12 +150,10 @@ void rd_twin_softmax_fwd_row(float* s, float* a, uint8_t* keep, int t, float sca
     for (int j = 0; j < t; ++j) {  // each element read, then overwritten, as in the kernel
         float p = rd::exp_sm(scale * s[j] - mx) * inv;
         s[j] = p;
-        if (active) {
+        if (active) {  // without dropout A = P: `a` and `keep` untouched, as in the kernel
             bool kept = rd::keep_of(rd::mask_word(k, sample, pass, base + (uint32_t)j), thr);
             keep[j] = kept;
             a[j] = rd::apply_keep(p, kept, kscale);
-        } else {
-            a[j] = p;
         }
     }
 }
