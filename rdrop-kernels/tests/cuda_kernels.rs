@@ -381,6 +381,36 @@ fn softmax_dropout_forward_backward() {
                 );
             }
         }
+        // padded rows (ld = 200 > 197): the same P, A, keep and dS; padding untouched
+        let ld = t + 3;
+        let pad = |v: &[f32], fill: f32| -> Vec<f32> {
+            v.chunks(t)
+                .flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(fill, ld - t)))
+                .collect()
+        };
+        let np = b * h * t * ld;
+        let mut pp = up(&s, &pad(&scores, 7.0));
+        let mut pa = up(&s, &vec![7f32; np]);
+        let mut pk = up(&s, &vec![7u8; np]);
+        k.softmax_dropout_fwd_ld(&mut pp, &mut pa, &mut pk, 1.0, Some(st), &rk, b, h, t, ld)
+            .unwrap();
+        let (gpp, gpa, gpk) = (down(&s, &pp), down(&s, &pa), down(&s, &pk));
+        let mut pd = up(&s, &pad(&da, 7.0));
+        k.softmax_dropout_bwd_inplace_ld(&mut pd, &pp, &pk, p, scale, b, h, t, ld)
+            .unwrap();
+        let gpd = down(&s, &pd);
+        for row in 0..b * h * t {
+            let (o, q) = (row * t, row * ld);
+            same_bits("P ld", &gpp[q..q + t], &gp[o..o + t]);
+            same_bits("dS ld", &gpd[q..q + t], &gds[o..o + t]);
+            if p != 0.0 {
+                same_bits("A ld", &gpa[q..q + t], &ga[o..o + t]);
+                assert_eq!(&gpk[q..q + t], &gk[o..o + t], "keep ld");
+            }
+            assert!(gpp[q + t..q + ld].iter().all(|&v| v == 7.0), "P padding");
+            assert!(gpa[q + t..q + ld].iter().all(|&v| v == 7.0), "A padding");
+            assert!(gpd[q + t..q + ld].iter().all(|&v| v == 7.0), "dS padding");
+        }
         // bf16 scores: P equals the CPU's on the rounded scores, rounded
         let sb = to_bf16(&scores);
         let mut cpu_b: Vec<f32> = sb.iter().map(|v| v.to_f32()).collect();

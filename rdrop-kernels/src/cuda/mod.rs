@@ -913,15 +913,37 @@ impl CudaKernels {
         heads: usize,
         tokens: usize,
     ) -> Result<()> {
+        self.softmax_dropout_fwd_ld(
+            probs, attn, keep, scale, site, row_keys, b, heads, tokens, tokens,
+        )
+    }
+
+    /// [`Self::softmax_dropout_fwd`] over rows `ld ≥ Tk` elements apart: `probs`, `attn`,
+    /// `keep` are `(B, H, Tk, ld)`, row `(b, h, i)` at `((b·H + h)·Tk + i)·ld`; the padding
+    /// columns `Tk..ld` are never read or written (so a padded, 16-byte aligned leading
+    /// dimension can serve the attention GEMMs). The mask numbering is that of `ld = Tk`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_fwd_ld<T: Compute>(
+        &self,
+        probs: &mut impl DevicePtrMut<T>,
+        attn: &mut impl DevicePtrMut<T>,
+        keep: &mut impl DevicePtrMut<u8>,
+        scale: f32,
+        site: Option<Site>,
+        row_keys: &impl DevicePtr<u32>,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
         const K: &str = "softmax_dropout_fwd";
-        let n = prod(K, &[b, heads, tokens, tokens])?;
+        let n = Self::softmax_len(K, b, heads, tokens, ld)?;
         len(K, "probs", probs.len(), n)?;
         if active(site) {
             len(K, "attn", attn.len(), n)?;
             len(K, "keep", keep.len(), n)?;
             len(K, "row_keys", row_keys.len(), 2 * b)?;
         }
-        int(K, "elements", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -943,12 +965,32 @@ impl CudaKernels {
             Arg::I(b as i32),
             Arg::I(heads as i32),
             Arg::I(tokens as i32),
+            Arg::I(ld as i32),
         ]);
         self.launch(
             self.ft::<T>("softmax_dropout_fwd_{}")?,
             grid_for(rows * 8),
             &args,
         )
+    }
+
+    /// `B·H·Tk·ld`, checked (`ld ≥ Tk`, 32-bit indexing).
+    fn softmax_len(
+        k: &'static str,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<usize> {
+        if ld < tokens {
+            return Err(CudaKernelError::Shape {
+                kernel: k,
+                message: format!("leading dimension {ld} is below the {tokens} tokens"),
+            });
+        }
+        let n = prod(k, &[b, heads, tokens, ld])?;
+        int(k, "elements", n)?;
+        Ok(n)
     }
 
     /// Backward of [`Self::softmax_dropout_fwd`]: with `dP = keep ⊙ dattn / (1−p)`
@@ -968,40 +1010,39 @@ impl CudaKernels {
         heads: usize,
         tokens: usize,
     ) -> Result<()> {
+        self.softmax_dropout_bwd_ld(
+            dscores, dattn, probs, keep, p, scale, b, heads, tokens, tokens,
+        )
+    }
+
+    /// [`Self::softmax_dropout_bwd`] over rows `ld ≥ Tk` elements apart (all buffers
+    /// `(B, H, Tk, ld)`, padding untouched; see [`Self::softmax_dropout_fwd_ld`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_bwd_ld<T: Compute>(
+        &self,
+        dscores: &mut impl DevicePtrMut<T>,
+        dattn: &impl DevicePtr<T>,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
         const K: &str = "softmax_dropout_bwd";
         check_p(K, p)?;
-        let n = prod(K, &[b, heads, tokens, tokens])?;
+        let n = Self::softmax_len(K, b, heads, tokens, ld)?;
         len(K, "dscores", dscores.len(), n)?;
         len(K, "dattn", dattn.len(), n)?;
-        len(K, "probs", probs.len(), n)?;
-        if p != 0.0 {
-            len(K, "keep", keep.len(), n)?;
-        }
-        int(K, "elements", n)?;
         if n == 0 {
             return Ok(());
         }
-        let rows = b * heads * tokens;
         let st = &*self.stream;
         let (dp, _g1) = dscores.device_ptr_mut(st);
         let (ap, _g2) = dattn.device_ptr(st);
-        let (pp, _g3) = probs.device_ptr(st);
-        let (kp, _g4) = keep.device_ptr(st);
-        self.launch(
-            self.ft::<T>("softmax_dropout_bwd_{}")?,
-            grid_for(rows * 8),
-            &[
-                Arg::P(dp),
-                Arg::P(ap),
-                Arg::P(pp),
-                Arg::P(kp),
-                Arg::I((p != 0.0) as i32),
-                Arg::F(if p == 0.0 { 1.0 } else { keep_scale(p) }),
-                Arg::F(scale),
-                Arg::I(rows as i32),
-                Arg::I(tokens as i32),
-            ],
-        )
+        self.softmax_bwd_launch::<T>(dp, ap, probs, keep, p, scale, b, heads, tokens, ld)
     }
 
     /// [`Self::softmax_dropout_bwd`] in place: `d` holds `dattn` on entry and `dscores` on
@@ -1018,29 +1059,65 @@ impl CudaKernels {
         heads: usize,
         tokens: usize,
     ) -> Result<()> {
+        self.softmax_dropout_bwd_inplace_ld(d, probs, keep, p, scale, b, heads, tokens, tokens)
+    }
+
+    /// [`Self::softmax_dropout_bwd_inplace`] over rows `ld ≥ Tk` elements apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_bwd_inplace_ld<T: Compute>(
+        &self,
+        d: &mut impl DevicePtrMut<T>,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
         const K: &str = "softmax_dropout_bwd";
         check_p(K, p)?;
-        let n = prod(K, &[b, heads, tokens, tokens])?;
+        let n = Self::softmax_len(K, b, heads, tokens, ld)?;
         len(K, "d", d.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let st = &*self.stream;
+        let (dp, _g1) = d.device_ptr_mut(st);
+        self.softmax_bwd_launch::<T>(dp, dp, probs, keep, p, scale, b, heads, tokens, ld)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_bwd_launch<T: Compute>(
+        &self,
+        ds: u64,
+        da: u64,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
+        const K: &str = "softmax_dropout_bwd";
+        let n = b * heads * tokens * ld;
         len(K, "probs", probs.len(), n)?;
         if p != 0.0 {
             len(K, "keep", keep.len(), n)?;
         }
-        int(K, "elements", n)?;
-        if n == 0 {
-            return Ok(());
-        }
         let rows = b * heads * tokens;
         let st = &*self.stream;
-        let (dp, _g1) = d.device_ptr_mut(st);
         let (pp, _g3) = probs.device_ptr(st);
         let (kp, _g4) = keep.device_ptr(st);
         self.launch(
             self.ft::<T>("softmax_dropout_bwd_{}")?,
             grid_for(rows * 8),
             &[
-                Arg::P(dp),
-                Arg::P(dp),
+                Arg::P(ds),
+                Arg::P(da),
                 Arg::P(pp),
                 Arg::P(kp),
                 Arg::I((p != 0.0) as i32),
@@ -1048,6 +1125,7 @@ impl CudaKernels {
                 Arg::F(scale),
                 Arg::I(rows as i32),
                 Arg::I(tokens as i32),
+                Arg::I(ld as i32),
             ],
         )
     }
