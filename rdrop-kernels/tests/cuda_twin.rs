@@ -16,6 +16,7 @@ use rdrop_kernels::layernorm::{
 };
 use rdrop_kernels::loss::{rdrop_loss, LossConfig, Reduction};
 use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, AdamWHyper, SgdHyper};
+use rdrop_kernels::patch::im2col;
 use rdrop_kernels::philox::{drop_threshold, keep_scale, philox4x32_10, MaskKey};
 
 /// xorshift64*: deterministic test data without a dependency.
@@ -537,4 +538,41 @@ fn attention_mask_base_numbering() {
             }
         }
     }
+}
+
+/// The kernels' layout arithmetic: im2col against crate::patch, the head layout against the
+/// definition `q[b, h, t, e] = qkv[b, t, h·Dh + e]` (row 3D; k, v at +D, +2D; attention
+/// output rows of D).
+#[test]
+fn im2col_and_head_layouts() {
+    let mut r = Rng(61);
+    for &(b, c, s, p) in &[
+        (2usize, 3usize, 32usize, 4usize),
+        (1, 1, 6, 3),
+        (3, 2, 16, 16),
+    ] {
+        let img = r.vec(b * c * s * s, -1.0, 1.0);
+        let mut cpu = vec![0f32; b * (s / p) * (s / p) * c * p * p];
+        im2col(&mut cpu, &img, b, c, s, p);
+        same_bits("im2col", &twin::im2col(&img, b, c, s, p), &cpu);
+    }
+    let (b, t, h, hd) = (3usize, 7usize, 4usize, 5usize);
+    let d = h * hd;
+    let mut seen = vec![false; b * t * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                for e in 0..hd {
+                    let idx = ((bi * h + hi) * t + ti) * hd + e;
+                    let want = (bi * t + ti) * 3 * d + hi * hd + e;
+                    assert_eq!(twin::heads_to_rows(idx, t, h, hd, 3 * d), want);
+                    let o = twin::heads_to_rows(idx, t, h, hd, d);
+                    assert_eq!(o, (bi * t + ti) * d + hi * hd + e);
+                    assert!(!seen[o], "two heads' elements at {o}");
+                    seen[o] = true;
+                }
+            }
+        }
+    }
+    assert!(seen.iter().all(|&v| v), "the head layout is a permutation");
 }

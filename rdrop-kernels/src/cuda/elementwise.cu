@@ -11,14 +11,10 @@
 template <class T>
 __device__ void im2col_impl(T* out, const float* img, int b, int c, int s, int p) {
     long long idx = gtid();
-    int g = s / p, w = c * p * p;
-    long long n = (long long)b * g * g * w;
+    int g = s / p;
+    long long n = (long long)b * g * g * c * p * p;
     if (idx >= n) return;
-    long long row = idx / w;
-    int col = (int)(idx % w);
-    int bi = (int)(row / (g * g)), gy = (int)(row / g % g), gx = (int)(row % g);
-    int ci = col / (p * p), py = col / p % p, px = col % p;
-    out[idx] = rd::from_f32<T>(img[(((long long)bi * c + ci) * s + gy * p + py) * s + gx * p + px]);
+    out[idx] = rd::from_f32<T>(img[rd::im2col_src(idx, c, s, p)]);
 }
 #define K_IM2COL(SUF, T)                                                                   \
     extern "C" __global__ void im2col_##SUF(T* out, const float* img, int b, int c, int s, int p) { \
@@ -235,17 +231,7 @@ extern "C" __global__ void cast_f32_to_f32(float* out, const float* x, int n) {
 }
 
 // --------------------------------------------------------------------------- head layouts
-/// Index `(b, t, h, e)` of element `idx` of a `(B, H, Tk, Dh)` tensor, and its column-offset
-/// position `(b·Tk + t)·row + h·Dh + e` in a `(B, Tk, row)` one.
-__device__ __forceinline__ long long heads_to_rows(long long idx, int tokens, int heads, int hd, int row) {
-    int e = (int)(idx % hd);
-    long long rest = idx / hd;
-    int t = (int)(rest % tokens);
-    rest /= tokens;
-    int h = (int)(rest % heads);
-    long long b = rest / heads;
-    return (b * tokens + t) * row + (long long)h * hd + e;
-}
+using rd::heads_to_rows;
 
 #define K_HEADS(SUF, T)                                                                                     \
     extern "C" __global__ void qkv_split_##SUF(T* q, T* k, T* v, const T* qkv, int b, int tokens, int heads, \

@@ -254,4 +254,15 @@ void rd_twin_adamw(float* p, const float* g, float* m, float* v, int n, float co
 
 float rd_twin_clip_coef(double norm, float max_norm) { return rd::clip_coef(norm, max_norm); }
 
+/// im2col: `out[idx] = img[im2col_src(idx)]` for every output element (f32).
+void rd_twin_im2col(float* out, const float* img, int b, int c, int s, int p) {
+    int g = s / p;
+    long long n = (long long)b * g * g * c * p * p;
+    for (long long i = 0; i < n; ++i) out[i] = img[rd::im2col_src(i, c, s, p)];
+}
+
+long long rd_twin_heads_to_rows(long long idx, int tokens, int heads, int hd, int row) {
+    return rd::heads_to_rows(idx, tokens, heads, hd, row);
+}
+
 }  // extern "C"
