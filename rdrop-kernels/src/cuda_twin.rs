@@ -550,7 +550,10 @@ pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
 /// `im2col` as the kernel indexes it (`rd::im2col_src`): patch rows `(B·g², C·p·p)` of
 /// `img` `(B, C, S, S)`.
 pub fn im2col(img: &[f32], b: usize, c: usize, s: usize, p: usize) -> Vec<f32> {
-    assert!(p > 0 && s.is_multiple_of(p), "cuda_twin: p does not divide s");
+    assert!(
+        p > 0 && s.is_multiple_of(p),
+        "cuda_twin: p does not divide s"
+    );
     assert_eq!(img.len(), b * c * s * s, "cuda_twin: img");
     let g = s / p;
     let mut out = vec![0f32; b * g * g * c * p * p];
