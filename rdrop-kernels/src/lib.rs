@@ -12,6 +12,9 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod cuda_twin;
 pub mod dropout;
 pub mod gelu;
 pub mod layernorm;

@@ -225,20 +225,29 @@ pub struct AdamWHyper {
     pub weight_decay: f32,
 }
 
-/// The f32 coefficients of one AdamW step.
-#[derive(Clone, Copy)]
-struct AdamCoef {
-    decay: f32,
-    one_m_b1: f32,
-    b2: f32,
-    one_m_b2: f32,
-    inv_bc2_sqrt: f32,
-    eps: f32,
-    step_size: f32,
+/// The f32 coefficients of one AdamW step (also passed to the CUDA kernel, so both engines
+/// update with the same values).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamCoef {
+    /// `1 − lr·wd`.
+    pub decay: f32,
+    /// `1 − β1`.
+    pub one_m_b1: f32,
+    /// β2.
+    pub b2: f32,
+    /// `1 − β2`.
+    pub one_m_b2: f32,
+    /// `1/√(1 − β2^t)`.
+    pub inv_bc2_sqrt: f32,
+    /// ε.
+    pub eps: f32,
+    /// `lr/(1 − β1^t)`.
+    pub step_size: f32,
 }
 
 impl AdamCoef {
-    fn new(step: u64, h: &AdamWHyper) -> Self {
+    /// The coefficients of step `step` (≥ 1), derived in f64 and rounded to f32 once.
+    pub fn new(step: u64, h: &AdamWHyper) -> Self {
         let (lr, b1, b2) = (h.lr as f64, h.beta1 as f64, h.beta2 as f64);
         let t = step.min(i32::MAX as u64) as i32;
         let bc1 = 1.0 - b1.powi(t);
