@@ -20,8 +20,6 @@ fn fx(p: &str) -> PathBuf {
         .join(p)
 }
 
-const GPU: &str = "needs a GPU: scripts/gpu-check.sh runs it with --ignored";
-
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests are #[ignore]d without one)")
 }
@@ -233,7 +231,6 @@ fn rows(m: usize) -> Vec<RowKey> {
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
 fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
-    let _ = GPU;
     let dev = gpu();
     let cfg = small_cfg();
     let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
@@ -367,10 +364,15 @@ fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
             e2.params().unwrap(),
             "{precision:?} {kind:?}"
         );
-        assert_eq!(
+        let (o1, o2) = (
             t.state(&e, 0, 6).unwrap().optimizer,
-            t2.state(&e2, 0, 6).unwrap().optimizer
+            t2.state(&e2, 0, 6).unwrap().optimizer,
         );
+        assert_eq!(o1.param_steps, o2.param_steps);
+        assert_eq!(o1.tensors.len(), o2.tensors.len());
+        for (name, a) in &o1.tensors {
+            assert_eq!(to_vec(a), to_vec(&o2.tensors[name]), "{precision:?} {name}");
+        }
         if precision == Precision::F32 {
             // The CUDA checkpoint resumes on the CPU engine (the same state format).
             let cpu_m = {

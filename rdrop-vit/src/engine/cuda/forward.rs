@@ -31,11 +31,6 @@ impl<T: Compute + GemmType> Ctx<'_, T> {
     pub fn pf(&self, at: usize, len: usize) -> CudaView<'_, f32> {
         self.p.slice(at..at + len)
     }
-
-    /// The `T` copy of parameters `[at, at + len)`.
-    pub fn pt(&self, at: usize, len: usize) -> CudaView<'_, T> {
-        self.pt.slice(at..at + len)
-    }
 }
 
 /// `y (n, o) = x (n, i) · W (o, i)ᵀ [+ b]` (W, b views of the `T` copy, or f32 for an f32 `y`).
