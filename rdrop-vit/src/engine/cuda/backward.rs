@@ -6,7 +6,7 @@
 //! For a linear `y (n, o) = x (n, i)·Wᵀ + b`: `dW (o, i) += dyᵀ·x` (T operands, f32 output,
 //! β = 1), `db += Σ_rows dy` (deterministic column sums), `dx (n, i) = dy·W`.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use rdrop_kernels::cuda::Compute;
 
 use super::forward::Ctx;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Storage, Tensor};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 use rdrop_core::{
     FlatLayout, LossConfig, LossMode, MicroLoss, OptimConfig, OptimizerKind, Precision, RngState,

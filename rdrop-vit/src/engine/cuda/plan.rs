@@ -366,7 +366,6 @@ pub(crate) mod device {
 
         /// Bytes actually allocated (the spec's, plus one element per empty buffer).
         pub fn allocated_bytes(&self) -> usize {
-            use cudarc::driver::DeviceSlice;
             let l: usize = self
                 .layers
                 .iter()
