@@ -33,6 +33,7 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
+pub use super::gemm_shape::{ColMajor, RowGemm};
 use crate::error::{Result, VitError};
 
 /// Element type of a GEMM operand.
@@ -80,77 +81,21 @@ impl GemmType for half::f16 {
     const DT: Dt = Dt::F16;
 }
 
-/// The shape of a row-major GEMM `C (m, n) = op(A) · op(B)`, dense operands: `A` is stored
-/// `(m, k)` (`(k, m)` when `trans_a`), `B` `(k, n)` (`(n, k)` when `trans_b`), `C` `(m, n)`.
-/// With `batch > 1`, matrix `i` of each operand starts `i · stride_*` elements in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RowGemm {
-    /// Rows of `C`.
-    pub m: usize,
-    /// Columns of `C`.
-    pub n: usize,
-    /// The contracted dimension.
-    pub k: usize,
-    /// `op(A) = Aᵀ`.
-    pub trans_a: bool,
-    /// `op(B) = Bᵀ`.
-    pub trans_b: bool,
-    /// Number of matrices (1: not batched).
-    pub batch: usize,
-    /// Elements between consecutive `A`s.
-    pub stride_a: usize,
-    /// Elements between consecutive `B`s.
-    pub stride_b: usize,
-    /// Elements between consecutive `C`s.
-    pub stride_c: usize,
-}
-
-impl RowGemm {
-    /// One `(m, n) = op(A)·op(B)` product.
-    pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Self {
-        Self {
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            batch: 1,
-            stride_a: m * k,
-            stride_b: k * n,
-            stride_c: m * n,
+/// `cuBLASLt matmul m×n×k [Aᵀ] [Bᵀ] [×batch] ab→cd`, for errors.
+fn describe(g: &RowGemm, ab: Dt, cd: Dt) -> String {
+    format!(
+        "cuBLASLt matmul {}×{}×{}{}{}{} {ab:?}→{cd:?}",
+        g.m,
+        g.n,
+        g.k,
+        if g.trans_a { " Aᵀ" } else { "" },
+        if g.trans_b { " Bᵀ" } else { "" },
+        if g.batch > 1 {
+            format!(" ×{}", g.batch)
+        } else {
+            String::new()
         }
-    }
-
-    /// `batch` densely packed products.
-    pub fn batched(self, batch: usize) -> Self {
-        Self { batch, ..self }
-    }
-
-    /// Elements each operand must hold: `(A, B, C)`.
-    pub fn lens(&self) -> (usize, usize, usize) {
-        let last = self.batch.saturating_sub(1);
-        (
-            last * self.stride_a + self.m * self.k,
-            last * self.stride_b + self.k * self.n,
-            last * self.stride_c + self.m * self.n,
-        )
-    }
-
-    fn describe(&self, ab: Dt, cd: Dt) -> String {
-        format!(
-            "cuBLASLt matmul {}×{}×{}{}{}{} {ab:?}→{cd:?}",
-            self.m,
-            self.n,
-            self.k,
-            if self.trans_a { " Aᵀ" } else { "" },
-            if self.trans_b { " Bᵀ" } else { "" },
-            if self.batch > 1 {
-                format!(" ×{}", self.batch)
-            } else {
-                String::new()
-            }
-        )
-    }
+    )
 }
 
 /// The largest power of two (≤ 256) dividing a device address: cuBLASLt's heuristic assumes
@@ -288,22 +233,19 @@ impl Gemm {
 
     fn make_plan(&self, key: &Key) -> Result<LtPlan> {
         let g = &key.g;
-        let what = g.describe(key.ab, key.cd);
-        // Column-major: Cᵀ (n, m) = op(B)ᵀ (n, k) · op(A)ᵀ (k, m). The first operand is B,
-        // stored column-major as (n, k) or, transposed, (k, n).
-        let (b_rows, b_cols) = if g.trans_b { (g.k, g.n) } else { (g.n, g.k) };
-        let (a_rows, a_cols) = if g.trans_a { (g.m, g.k) } else { (g.k, g.m) };
-        let first = layout(key.ab, b_rows, b_cols, g.batch, g.stride_b)?;
-        let second = layout(key.ab, a_rows, a_cols, g.batch, g.stride_a)?;
-        let out = layout(key.cd, g.n, g.m, g.batch, g.stride_c)?;
+        let what = describe(g, key.ab, key.cd);
+        let cm = ColMajor::of(g);
+        let first = layout(key.ab, cm.first.0, cm.first.1, g.batch, g.stride_b)?;
+        let second = layout(key.ab, cm.second.0, cm.second.1, g.batch, g.stride_a)?;
+        let out = layout(key.cd, cm.out.0, cm.out.1, g.batch, g.stride_c)?;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
         )
         .map_err(|e| VitError::cuda(format!("{what}: descriptor"), e))?;
         let desc_guard = DescGuard(desc);
-        let ta = i32::from(g.trans_b);
-        let tb = i32::from(g.trans_a);
+        let ta = i32::from(cm.trans_first);
+        let tb = i32::from(cm.trans_second);
         let epi = if key.bias {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
         } else {
@@ -417,7 +359,12 @@ impl Gemm {
         beta: f32,
     ) -> Result<()> {
         let (la, lb, lc) = g.lens();
-        let what = g.describe(T::DT, C::DT);
+        let what = describe(g, T::DT, C::DT);
+        // cuBLASLt runs in the calling thread's current context: make it the stream's.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| VitError::cuda(what.clone(), e))?;
         if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
             return Err(VitError::cuda(what, "empty dimension"));
         }
@@ -562,11 +509,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn operand_lengths_and_alignment() {
-        let g = RowGemm::new(4, 3, 2, false, true);
-        assert_eq!(g.lens(), (8, 6, 12));
-        let b = RowGemm::new(5, 5, 8, false, true).batched(6);
-        assert_eq!(b.lens(), (5 * 40 + 40, 5 * 40 + 40, 5 * 25 + 25));
+    fn alignment_of_device_addresses() {
         assert_eq!(alignment(0x1000), 256);
         assert_eq!(alignment(0x1002), 2);
         assert_eq!(alignment(0x1040), 64);

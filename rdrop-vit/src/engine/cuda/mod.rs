@@ -3,8 +3,9 @@
 //! layout (`super::params`), the same dropout masks (Philox keyed by the same row keys, in
 //! `rdrop_kernels::cuda`) and GEMMs through cuBLASLt (`gemm`).
 //!
-//! - [`plan`]: the device activation plan and its byte formula (compiled in every build, so
-//!   the CLI can print a CUDA plan's size and CI tests the formula);
+//! - [`plan`]: the device activation plan and its byte formula, and [`gemm_shape`]: the
+//!   row-major GEMMs as cuBLASLt's column-major problems (both compiled in every build, so the
+//!   CLI can print a CUDA plan's size and CI tests the formula and the mapping);
 //! - with the `cuda` feature: `gemm` (cuBLASLt with cached plans), `forward`, `backward`,
 //!   `CudaEngine` (parameters, gradients, optimiser state and the plan on the device) and
 //!   `CudaTrainer` (the update: accumulation, f16 loss scaling, clipping, SGD/AdamW).
@@ -20,6 +21,7 @@ mod engine;
 pub(crate) mod forward;
 #[cfg(feature = "cuda")]
 pub mod gemm;
+pub mod gemm_shape;
 pub mod plan;
 #[cfg(feature = "cuda")]
 mod trainer;
