@@ -204,7 +204,7 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// In-place softmax of one row (f32, max subtracted), vectorisable and in a fixed order.
 #[inline]
-fn softmax_row(row: &mut [f32]) {
+pub fn softmax_row(row: &mut [f32]) {
     let mut mx = [f32::NEG_INFINITY; 8];
     let chunks = row.chunks_exact(8);
     let mut max = chunks

@@ -137,6 +137,8 @@ mod ffi {
             do_decay: i32,
         );
         pub fn rd_twin_clip_coef(norm: f64, max_norm: f32) -> f32;
+        pub fn rd_twin_im2col(out: *mut f32, img: *const f32, b: i32, c: i32, s: i32, p: i32);
+        pub fn rd_twin_heads_to_rows(idx: i64, tokens: i32, heads: i32, hd: i32, row: i32) -> i64;
     }
 }
 
@@ -342,8 +344,8 @@ pub fn layernorm_bwd(
     };
 }
 
-/// `softmax_dropout_fwd` of one row: `s` becomes P; returns `A`; `keep` written when the
-/// site drops. `base` is the row's first element in the sample's mask stream (`h·T·T + i·T`).
+/// `softmax_dropout_fwd` of one row: `s` becomes P; returns `A` (all NaN without dropout: the
+/// kernel leaves `attn` untouched then, A = P); `keep` written when the site drops. `base` is the row's first element in the sample's mask stream (`h·T·T + i·T`).
 pub fn softmax_fwd_row(
     s: &mut [f32],
     keep: &mut [u8],
@@ -354,7 +356,7 @@ pub fn softmax_fwd_row(
 ) -> Vec<f32> {
     let t = s.len();
     assert_eq!(keep.len(), t, "cuda_twin: keep length");
-    let mut a = vec![0f32; t];
+    let mut a = vec![f32::NAN; t];
     let st = site.filter(|x| x.p != 0.0);
     let (seed, update, id, thr, ks) = match st {
         Some(x) => (
@@ -543,4 +545,37 @@ pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
     };
     // SAFETY: scalars only.
     unsafe { ffi::rd_twin_clip_coef(norm, mx) }
+}
+
+/// `im2col` as the kernel indexes it (`rd::im2col_src`): patch rows `(B·g², C·p·p)` of
+/// `img` `(B, C, S, S)`.
+pub fn im2col(img: &[f32], b: usize, c: usize, s: usize, p: usize) -> Vec<f32> {
+    assert!(
+        p > 0 && s.is_multiple_of(p),
+        "cuda_twin: p does not divide s"
+    );
+    assert_eq!(img.len(), b * c * s * s, "cuda_twin: img");
+    let g = s / p;
+    let mut out = vec![0f32; b * g * g * c * p * p];
+    // SAFETY: img holds B·C·S·S elements and out B·g²·C·p·p, what the shim indexes.
+    unsafe {
+        ffi::rd_twin_im2col(
+            out.as_mut_ptr(),
+            img.as_ptr(),
+            int(b),
+            int(c),
+            int(s),
+            int(p),
+        )
+    };
+    out
+}
+
+/// The kernels' head layout: position in `(B, Tk, row)` of element `idx` of `(B, H, Tk, Dh)`
+/// (`rd::heads_to_rows`).
+pub fn heads_to_rows(idx: usize, tokens: usize, heads: usize, hd: usize, row: usize) -> usize {
+    let i = i64::try_from(idx).unwrap_or_else(|_| panic!("cuda_twin: {idx} exceeds i64"));
+    // SAFETY: scalars only.
+    let r = unsafe { ffi::rd_twin_heads_to_rows(i, int(tokens), int(heads), int(hd), int(row)) };
+    usize::try_from(r).unwrap_or_else(|_| panic!("cuda_twin: negative index {r}"))
 }

@@ -11,14 +11,10 @@
 template <class T>
 __device__ void im2col_impl(T* out, const float* img, int b, int c, int s, int p) {
     long long idx = gtid();
-    int g = s / p, w = c * p * p;
-    long long n = (long long)b * g * g * w;
+    int g = s / p;
+    long long n = (long long)b * g * g * c * p * p;
     if (idx >= n) return;
-    long long row = idx / w;
-    int col = (int)(idx % w);
-    int bi = (int)(row / (g * g)), gy = (int)(row / g % g), gx = (int)(row % g);
-    int ci = col / (p * p), py = col / p % p, px = col % p;
-    out[idx] = rd::from_f32<T>(img[(((long long)bi * c + ci) * s + gy * p + py) * s + gx * p + px]);
+    out[idx] = rd::from_f32<T>(img[rd::im2col_src(idx, c, s, p)]);
 }
 #define K_IM2COL(SUF, T)                                                                   \
     extern "C" __global__ void im2col_##SUF(T* out, const float* img, int b, int c, int s, int p) { \
@@ -87,6 +83,7 @@ extern "C" __global__ void embed_bwd_params(float* dcls, float* dpos, const floa
     long long n = (long long)tokens * d;
     if (e >= n) return;
     float acc = dpos[e];
+#pragma unroll 8
     for (int r = 0; r < b; ++r) acc += masked(dx[r * n + e], keep, r * n + e, use_keep, scale);
     dpos[e] = acc;
     if (e < d) {
@@ -176,6 +173,16 @@ __device__ void gelu_dropout_fwd_impl(T* h, uint8_t* keep, const T* pre, const u
     }
 RD_FOR_EACH_T(K_GELU_FWD)
 
+/// `h = keep ? gelu(pre)·scale : 0` from a recorded mask (`h = gelu(pre)` without one): the
+/// forward's GELU + dropout recomputed in the backward without regenerating the mask.
+#define K_GELU_KEEP(SUF, T)                                                                            \
+    extern "C" __global__ void gelu_apply_keep_##SUF(T* h, const T* pre, const uint8_t* keep, int use_keep, \
+                                                     float scale, int n) {                             \
+        long long i = gtid();                                                                          \
+        if (i < n) h[i] = rd::from_f32<T>(masked(rd::gelu(rd::to_f32(pre[i])), keep, i, use_keep, scale)); \
+    }
+RD_FOR_EACH_T(K_GELU_KEEP)
+
 // ------------------------------------------------------------------- recorded masks (bwd)
 #define K_APPLY_KEEP(SUF, T)                                                                           \
     extern "C" __global__ void apply_keep_##SUF(T* out, const T* x, const uint8_t* keep, int use_keep, \
@@ -224,17 +231,7 @@ extern "C" __global__ void cast_f32_to_f32(float* out, const float* x, int n) {
 }
 
 // --------------------------------------------------------------------------- head layouts
-/// Index `(b, t, h, e)` of element `idx` of a `(B, H, Tk, Dh)` tensor, and its column-offset
-/// position `(b·Tk + t)·row + h·Dh + e` in a `(B, Tk, row)` one.
-__device__ __forceinline__ long long heads_to_rows(long long idx, int tokens, int heads, int hd, int row) {
-    int e = (int)(idx % hd);
-    long long rest = idx / hd;
-    int t = (int)(rest % tokens);
-    rest /= tokens;
-    int h = (int)(rest % heads);
-    long long b = rest / heads;
-    return (b * tokens + t) * row + (long long)h * hd + e;
-}
+using rd::heads_to_rows;
 
 #define K_HEADS(SUF, T)                                                                                     \
     extern "C" __global__ void qkv_split_##SUF(T* q, T* k, T* v, const T* qkv, int b, int tokens, int heads, \
@@ -296,7 +293,7 @@ extern "C" __global__ void cls_scatter_grad(float* dx, const float* dcls, int b,
         int blk = (int)(i / c), j = (int)(i % c);                                           \
         int r1 = min(n, (blk + 1) * rd::LN_BWD_ROWS);                                       \
         float acc = 0.0f;                                                                   \
-        for (int r = blk * rd::LN_BWD_ROWS; r < r1; ++r) acc += rd::to_f32(dy[(long long)r * c + j]); \
+        _Pragma("unroll 8") for (int r = blk * rd::LN_BWD_ROWS; r < r1; ++r) acc += rd::to_f32(dy[(long long)r * c + j]); \
         part[i] = acc;                                                                      \
     }
 RD_FOR_EACH_T(K_COLUMN_PARTIALS)
@@ -306,6 +303,8 @@ extern "C" __global__ void column_reduce(float* out, const float* part, int bloc
     long long j = gtid();
     if (j >= c) return;
     float acc = out[j];
+    // in block order (deterministic); unrolled so that the loads overlap
+#pragma unroll 8
     for (int blk = 0; blk < blocks; ++blk) acc += part[(long long)blk * stride + j];
     out[j] = acc;
 }

@@ -72,6 +72,7 @@ __device__ void layernorm_bwd_partials_impl(float* part, const T* dy, const floa
     int blk = (int)(i / d), j = (int)(i % d);
     int r1 = min(n, (blk + 1) * rd::LN_BWD_ROWS);
     float pg = 0.0f, pb = 0.0f;
+#pragma unroll 8
     for (int r = blk * rd::LN_BWD_ROWS; r < r1; ++r) {
         long long o = (long long)r * d + j;
         float dyv = rd::to_f32(dy[o]);

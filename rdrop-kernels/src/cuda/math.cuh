@@ -118,6 +118,32 @@ RD_HD float copysign32(float a, float s) {
 }
 RD_HD bool is_finite32(float x) { return (float_to_bits(x) & 0x7f800000u) != 0x7f800000u; }
 
+// -------------------------------------------------------------------------------- layouts
+/// Source index in `img (B, C, S, S)` of element `idx` of the patch rows `(B·g², C·p·p)`,
+/// `g = S/p` (crate::patch::im2col: row `b·g² + gy·g + gx`, column `c·p·p + py·p + px`).
+RD_HD long long im2col_src(long long idx, int c, int s, int p) {
+    int g = s / p, w = c * p * p;
+    long long row = idx / w;
+    int col = (int)(idx % w);
+    long long bi = row / ((long long)g * g);
+    int gy = (int)(row / g % g), gx = (int)(row % g);
+    int ci = col / (p * p), py = col / p % p, px = col % p;
+    return ((bi * c + ci) * s + gy * p + py) * s + gx * p + px;
+}
+
+/// Position in a `(B, Tk, row)` tensor of element `idx` of a `(B, H, Tk, Dh)` one: head `h`'s
+/// column block `h·Dh ..` of token `t` (`row` = D for attention outputs, 3D for qkv, whose k
+/// and v blocks are then `+D`, `+2D`).
+RD_HD long long heads_to_rows(long long idx, int tokens, int heads, int hd, int row) {
+    int e = (int)(idx % hd);
+    long long rest = idx / hd;
+    int t = (int)(rest % tokens);
+    rest /= tokens;
+    int h = (int)(rest % heads);
+    long long b = rest / heads;
+    return (b * tokens + t) * row + (long long)h * hd + e;
+}
+
 // ------------------------------------------------------------------------ Philox and dropout
 /// Philox4x32-10 (Random123): four words from counter `c` and key `(k0, k1)`
 /// (crate::philox::philox4x32_10).

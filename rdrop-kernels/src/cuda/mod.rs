@@ -26,6 +26,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The cudarc this crate is built with (its `driver` types are the launchers' buffers).
+pub use cudarc;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 pub use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, DriverError};
 use cudarc::nvrtc::Ptx;
@@ -83,22 +85,40 @@ pub trait Compute:
 {
     /// Kernel-name suffix.
     const NAME: &'static str;
+    /// Position in [`TYPES`].
+    const INDEX: usize;
 }
 impl Compute for f32 {
     const NAME: &'static str = "f32";
+    const INDEX: usize = 0;
 }
 impl Compute for half::bf16 {
     const NAME: &'static str = "bf16";
+    const INDEX: usize = 1;
 }
 impl Compute for half::f16 {
     const NAME: &'static str = "f16";
+    const INDEX: usize = 2;
 }
 
-/// The PTX modules and their kernels (`{}` = each of f32, bf16, f16).
-const MODULES: [(&str, &str, &[&str]); 5] = [
+/// The kernel-name suffixes of the [`Compute`] types, in `INDEX` order.
+const TYPES: [&str; 3] = ["f32", "bf16", "f16"];
+
+/// A kernel module: name, PTX (JIT fallback), cubin (SASS for `sm_$CUDA_COMPUTE_CAP`, loaded
+/// first so that no JIT runs on the target GPU), kernels (`{}` = each of f32, bf16, f16).
+type Module = (
+    &'static str,
+    &'static str,
+    &'static [u8],
+    &'static [&'static str],
+);
+
+/// The kernel modules (build.rs writes `<name>.ptx` and `<name>.cubin`).
+const MODULES: [Module; 5] = [
     (
         "elementwise",
         include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.cubin")),
         &[
             "im2col_{}",
             "embed_fwd_{}",
@@ -110,6 +130,7 @@ const MODULES: [(&str, &str, &[&str]); 5] = [
             "dropout_grad_{}",
             "gelu_dropout_fwd_{}",
             "gelu_dropout_bwd_{}",
+            "gelu_apply_keep_{}",
             "cast_f32_to_{}",
             "cast_{}_to_f32",
             "qkv_split_{}",
@@ -125,6 +146,7 @@ const MODULES: [(&str, &str, &[&str]); 5] = [
     (
         "layernorm",
         include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptx")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/layernorm.cubin")),
         &[
             "layernorm_fwd_{}",
             "layernorm_bwd_{}",
@@ -134,16 +156,19 @@ const MODULES: [(&str, &str, &[&str]); 5] = [
     (
         "softmax",
         include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/softmax.cubin")),
         &["softmax_dropout_fwd_{}", "softmax_dropout_bwd_{}"],
     ),
     (
         "loss",
         include_str!(concat!(env!("OUT_DIR"), "/loss.ptx")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/loss.cubin")),
         &["rdrop_loss_rows", "rdrop_loss_finish"],
     ),
     (
         "optim",
         include_str!(concat!(env!("OUT_DIR"), "/optim.ptx")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/optim.cubin")),
         &[
             "sum_squares_partials",
             "sum_squares_finish",
@@ -177,13 +202,17 @@ enum Arg {
 /// The loaded kernels, launched on one stream.
 pub struct CudaKernels {
     stream: Arc<CudaStream>,
-    funcs: HashMap<String, CudaFunction>,
+    /// Per pattern, the f32, bf16, f16 instances (an untemplated kernel thrice).
+    funcs: HashMap<&'static str, [CudaFunction; 3]>,
+    /// Modules the driver had to JIT from PTX (their cubin was not for this GPU).
+    jit: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for CudaKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaKernels")
-            .field("functions", &self.funcs.len())
+            .field("kernels", &self.funcs.len())
+            .field("jit", &self.jit)
             .finish()
     }
 }
@@ -273,7 +302,8 @@ fn check_p(kernel: &'static str, p: f32) -> Result<()> {
 }
 
 impl CudaKernels {
-    /// Loads the PTX modules into the stream's context and looks up every kernel.
+    /// Loads the kernel modules into the stream's context (each module's cubin, or its PTX
+    /// through the driver's JIT when the cubin is not for this GPU) and looks up every kernel.
     ///
     /// # Errors
     /// [`CudaKernelError::Driver`] if the driver refuses a module, [`CudaKernelError::Missing`]
@@ -281,26 +311,38 @@ impl CudaKernels {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context();
         let mut funcs = HashMap::new();
-        for (_, ptx, names) in MODULES {
-            let module = ctx.load_module(Ptx::from_src(ptx))?;
-            for pattern in names {
-                let variants: Vec<String> = if pattern.contains("{}") {
-                    ["f32", "bf16", "f16"]
-                        .iter()
-                        .map(|t| pattern.replace("{}", t))
-                        .collect()
-                } else {
-                    vec![pattern.to_string()]
-                };
-                for name in variants {
-                    let f = module
-                        .load_function(&name)
-                        .map_err(|_| CudaKernelError::Missing(name.clone()))?;
-                    funcs.insert(name, f);
+        let mut jit = Vec::new();
+        for (module_name, ptx, cubin, names) in MODULES {
+            let module = match ctx.load_module(Ptx::from_binary(cubin.to_vec())) {
+                Ok(m) => m,
+                Err(_) => {
+                    jit.push(module_name);
+                    ctx.load_module(Ptx::from_src(ptx))?
                 }
+            };
+            for &pattern in names {
+                let load = |t: &str| {
+                    let name = pattern.replace("{}", t);
+                    module
+                        .load_function(&name)
+                        .map_err(|_| CudaKernelError::Missing(name))
+                };
+                let fs = if pattern.contains("{}") {
+                    [load(TYPES[0])?, load(TYPES[1])?, load(TYPES[2])?]
+                } else {
+                    let f = load("")?;
+                    [f.clone(), f.clone(), f]
+                };
+                funcs.insert(pattern, fs);
             }
         }
-        Ok(Self { stream, funcs })
+        Ok(Self { stream, funcs, jit })
+    }
+
+    /// The modules that were JIT-compiled from PTX at load (empty on the GPU the build
+    /// targets, `CUDA_COMPUTE_CAP`).
+    pub fn jit_modules(&self) -> &[&'static str] {
+        &self.jit
     }
 
     /// The stream every kernel launches on.
@@ -308,11 +350,23 @@ impl CudaKernels {
         &self.stream
     }
 
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        let f = self
-            .funcs
+    /// The `T` instance of a templated kernel (`pattern` as in [`MODULES`], e.g. `"im2col_{}"`).
+    fn ft<T: Compute>(&self, pattern: &'static str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(pattern)
+            .map(|f| &f[T::INDEX])
+            .ok_or_else(|| CudaKernelError::Missing(pattern.replace("{}", T::NAME)))
+    }
+
+    /// A kernel that is not templated.
+    fn fp(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.funcs
             .get(name)
-            .ok_or_else(|| CudaKernelError::Missing(name.to_string()))?;
+            .map(|f| &f[0])
+            .ok_or_else(|| CudaKernelError::Missing(name.to_string()))
+    }
+
+    fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -368,7 +422,7 @@ impl CudaKernels {
         let (o, _g1) = out.device_ptr_mut(st);
         let (i, _g2) = img.device_ptr(st);
         self.launch(
-            &format!("im2col_{}", T::NAME),
+            self.ft::<T>("im2col_{}")?,
             grid_for(n),
             &[
                 Arg::P(o),
@@ -440,7 +494,7 @@ impl CudaKernels {
         ];
         args.extend(site_args(site));
         args.extend([Arg::I(b as i32), Arg::I(tokens as i32), Arg::I(d as i32)]);
-        self.launch(&format!("embed_fwd_{}", T::NAME), grid_for(b * per), &args)
+        self.launch(self.ft::<T>("embed_fwd_{}")?, grid_for(b * per), &args)
     }
 
     /// Backward of [`Self::embed_fwd`], deterministic (sums over samples in sample order, no
@@ -494,7 +548,7 @@ impl CudaKernels {
         if ntok > 0 {
             let mut args = vec![Arg::P(tp), Arg::P(xp), Arg::P(kp), use_keep, Arg::F(scale)];
             args.extend(dims);
-            self.launch(&format!("embed_bwd_tok_{}", T::NAME), grid_for(ntok), &args)?;
+            self.launch(self.ft::<T>("embed_bwd_tok_{}")?, grid_for(ntok), &args)?;
         }
         let mut args = vec![
             Arg::P(cp),
@@ -505,7 +559,7 @@ impl CudaKernels {
             Arg::F(scale),
         ];
         args.extend([Arg::I(b as i32), Arg::I(tokens as i32), Arg::I(d as i32)]);
-        self.launch("embed_bwd_params", grid_for(tokens * d), &args)
+        self.launch(self.fp("embed_bwd_params")?, grid_for(tokens * d), &args)
     }
 
     // ------------------------------------------------------------------------------ LayerNorm
@@ -547,7 +601,7 @@ impl CudaKernels {
         let (wp, _g5) = w.device_ptr(st);
         let (bp, _g6) = b.device_ptr(st);
         self.launch(
-            &format!("layernorm_fwd_{}", T::NAME),
+            self.ft::<T>("layernorm_fwd_{}")?,
             grid_for(n * 16),
             &[
                 Arg::P(yp),
@@ -627,7 +681,7 @@ impl CudaKernels {
         let (mp, _g8) = mean.device_ptr(st);
         let (rp, _g9) = rstd.device_ptr(st);
         self.launch(
-            &format!("layernorm_bwd_{}", T::NAME),
+            self.ft::<T>("layernorm_bwd_{}")?,
             grid_for(n * 16),
             &[
                 Arg::P(dxp),
@@ -642,7 +696,7 @@ impl CudaKernels {
             ],
         )?;
         self.launch(
-            &format!("layernorm_bwd_partials_{}", T::NAME),
+            self.ft::<T>("layernorm_bwd_partials_{}")?,
             grid_for(blocks * d),
             &[
                 Arg::P(sp),
@@ -656,7 +710,7 @@ impl CudaKernels {
         )?;
         // partial c of column j: dγ at scratch[c·2D + j], dβ at scratch[c·2D + D + j]
         self.launch(
-            "column_reduce",
+            self.fp("column_reduce")?,
             grid_for(d),
             &[
                 Arg::P(dwp),
@@ -668,7 +722,7 @@ impl CudaKernels {
         )?;
         let (sp_b, dbv) = (sp + (d * 4) as u64, dbp);
         self.launch(
-            "column_reduce",
+            self.fp("column_reduce")?,
             grid_for(d),
             &[
                 Arg::P(dbv),
@@ -712,7 +766,7 @@ impl CudaKernels {
         let (vp, _g3) = v.device_ptr_mut(st);
         let (xp, _g4) = qkv.device_ptr(st);
         self.launch(
-            &format!("qkv_split_{}", T::NAME),
+            self.ft::<T>("qkv_split_{}")?,
             grid_for(n),
             &[
                 Arg::P(qp),
@@ -757,7 +811,7 @@ impl CudaKernels {
         let (kp, _g3) = dk.device_ptr(st);
         let (vp, _g4) = dv.device_ptr(st);
         self.launch(
-            &format!("qkv_merge_grad_{}", T::NAME),
+            self.ft::<T>("qkv_merge_grad_{}")?,
             grid_for(n),
             &[
                 Arg::P(xp),
@@ -784,7 +838,7 @@ impl CudaKernels {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        self.permute::<T>("attn_merge", out, o, b, tokens, heads, head_dim)
+        self.permute::<T>("attn_merge_{}", out, o, b, tokens, heads, head_dim)
     }
 
     /// The inverse of [`Self::attn_merge`] for the gradient: `do_[b, h, t, e] =
@@ -799,7 +853,7 @@ impl CudaKernels {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
-        self.permute::<T>("attn_split_grad", do_, dout, b, tokens, heads, head_dim)
+        self.permute::<T>("attn_split_grad_{}", do_, dout, b, tokens, heads, head_dim)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -824,7 +878,7 @@ impl CudaKernels {
         let (op, _g1) = out.device_ptr_mut(st);
         let (xp, _g2) = x.device_ptr(st);
         self.launch(
-            &format!("{k}_{}", T::NAME),
+            self.ft::<T>(k)?,
             grid_for(n),
             &[
                 Arg::P(op),
@@ -840,9 +894,10 @@ impl CudaKernels {
     /// Softmax with dropout over materialised scores (crate::attention, bit for bit in f32
     /// before the casts): per row `(b, h, i)`, `P = softmax(scale · S)` (max and sum in f32, the
     /// CPU's lane order), written **in place over the scores** `probs` (P is what the backward
-    /// needs), and `attn = P ⊙ M` (the input of the `A·V` GEMM; `= P` without dropout) with the
-    /// mask element `(h, i, j)` = element `h·Tk·Tk + i·Tk + j` of sample `b`'s key (as
-    /// crate::attention), recorded in `keep`.
+    /// needs), and with dropout `attn = P ⊙ M` (the input of the `A·V` GEMM) with the mask
+    /// element `(h, i, j)` = element `h·Tk·Tk + i·Tk + j` of sample `b`'s key (as
+    /// crate::attention), recorded in `keep`. Without dropout (`site` `None` or `p == 0`) A = P:
+    /// `attn` and `keep` are not touched (they may be empty) and the GEMM reads `probs`.
     /// Shapes: `probs`, `attn`, `keep` `(B, H, Tk, Tk)`, `row_keys` `2·B` u32. Grid: 8 lanes per
     /// row (four rows a warp), 256-thread blocks.
     #[allow(clippy::too_many_arguments)]
@@ -858,15 +913,37 @@ impl CudaKernels {
         heads: usize,
         tokens: usize,
     ) -> Result<()> {
+        self.softmax_dropout_fwd_ld(
+            probs, attn, keep, scale, site, row_keys, b, heads, tokens, tokens,
+        )
+    }
+
+    /// [`Self::softmax_dropout_fwd`] over rows `ld ≥ Tk` elements apart: `probs`, `attn`,
+    /// `keep` are `(B, H, Tk, ld)`, row `(b, h, i)` at `((b·H + h)·Tk + i)·ld`; the padding
+    /// columns `Tk..ld` are never read or written (so a padded, 16-byte aligned leading
+    /// dimension can serve the attention GEMMs). The mask numbering is that of `ld = Tk`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_fwd_ld<T: Compute>(
+        &self,
+        probs: &mut impl DevicePtrMut<T>,
+        attn: &mut impl DevicePtrMut<T>,
+        keep: &mut impl DevicePtrMut<u8>,
+        scale: f32,
+        site: Option<Site>,
+        row_keys: &impl DevicePtr<u32>,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
         const K: &str = "softmax_dropout_fwd";
-        let n = prod(K, &[b, heads, tokens, tokens])?;
+        let n = Self::softmax_len(K, b, heads, tokens, ld)?;
         len(K, "probs", probs.len(), n)?;
-        len(K, "attn", attn.len(), n)?;
         if active(site) {
+            len(K, "attn", attn.len(), n)?;
             len(K, "keep", keep.len(), n)?;
             len(K, "row_keys", row_keys.len(), 2 * b)?;
         }
-        int(K, "elements", n)?;
         if n == 0 {
             return Ok(());
         }
@@ -888,12 +965,32 @@ impl CudaKernels {
             Arg::I(b as i32),
             Arg::I(heads as i32),
             Arg::I(tokens as i32),
+            Arg::I(ld as i32),
         ]);
         self.launch(
-            &format!("softmax_dropout_fwd_{}", T::NAME),
+            self.ft::<T>("softmax_dropout_fwd_{}")?,
             grid_for(rows * 8),
             &args,
         )
+    }
+
+    /// `B·H·Tk·ld`, checked (`ld ≥ Tk`, 32-bit indexing).
+    fn softmax_len(
+        k: &'static str,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<usize> {
+        if ld < tokens {
+            return Err(CudaKernelError::Shape {
+                kernel: k,
+                message: format!("leading dimension {ld} is below the {tokens} tokens"),
+            });
+        }
+        let n = prod(k, &[b, heads, tokens, ld])?;
+        int(k, "elements", n)?;
+        Ok(n)
     }
 
     /// Backward of [`Self::softmax_dropout_fwd`]: with `dP = keep ⊙ dattn / (1−p)`
@@ -913,31 +1010,114 @@ impl CudaKernels {
         heads: usize,
         tokens: usize,
     ) -> Result<()> {
+        self.softmax_dropout_bwd_ld(
+            dscores, dattn, probs, keep, p, scale, b, heads, tokens, tokens,
+        )
+    }
+
+    /// [`Self::softmax_dropout_bwd`] over rows `ld ≥ Tk` elements apart (all buffers
+    /// `(B, H, Tk, ld)`, padding untouched; see [`Self::softmax_dropout_fwd_ld`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_bwd_ld<T: Compute>(
+        &self,
+        dscores: &mut impl DevicePtrMut<T>,
+        dattn: &impl DevicePtr<T>,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
         const K: &str = "softmax_dropout_bwd";
         check_p(K, p)?;
-        let n = prod(K, &[b, heads, tokens, tokens])?;
+        let n = Self::softmax_len(K, b, heads, tokens, ld)?;
         len(K, "dscores", dscores.len(), n)?;
         len(K, "dattn", dattn.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let st = &*self.stream;
+        let (dp, _g1) = dscores.device_ptr_mut(st);
+        let (ap, _g2) = dattn.device_ptr(st);
+        self.softmax_bwd_launch::<T>(dp, ap, probs, keep, p, scale, b, heads, tokens, ld)
+    }
+
+    /// [`Self::softmax_dropout_bwd`] in place: `d` holds `dattn` on entry and `dscores` on
+    /// return (saves a `(B, H, Tk, Tk)` buffer). Grid: 8 lanes per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_bwd_inplace<T: Compute>(
+        &self,
+        d: &mut impl DevicePtrMut<T>,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+    ) -> Result<()> {
+        self.softmax_dropout_bwd_inplace_ld(d, probs, keep, p, scale, b, heads, tokens, tokens)
+    }
+
+    /// [`Self::softmax_dropout_bwd_inplace`] over rows `ld ≥ Tk` elements apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_dropout_bwd_inplace_ld<T: Compute>(
+        &self,
+        d: &mut impl DevicePtrMut<T>,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
+        const K: &str = "softmax_dropout_bwd";
+        check_p(K, p)?;
+        let n = Self::softmax_len(K, b, heads, tokens, ld)?;
+        len(K, "d", d.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let st = &*self.stream;
+        let (dp, _g1) = d.device_ptr_mut(st);
+        self.softmax_bwd_launch::<T>(dp, dp, probs, keep, p, scale, b, heads, tokens, ld)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_bwd_launch<T: Compute>(
+        &self,
+        ds: u64,
+        da: u64,
+        probs: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+        scale: f32,
+        b: usize,
+        heads: usize,
+        tokens: usize,
+        ld: usize,
+    ) -> Result<()> {
+        const K: &str = "softmax_dropout_bwd";
+        let n = b * heads * tokens * ld;
         len(K, "probs", probs.len(), n)?;
         if p != 0.0 {
             len(K, "keep", keep.len(), n)?;
         }
-        int(K, "elements", n)?;
-        if n == 0 {
-            return Ok(());
-        }
         let rows = b * heads * tokens;
         let st = &*self.stream;
-        let (dp, _g1) = dscores.device_ptr_mut(st);
-        let (ap, _g2) = dattn.device_ptr(st);
         let (pp, _g3) = probs.device_ptr(st);
         let (kp, _g4) = keep.device_ptr(st);
         self.launch(
-            &format!("softmax_dropout_bwd_{}", T::NAME),
+            self.ft::<T>("softmax_dropout_bwd_{}")?,
             grid_for(rows * 8),
             &[
-                Arg::P(dp),
-                Arg::P(ap),
+                Arg::P(ds),
+                Arg::P(da),
                 Arg::P(pp),
                 Arg::P(kp),
                 Arg::I((p != 0.0) as i32),
@@ -945,6 +1125,7 @@ impl CudaKernels {
                 Arg::F(scale),
                 Arg::I(rows as i32),
                 Arg::I(tokens as i32),
+                Arg::I(ld as i32),
             ],
         )
     }
@@ -1008,7 +1189,7 @@ impl CudaKernels {
         let (pp, _g3) = pre.device_ptr(st);
         let (rp, _g4) = row_keys.device_ptr(st);
         self.sample_launch(
-            &format!("gelu_dropout_fwd_{}", T::NAME),
+            self.ft::<T>("gelu_dropout_fwd_{}")?,
             [hp, kp, pp, rp],
             site,
             rows,
@@ -1046,7 +1227,7 @@ impl CudaKernels {
         let (kp, _g2) = keep.device_ptr_mut(st);
         let (rp, _g4) = row_keys.device_ptr(st);
         self.sample_launch(
-            &format!("dropout_fwd_{}", T::NAME),
+            self.ft::<T>("dropout_fwd_{}")?,
             [xp, kp, xp, rp],
             site,
             rows,
@@ -1093,7 +1274,7 @@ impl CudaKernels {
         args.extend(site_args(site));
         args.extend([Arg::I(rows as i32), Arg::I(n as i32)]);
         self.launch(
-            &format!("residual_dropout_add_{}", T::NAME),
+            self.ft::<T>("residual_dropout_add_{}")?,
             grid_for(rows * n.div_ceil(4)),
             &args,
         )
@@ -1133,7 +1314,7 @@ impl CudaKernels {
         args.extend(site_args(site));
         args.extend([Arg::I(rows as i32), Arg::I(n as i32)]);
         self.launch(
-            &format!("residual_dropout_add_{}", T::NAME),
+            self.ft::<T>("residual_dropout_add_{}")?,
             grid_for(rows * n.div_ceil(4)),
             &args,
         )
@@ -1141,7 +1322,7 @@ impl CudaKernels {
 
     fn sample_launch(
         &self,
-        name: &str,
+        f: &CudaFunction,
         ptrs: [u64; 4],
         site: Option<Site>,
         rows: usize,
@@ -1150,7 +1331,7 @@ impl CudaKernels {
         let mut args: Vec<Arg> = ptrs.iter().map(|&p| Arg::P(p)).collect();
         args.extend(site_args(site));
         args.extend([Arg::I(rows as i32), Arg::I(n as i32)]);
-        self.launch(name, grid_for(rows * n.div_ceil(4)), &args)
+        self.launch(f, grid_for(rows * n.div_ceil(4)), &args)
     }
 
     /// A recorded mask applied again: `out = keep ? x/(1−p) : 0` (`out = x` when `p == 0`),
@@ -1179,7 +1360,7 @@ impl CudaKernels {
         let (xp, _g2) = x.device_ptr(st);
         let (kp, _g3) = keep.device_ptr(st);
         self.launch(
-            &format!("apply_keep_{}", T::NAME),
+            self.ft::<T>("apply_keep_{}")?,
             grid_for(n),
             &[
                 Arg::P(op),
@@ -1218,11 +1399,51 @@ impl CudaKernels {
         let (xp, _g2) = dres.device_ptr(st);
         let (kp, _g3) = keep.device_ptr(st);
         self.launch(
-            &format!("dropout_grad_{}", T::NAME),
+            self.ft::<T>("dropout_grad_{}")?,
             grid_for(n),
             &[
                 Arg::P(op),
                 Arg::P(xp),
+                Arg::P(kp),
+                Arg::I((p != 0.0) as i32),
+                Arg::F(if p == 0.0 { 1.0 } else { keep_scale(p) }),
+                Arg::I(n as i32),
+            ],
+        )
+    }
+
+    /// [`Self::gelu_dropout_fwd`] with the mask it recorded (no Philox): `h = keep ?
+    /// gelu(pre)/(1−p) : 0` (`h = gelu(pre)` when `p == 0`, `keep` then unread), bit for bit the
+    /// forward's `h`; for recomputing `h` in the backward. Shapes: all `(len)`. Grid: one thread
+    /// per element.
+    pub fn gelu_apply_keep<T: Compute>(
+        &self,
+        h: &mut impl DevicePtrMut<T>,
+        pre: &impl DevicePtr<T>,
+        keep: &impl DevicePtr<u8>,
+        p: f32,
+    ) -> Result<()> {
+        const K: &str = "gelu_apply_keep";
+        check_p(K, p)?;
+        len(K, "pre", pre.len(), h.len())?;
+        if p != 0.0 {
+            len(K, "keep", keep.len(), h.len())?;
+        }
+        let n = h.len();
+        int(K, "elements", n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let st = &*self.stream;
+        let (hp, _g1) = h.device_ptr_mut(st);
+        let (pp, _g2) = pre.device_ptr(st);
+        let (kp, _g3) = keep.device_ptr(st);
+        self.launch(
+            self.ft::<T>("gelu_apply_keep_{}")?,
+            grid_for(n),
+            &[
+                Arg::P(hp),
+                Arg::P(pp),
                 Arg::P(kp),
                 Arg::I((p != 0.0) as i32),
                 Arg::F(if p == 0.0 { 1.0 } else { keep_scale(p) }),
@@ -1297,7 +1518,7 @@ impl CudaKernels {
         let (pp, _g3) = pre.device_ptr(st);
         let (kp, _g4) = keep.device_ptr(st);
         self.launch(
-            &format!("gelu_dropout_bwd_{}", T::NAME),
+            self.ft::<T>("gelu_dropout_bwd_{}")?,
             grid_for(n),
             &[
                 Arg::P(out),
@@ -1353,12 +1574,12 @@ impl CudaKernels {
         let (sp, _g2) = scratch.device_ptr_mut(st);
         let (yp, _g3) = dy.device_ptr(st);
         self.launch(
-            &format!("column_partials_{}", T::NAME),
+            self.ft::<T>("column_partials_{}")?,
             grid_for(blocks * c),
             &[Arg::P(sp), Arg::P(yp), Arg::I(n as i32), Arg::I(c as i32)],
         )?;
         self.launch(
-            "column_reduce",
+            self.fp("column_reduce")?,
             grid_for(c),
             &[
                 Arg::P(dp),
@@ -1394,7 +1615,7 @@ impl CudaKernels {
         let (cp, _g1) = cls.device_ptr_mut(st);
         let (xp, _g2) = x.device_ptr(st);
         self.launch(
-            "cls_gather",
+            self.fp("cls_gather")?,
             grid_for(n),
             &[
                 Arg::P(cp),
@@ -1429,7 +1650,7 @@ impl CudaKernels {
         let (xp, _g1) = dx.device_ptr_mut(st);
         let (cp, _g2) = dcls.device_ptr(st);
         self.launch(
-            "cls_scatter_grad",
+            self.fp("cls_scatter_grad")?,
             grid_for(n),
             &[
                 Arg::P(xp),
@@ -1459,7 +1680,7 @@ impl CudaKernels {
         let (op, _g1) = out.device_ptr_mut(st);
         let (xp, _g2) = x.device_ptr(st);
         self.launch(
-            &format!("cast_f32_to_{}", T::NAME),
+            self.ft::<T>("cast_f32_to_{}")?,
             grid_for(n as usize),
             &[Arg::P(op), Arg::P(xp), Arg::I(n)],
         )
@@ -1481,7 +1702,7 @@ impl CudaKernels {
         let (op, _g1) = out.device_ptr_mut(st);
         let (xp, _g2) = x.device_ptr(st);
         self.launch(
-            &format!("cast_{}_to_f32", T::NAME),
+            self.ft::<T>("cast_{}_to_f32")?,
             grid_for(n as usize),
             &[Arg::P(op), Arg::P(xp), Arg::I(n)],
         )
@@ -1549,7 +1770,7 @@ impl CudaKernels {
         let (yp, _g4) = labels.device_ptr(st);
         if m > 0 {
             self.launch(
-                "rdrop_loss_rows",
+                self.fp("rdrop_loss_rows")?,
                 LaunchConfig {
                     grid_dim: (m.div_ceil(8) as u32, 1, 1),
                     block_dim: (THREADS, 1, 1),
@@ -1570,7 +1791,7 @@ impl CudaKernels {
             )?;
         }
         self.launch(
-            "rdrop_loss_finish",
+            self.fp("rdrop_loss_finish")?,
             LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (32, 1, 1),
@@ -1616,7 +1837,7 @@ impl CudaKernels {
         let (sp, _g2) = scratch.device_ptr_mut(st);
         let (xp, _g3) = x.device_ptr(st);
         self.launch(
-            "sum_squares_partials",
+            self.fp("sum_squares_partials")?,
             LaunchConfig {
                 grid_dim: (SUM_SQUARES_BLOCKS as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
@@ -1625,7 +1846,7 @@ impl CudaKernels {
             &[Arg::P(sp), Arg::P(xp), Arg::I(n)],
         )?;
         self.launch(
-            "sum_squares_finish",
+            self.fp("sum_squares_finish")?,
             LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (32, 1, 1),
@@ -1670,7 +1891,7 @@ impl CudaKernels {
         let (np, _g2) = norm.device_ptr_mut(st);
         let (sp, _g3) = sumsq.device_ptr(st);
         self.launch(
-            "clip_coef",
+            self.fp("clip_coef")?,
             LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (1, 1, 1),
@@ -1721,7 +1942,7 @@ impl CudaKernels {
         let (mp, _g3) = mom.device_ptr_mut(st);
         let (cp, _g4) = coef.device_ptr(st);
         self.launch(
-            &format!("sgd_update_{}", T::NAME),
+            self.ft::<T>("sgd_update_{}")?,
             grid_for(n),
             &[
                 Arg::P(pp),
@@ -1788,7 +2009,7 @@ impl CudaKernels {
         let (vp, _g4) = exp_avg_sq.device_ptr_mut(st);
         let (cp, _g5) = coef.device_ptr(st);
         self.launch(
-            &format!("adamw_update_{}", T::NAME),
+            self.ft::<T>("adamw_update_{}")?,
             grid_for(n),
             &[
                 Arg::P(pp),
@@ -1828,7 +2049,7 @@ impl CudaKernels {
         let (fp, _g1) = flag.device_ptr_mut(st);
         let (xp, _g2) = x.device_ptr(st);
         self.launch(
-            "nonfinite_check",
+            self.fp("nonfinite_check")?,
             grid_for(n as usize),
             &[Arg::P(fp), Arg::P(xp), Arg::I(n)],
         )
@@ -1844,7 +2065,7 @@ impl CudaKernels {
         let st = &*self.stream;
         let (xp, _g1) = x.device_ptr_mut(st);
         self.launch(
-            "scale_inplace",
+            self.fp("scale_inplace")?,
             grid_for(n as usize),
             &[Arg::P(xp), Arg::F(s), Arg::I(n)],
         )
@@ -1853,3 +2074,29 @@ impl CudaKernels {
 
 /// The optional compute copy of the parameters written by the update kernels.
 pub type CudaViewMutT<'a, T> = cudarc::driver::CudaViewMut<'a, T>;
+
+#[cfg(test)]
+mod tests {
+    use super::MODULES;
+
+    /// Every kernel the launchers look up is an entry of its embedded PTX (no GPU needed), so
+    /// a renamed or missing kernel fails here rather than in `CudaKernels::new` on a GPU.
+    #[test]
+    fn every_kernel_name_is_in_its_ptx() {
+        let mut count = 0;
+        for (module, ptx, cubin, names) in MODULES {
+            assert!(cubin.len() > 1000, "{module}.cubin is empty");
+            for pattern in names {
+                for t in super::TYPES {
+                    let name = pattern.replace("{}", t);
+                    assert!(
+                        ptx.contains(&format!(".entry {name}(")),
+                        "{name} is not in {module}.ptx"
+                    );
+                    count += 1;
+                }
+            }
+        }
+        assert!(count > 100, "{count} names");
+    }
+}

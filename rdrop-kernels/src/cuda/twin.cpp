@@ -147,19 +147,15 @@ void rd_twin_softmax_fwd_row(float* s, float* a, uint8_t* keep, int t, float sca
     for (int l = 0; l < 8; ++l) lanes[l] = rd::sm_lane_sum(s, t, l, scale, mx);
     float sum = rd::sm_tree(lanes) + rd::sm_tail_sum(s, t, scale, mx);
     float inv = rd::div32(1.0f, sum);
-    float* p = new float[t > 0 ? t : 1];
-    for (int j = 0; j < t; ++j) p[j] = rd::exp_sm(scale * s[j] - mx) * inv;
-    for (int j = 0; j < t; ++j) {
-        s[j] = p[j];
-        if (active) {
+    for (int j = 0; j < t; ++j) {  // each element read, then overwritten, as in the kernel
+        float p = rd::exp_sm(scale * s[j] - mx) * inv;
+        s[j] = p;
+        if (active) {  // without dropout A = P: `a` and `keep` untouched, as in the kernel
             bool kept = rd::keep_of(rd::mask_word(k, sample, pass, base + (uint32_t)j), thr);
             keep[j] = kept;
-            a[j] = rd::apply_keep(p[j], kept, kscale);
-        } else {
-            a[j] = p[j];
+            a[j] = rd::apply_keep(p, kept, kscale);
         }
     }
-    delete[] p;
 }
 
 /// softmax_dropout_bwd of one row.
@@ -257,5 +253,16 @@ void rd_twin_adamw(float* p, const float* g, float* m, float* v, int n, float co
 }
 
 float rd_twin_clip_coef(double norm, float max_norm) { return rd::clip_coef(norm, max_norm); }
+
+/// im2col: `out[idx] = img[im2col_src(idx)]` for every output element (f32).
+void rd_twin_im2col(float* out, const float* img, int b, int c, int s, int p) {
+    int g = s / p;
+    long long n = (long long)b * g * g * c * p * p;
+    for (long long i = 0; i < n; ++i) out[i] = img[rd::im2col_src(i, c, s, p)];
+}
+
+long long rd_twin_heads_to_rows(long long idx, int tokens, int heads, int hd, int row) {
+    return rd::heads_to_rows(idx, tokens, heads, hd, row);
+}
 
 }  // extern "C"
