@@ -14,7 +14,6 @@ use super::gemm::{GemmType, RowGemm};
 use super::plan::device::DevicePlan;
 use crate::engine::params::Offsets;
 use crate::error::{Result, VitError};
-use crate::sites;
 
 /// Runs `f` on the adjacent gradient views `[a, a + na)` and `[a + na, a + na + nb)` (a
 /// weight and its bias, the class token and the position embeddings).
@@ -131,7 +130,6 @@ pub(crate) fn backward<T: Compute + GemmType>(
         dh: dhid,
         dp,
         keep_embed,
-        row_keys,
         ..
     } = plan;
     let k = c.k;
@@ -177,16 +175,8 @@ pub(crate) fn backward<T: Compute + GemmType>(
         let acts = &mut layers[l];
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
         k.dropout_grad::<T>(dy, &*dres, &acts.keep_out, p_hidden)?;
-        let site = c.masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
-        k.gelu_dropout_fwd::<T>(
-            hbuf,
-            &mut acts.keep_hidden,
-            &acts.pre,
-            site,
-            &*row_keys,
-            rows,
-            t * m,
-        )?;
+        // h = mask ⊙ GELU(pre) again, from the recorded mask (no Philox).
+        k.gelu_apply_keep::<T>(hbuf, &acts.pre, &acts.keep_hidden, p_hidden)?;
         linear_bwd(
             c,
             grads,
@@ -301,10 +291,9 @@ pub(crate) fn backward<T: Compute + GemmType>(
             0.0,
         )?;
         let scale = 1.0 / (dh as f32).sqrt();
-        // dS (scale included) into the A scratch, no longer needed.
-        k.softmax_dropout_bwd::<T>(
-            att,
-            &*dp,
+        // dS (scale included) in place over dA.
+        k.softmax_dropout_bwd_inplace::<T>(
+            dp,
             &acts.probs,
             &acts.keep_probs,
             p_probs,
@@ -322,7 +311,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
                 ..RowGemm::new(t, dh, t, false, false)
             }
             .batched(bh),
-            &*att,
+            &*dp,
             &acts.k,
             dq,
             None,
@@ -337,7 +326,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
                 ..RowGemm::new(t, dh, t, true, false)
             }
             .batched(bh),
-            &*att,
+            &*dp,
             &acts.q,
             dk,
             None,

@@ -164,7 +164,8 @@ fn block<T: Compute + GemmType>(
 }
 
 /// Scores, softmax with dropout and the heads' output of one block, in `s.o` `(B, H, T, Dh)`:
-/// `S = q·kᵀ` (batched over `B·H`), `P = softmax(S/√Dh)` (saved), `A = P ⊙ mask`, `o = A·v`.
+/// `S = q·kᵀ` (batched over `B·H`), `P = softmax(S/√Dh)` (saved), `A = P ⊙ mask` (in `s.att`;
+/// `A = P` without attention dropout), `o = A·v`.
 fn attention_fwd<T: Compute + GemmType>(
     c: &mut Ctx<'_, T>,
     l: usize,
@@ -206,8 +207,14 @@ fn attention_fwd<T: Compute + GemmType>(
         ..RowGemm::new(t, dh, t, false, false)
     }
     .batched(bh);
+    // Without attention dropout the kernel leaves `att` alone: A = P.
+    let a: &CudaSlice<T> = if site.is_some_and(|s| s.p > 0.0) {
+        &*s.att
+    } else {
+        &acts.probs
+    };
     c.gemm
-        .matmul::<T, T>(&av, &*s.att, &acts.v, s.o, None, 1.0, 0.0)?;
+        .matmul::<T, T>(&av, a, &acts.v, s.o, None, 1.0, 0.0)?;
     Ok(())
 }
 
