@@ -228,53 +228,104 @@ fn rows(m: usize) -> Vec<RowKey> {
         .collect()
 }
 
+/// The recipe's dropout setting: hidden 0.1, attention probabilities and output 0.
+fn recipe_dropout(cfg: ViTConfig) -> ViTConfig {
+    ViTConfig {
+        dropout: 0.1,
+        attention_dropout: 0.0,
+        attention_output_dropout: 0.0,
+        ..cfg
+    }
+}
+
+/// T = 197 tokens (14² patches + class) as ViT-B/16 at 224 px, narrow: the attention GEMMs at
+/// the real model's odd strides (T² and T·Dh elements, ld T).
+fn t197_cfg() -> ViTConfig {
+    recipe_dropout(ViTConfig {
+        image_size: 56,
+        num_layers: 1,
+        ..small_cfg()
+    })
+}
+
+/// Every configuration the parity tests run: all dropouts on, the recipe's, and T = 197.
+fn parity_cfgs() -> Vec<(&'static str, ViTConfig, usize)> {
+    vec![
+        ("all dropouts 0.1", small_cfg(), 3),
+        ("recipe dropouts", recipe_dropout(small_cfg()), 3),
+        ("T = 197", t197_cfg(), 2),
+    ]
+}
+
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
 fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
     let dev = gpu();
-    let cfg = small_cfg();
-    let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
-    let mut cpu = Engine::from_model(&cpu_m).unwrap();
-    let mut cuda = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
-    let (m, update) = (3, 5u32);
-    let x = images(m, &cfg);
-    let xx = Tensor::cat(&[&x, &x], 0).unwrap();
-    let keys = rows(m);
-    // Training-mode logits of the same rows with the same masks.
-    let a = to_vec(&cpu.forward_train(&xx, update, &keys).unwrap());
-    let b = to_vec(&cuda.forward_train(&xx, update, &keys).unwrap());
-    let r = rel(&b, &a);
-    assert!(r <= 1e-4, "f32 training logits: relative error {r}");
-    let ev = rel(
-        &to_vec(&cuda.forward_eval(&x).unwrap()),
-        &to_vec(&cpu.forward_eval(&x).unwrap()),
-    );
-    assert!(ev <= 1e-4, "f32 eval logits: relative error {ev}");
-    // The R-Drop step: loss and every parameter's gradient.
-    let y = labels(m, cfg.num_classes);
-    let loss = LossConfig {
-        alpha: 0.3,
-        mode: LossMode::Mean,
-        label_smoothing: 0.1,
-    };
-    FlatRDropModel::zero_grads(&mut cpu);
-    cuda.zero_grads().unwrap();
-    let lc = cpu.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
-    let lg = cuda.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
-    for (what, c, g) in [
-        ("loss", lc.loss, lg.loss),
-        ("ce", lc.ce, lg.ce),
-        ("kl", lc.kl, lg.kl),
-    ] {
-        assert!(
-            (c - g).abs() <= 1e-4 * c.abs().max(1e-3),
-            "{what}: cpu {c} cuda {g}"
+    for (what, cfg, m) in parity_cfgs() {
+        let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
+        let mut cpu = Engine::from_model(&cpu_m).unwrap();
+        let mut cuda = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
+        let update = 5u32;
+        let x = images(m, &cfg);
+        let xx = Tensor::cat(&[&x, &x], 0).unwrap();
+        let keys = rows(m);
+        // Training-mode logits of the same rows with the same masks.
+        let a = to_vec(&cpu.forward_train(&xx, update, &keys).unwrap());
+        let b = to_vec(&cuda.forward_train(&xx, update, &keys).unwrap());
+        let r = rel(&b, &a);
+        assert!(r <= 1e-4, "{what}: f32 training logits: relative error {r}");
+        let ev = rel(
+            &to_vec(&cuda.forward_eval(&x).unwrap()),
+            &to_vec(&cpu.forward_eval(&x).unwrap()),
         );
-    }
-    let (gc, gg) = (cpu.grads().to_vec(), cuda.grads().unwrap());
-    for v in cpu.layout().views() {
-        let r = rel(&gg[v.range()], &gc[v.range()]);
-        assert!(r <= 1e-4, "{}: gradient relative error {r}", v.name);
+        assert!(ev <= 1e-4, "{what}: f32 eval logits: relative error {ev}");
+        // One image (the classifier GEMM would have one row: run as two).
+        let x1 = x.narrow(0, 0, 1).unwrap();
+        let e1 = rel(
+            &to_vec(&cuda.forward_eval(&x1).unwrap()),
+            &to_vec(&cpu.forward_eval(&x1).unwrap()),
+        );
+        assert!(
+            e1 <= 1e-4,
+            "{what}: one-image eval logits: relative error {e1}"
+        );
+        // The R-Drop step: loss and every parameter's gradient.
+        let y = labels(m, cfg.num_classes);
+        let loss = LossConfig {
+            alpha: 0.3,
+            mode: LossMode::Mean,
+            label_smoothing: 0.1,
+        };
+        FlatRDropModel::zero_grads(&mut cpu);
+        cuda.zero_grads().unwrap();
+        let lc = cpu.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
+        let lg = cuda.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
+        for (term, c, g) in [
+            ("loss", lc.loss, lg.loss),
+            ("ce", lc.ce, lg.ce),
+            ("kl", lc.kl, lg.kl),
+        ] {
+            assert!(
+                (c - g).abs() <= 1e-4 * c.abs().max(1e-3),
+                "{what}: {term}: cpu {c} cuda {g}"
+            );
+        }
+        let (gc, gg) = (cpu.grads().to_vec(), cuda.grads().unwrap());
+        for v in cpu.layout().views() {
+            let r = rel(&gg[v.range()], &gc[v.range()]);
+            assert!(r <= 1e-4, "{what}: {}: gradient relative error {r}", v.name);
+        }
+        // A label out of range is refused before anything runs: the gradients stay.
+        let bad = Tensor::new(&[0u32, cfg.num_classes as u32][..m.min(2)], &Device::Cpu).unwrap();
+        if m == 2 {
+            let err = cuda.accumulate(&x, &bad, 5, 0, &loss, 1.0).unwrap_err();
+            assert!(err.to_string().contains("label"), "{err}");
+            assert_eq!(
+                cuda.grads().unwrap(),
+                gg,
+                "{what}: gradients touched by a bad batch"
+            );
+        }
     }
 }
 
@@ -282,25 +333,29 @@ fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
 fn cuda_engine_bf16_f16_logits_within_2e_2_of_the_scale() {
     let dev = gpu();
-    let cfg = small_cfg();
-    let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
-    let mut cpu = Engine::from_model(&cpu_m).unwrap();
-    let x = images(4, &cfg);
-    let xx = Tensor::cat(&[&x, &x], 0).unwrap();
-    let keys = rows(4);
-    let want = to_vec(&cpu.forward_train(&xx, 2, &keys).unwrap());
-    for p in [Precision::Bf16, Precision::F16] {
-        let mut cuda = CudaEngine::from_model(&gpu_m, p).unwrap();
-        let got = to_vec(&cuda.forward_train(&xx, 2, &keys).unwrap());
-        let r = rel(&got, &want);
-        assert!(r <= 2e-2, "{p:?} training logits: {r} of the logit scale");
-        // and a backward that runs, with f32 gradients of the right size and some signal
-        let y = labels(4, cfg.num_classes);
-        cuda.zero_grads().unwrap();
-        cuda.accumulate(&x, &y, 2, 0, &LossConfig::default(), 1.0)
-            .unwrap();
-        let g = cuda.grads().unwrap();
-        assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0));
+    for (what, cfg, m) in parity_cfgs() {
+        let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
+        let mut cpu = Engine::from_model(&cpu_m).unwrap();
+        let x = images(m, &cfg);
+        let xx = Tensor::cat(&[&x, &x], 0).unwrap();
+        let keys = rows(m);
+        let want = to_vec(&cpu.forward_train(&xx, 2, &keys).unwrap());
+        for p in [Precision::Bf16, Precision::F16] {
+            let mut cuda = CudaEngine::from_model(&gpu_m, p).unwrap();
+            let got = to_vec(&cuda.forward_train(&xx, 2, &keys).unwrap());
+            let r = rel(&got, &want);
+            assert!(
+                r <= 2e-2,
+                "{what} {p:?}: training logits {r} of the logit scale"
+            );
+            // and a backward that runs, with finite f32 gradients carrying some signal
+            let y = labels(m, cfg.num_classes);
+            cuda.zero_grads().unwrap();
+            cuda.accumulate(&x, &y, 2, 0, &LossConfig::default(), 1.0)
+                .unwrap();
+            let g = cuda.grads().unwrap();
+            assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0));
+        }
     }
 }
 

@@ -365,6 +365,8 @@ pub struct CudaEngine {
     device: Device,
     rng: RngState,
     rows: Vec<RowKey>,
+    /// Drain the stream after each micro-batch's forward (an honest forward/backward split).
+    sync_timing: bool,
     dev: AnyDev,
 }
 
@@ -396,6 +398,7 @@ impl CudaEngine {
             device: model.device().clone(),
             rng: model.rng().state(),
             rows: Vec::new(),
+            sync_timing: false,
             dev,
         })
     }
@@ -408,6 +411,13 @@ impl CudaEngine {
     /// The flat layout of parameters and gradients.
     pub fn layout(&self) -> &FlatLayout {
         &self.layout
+    }
+
+    /// Whether [`CudaEngine::accumulate`] drains the stream after the forward and loss, so
+    /// that its forward and backward times are the GPU's (`rdrop bench`); otherwise the forward
+    /// time is host enqueue time and the backward's includes the rest.
+    pub fn set_sync_timing(&mut self, on: bool) {
+        self.sync_timing = on;
     }
 
     /// The compute precision.
@@ -521,13 +531,16 @@ impl CudaEngine {
             train,
         };
         let classes = cfg.num_classes;
+        // cuBLASLt may find no algorithm for a one-row GEMM (the classifier of one image):
+        // one image runs as two identical rows (no dropout in eval), its first row returned.
+        let twice = !train && b == 1;
         let logits = with_dev!(&mut self.dev, d => {
-            d.ensure_plan(cfg, b, train)?;
+            d.ensure_plan(cfg, if twice { 2 } else { b }, train)?;
             d.upload_images(x, b * px)?;
             if train {
                 d.upload_keys(rows)?;
             }
-            d.run_forward(cfg, off, &masks, b, false)?;
+            d.run_forward(cfg, off, &masks, b, twice)?;
             d.logits_host(b, classes)?
         });
         Ok(Tensor::from_vec(logits, (b, classes), &self.device)?)
@@ -623,8 +636,28 @@ impl CudaEngine {
             train: true,
         };
         let classes = cfg.num_classes;
+        // Bad labels fail here, before anything is launched (the CPU engine's check): the
+        // gradients stay untouched.
+        if let Some((sample, &label)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes)
+        {
+            return Err(VitError::Config(
+                rdrop_kernels::loss::LossError::LabelOutOfRange {
+                    sample,
+                    label,
+                    classes,
+                }
+                .to_string(),
+            ));
+        }
+        let sync = self.sync_timing;
         let t0 = std::time::Instant::now();
-        let (vals, t1) = with_dev!(&mut self.dev, d => {
+        // Forward, loss and backward are enqueued back to back; the loss header is read after
+        // the backward (which never writes it): one sync per micro-batch, no bubble. With
+        // `sync_timing` the stream is also drained after the loss, for an honest split.
+        let (vals, t1, t2) = with_dev!(&mut self.dev, d => {
             d.ensure_plan(cfg, 2 * m, true)?;
             d.upload_images(x, m * px)?;
             d.upload_keys(rows)?;
@@ -652,15 +685,18 @@ impl CudaEngine {
                     weight as f32,
                 )?;
             }
+            if sync {
+                stream.synchronize().map_err(drv("synchronising"))?;
+            }
+            let t1 = std::time::Instant::now();
+            d.run_backward(cfg, off, &masks)?;
             let vals = {
                 let plan = d.plan_mut()?;
                 stream
                     .clone_dtoh(&plan.loss.slice(..LOSS_HEADER))
                     .map_err(drv("reading the loss"))?
             };
-            let t1 = std::time::Instant::now();
-            d.run_backward(cfg, off, &masks)?;
-            (vals, t1)
+            (vals, t1, std::time::Instant::now())
         });
         if vals.get(3).copied().unwrap_or(0.0) != 0.0 {
             return Err(VitError::Config(format!(
@@ -673,7 +709,7 @@ impl CudaEngine {
             ce: vals[1],
             kl: vals[2],
             forward_s: (t1 - t0).as_secs_f64(),
-            backward_s: t1.elapsed().as_secs_f64(),
+            backward_s: (t2 - t1).as_secs_f64(),
         })
     }
 

@@ -164,7 +164,7 @@ fn block<T: Compute + GemmType>(
 }
 
 /// Scores, softmax with dropout and the heads' output of one block, in `s.o` `(B, H, T, Dh)`:
-/// `S = q·kᵀ` (batched over `B·H`), `P = softmax(S/√Dh)` (saved), `A = P ⊙ mask` (in `s.att`;
+/// `S = q·kᵀ/√Dh` (batched over `B·H`), `P = softmax(S)` (saved), `A = P ⊙ mask` (in `s.att`;
 /// `A = P` without attention dropout), `o = A·v`.
 fn attention_fwd<T: Compute + GemmType>(
     c: &mut Ctx<'_, T>,
@@ -183,17 +183,18 @@ fn attention_fwd<T: Compute + GemmType>(
         ..RowGemm::new(t, t, dh, false, true)
     }
     .batched(bh);
+    // The 1/√Dh scale in the GEMM (as the CPU engine): S stays small in f16.
+    let scale = 1.0 / (dh as f32).sqrt();
     c.gemm
-        .matmul::<T, T>(&scores, &acts.q, &acts.k, &mut acts.probs, None, 1.0, 0.0)?;
+        .matmul::<T, T>(&scores, &acts.q, &acts.k, &mut acts.probs, None, scale, 0.0)?;
     let site = c
         .masks
         .site(sites::attention_probs(l as u32), cfg.attention_dropout);
-    let scale = 1.0 / (dh as f32).sqrt();
     c.k.softmax_dropout_fwd::<T>(
         &mut acts.probs,
         s.att,
         &mut acts.keep_probs,
-        scale,
+        1.0,
         site,
         keys,
         c.rows,

@@ -164,6 +164,7 @@ impl CudaTrainer {
         }
         let k = self.step + 1;
         let scale = self.scaler.scale();
+        engine.set_sync_timing(self.cfg.sync_timing);
         engine.zero_grads().map_err(core)?;
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
