@@ -11,6 +11,7 @@ use rdrop_kernels::cuda::Compute;
 
 use super::forward::Ctx;
 use super::gemm::{GemmType, RowGemm};
+use super::gemm_shape::AttnShapes;
 use super::plan::device::DevicePlan;
 use crate::engine::params::Offsets;
 use crate::error::{Result, VitError};
@@ -249,8 +250,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             d,
         )?;
         k.attn_split_grad::<T>(o, &*dattn, rows, t, h, dh)?;
-        let bh = rows * h;
-        let (tt, td) = (t * t, t * dh);
+        let g = AttnShapes::new(cfg, rows);
         // A again (P ⊙ mask), or P itself without attention dropout.
         if p_probs > 0.0 {
             k.apply_keep::<T>(att, &acts.probs, &acts.keep_probs, p_probs)?;
@@ -258,41 +258,15 @@ pub(crate) fn backward<T: Compute + GemmType>(
         {
             let a_src: &CudaSlice<T> = if p_probs > 0.0 { &*att } else { &acts.probs };
             // dv = Aᵀ·do
-            c.gemm.matmul::<T, T>(
-                &RowGemm {
-                    stride_a: tt,
-                    stride_b: td,
-                    stride_c: td,
-                    ..RowGemm::new(t, dh, t, true, false)
-                }
-                .batched(bh),
-                a_src,
-                &*o,
-                dv,
-                None,
-                1.0,
-                0.0,
-            )?;
+            c.gemm
+                .matmul::<T, T>(&g.sx(true), a_src, &*o, dv, None, 1.0, 0.0)?;
         }
         // dA = do·vᵀ
-        c.gemm.matmul::<T, T>(
-            &RowGemm {
-                stride_a: td,
-                stride_b: td,
-                stride_c: tt,
-                ..RowGemm::new(t, t, dh, false, true)
-            }
-            .batched(bh),
-            &*o,
-            &acts.v,
-            dp,
-            None,
-            1.0,
-            0.0,
-        )?;
+        c.gemm
+            .matmul::<T, T>(&g.qk(), &*o, &acts.v, dp, None, 1.0, 0.0)?;
         let scale = 1.0 / (dh as f32).sqrt();
         // dS (scale included) in place over dA.
-        k.softmax_dropout_bwd_inplace::<T>(
+        k.softmax_dropout_bwd_inplace_ld::<T>(
             dp,
             &acts.probs,
             &acts.keep_probs,
@@ -301,38 +275,13 @@ pub(crate) fn backward<T: Compute + GemmType>(
             rows,
             h,
             t,
+            g.ld,
         )?;
         // dq = dS·k,  dk = dSᵀ·q
-        c.gemm.matmul::<T, T>(
-            &RowGemm {
-                stride_a: tt,
-                stride_b: td,
-                stride_c: td,
-                ..RowGemm::new(t, dh, t, false, false)
-            }
-            .batched(bh),
-            &*dp,
-            &acts.k,
-            dq,
-            None,
-            1.0,
-            0.0,
-        )?;
-        c.gemm.matmul::<T, T>(
-            &RowGemm {
-                stride_a: tt,
-                stride_b: td,
-                stride_c: td,
-                ..RowGemm::new(t, dh, t, true, false)
-            }
-            .batched(bh),
-            &*dp,
-            &acts.q,
-            dk,
-            None,
-            1.0,
-            0.0,
-        )?;
+        c.gemm
+            .matmul::<T, T>(&g.sx(false), &*dp, &acts.k, dq, None, 1.0, 0.0)?;
+        c.gemm
+            .matmul::<T, T>(&g.sx(true), &*dp, &acts.q, dk, None, 1.0, 0.0)?;
         k.qkv_merge_grad::<T>(qkv_rows, &*dq, &*dk, &*dv, rows, t, h, dh)?;
         k.layernorm_fwd::<T>(
             ln,

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use rdrop_kernels::cuda::{Compute, CudaKernels};
 
 use super::gemm::{DevicePtrDyn, Gemm, GemmType, RowGemm};
+use super::gemm_shape::AttnShapes;
 use super::plan::device::{DevicePlan, LayerBufs};
 use crate::config::ViTConfig;
 use crate::engine::forward::Masks;
@@ -175,22 +176,15 @@ fn attention_fwd<T: Compute + GemmType>(
 ) -> Result<()> {
     let cfg = c.cfg;
     let (t, h, dh) = (cfg.num_tokens(), cfg.num_heads, cfg.head_dim());
-    let bh = c.rows * h;
-    let scores = RowGemm {
-        stride_a: t * dh,
-        stride_b: t * dh,
-        stride_c: t * t,
-        ..RowGemm::new(t, t, dh, false, true)
-    }
-    .batched(bh);
+    let g = AttnShapes::new(cfg, c.rows);
     // The 1/√Dh scale in the GEMM (as the CPU engine): S stays small in f16.
     let scale = 1.0 / (dh as f32).sqrt();
     c.gemm
-        .matmul::<T, T>(&scores, &acts.q, &acts.k, &mut acts.probs, None, scale, 0.0)?;
+        .matmul::<T, T>(&g.qk(), &acts.q, &acts.k, &mut acts.probs, None, scale, 0.0)?;
     let site = c
         .masks
         .site(sites::attention_probs(l as u32), cfg.attention_dropout);
-    c.k.softmax_dropout_fwd::<T>(
+    c.k.softmax_dropout_fwd_ld::<T>(
         &mut acts.probs,
         s.att,
         &mut acts.keep_probs,
@@ -200,14 +194,8 @@ fn attention_fwd<T: Compute + GemmType>(
         c.rows,
         h,
         t,
+        g.ld,
     )?;
-    let av = RowGemm {
-        stride_a: t * t,
-        stride_b: t * dh,
-        stride_c: t * dh,
-        ..RowGemm::new(t, dh, t, false, false)
-    }
-    .batched(bh);
     // Without attention dropout the kernel leaves `att` alone: A = P.
     let a: &CudaSlice<T> = if site.is_some_and(|s| s.p > 0.0) {
         &*s.att
@@ -215,7 +203,7 @@ fn attention_fwd<T: Compute + GemmType>(
         &acts.probs
     };
     c.gemm
-        .matmul::<T, T>(&av, a, &acts.v, s.o, None, 1.0, 0.0)?;
+        .matmul::<T, T>(&g.sx(false), a, &acts.v, s.o, None, 1.0, 0.0)?;
     Ok(())
 }
 

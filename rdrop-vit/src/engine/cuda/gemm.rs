@@ -140,9 +140,14 @@ impl Drop for LtPlan {
     }
 }
 
-/// A column-major layout `rows × cols` of `dt` (leading dimension `rows`), batched.
-fn layout(dt: Dt, rows: usize, cols: usize, batch: usize, stride: usize) -> Result<LayoutGuard> {
-    let h = lt::create_matrix_layout(dt.cuda(), rows as u64, cols as u64, rows as i64)
+/// A column-major layout `rows × cols` of `dt` with leading dimension `ld`, batched.
+fn layout(
+    dt: Dt,
+    (rows, cols, ld): (usize, usize, usize),
+    batch: usize,
+    stride: usize,
+) -> Result<LayoutGuard> {
+    let h = lt::create_matrix_layout(dt.cuda(), rows as u64, cols as u64, ld as i64)
         .map_err(|e| VitError::cuda("cublasLtMatrixLayoutCreate", e))?;
     let g = LayoutGuard(h);
     if batch > 1 {
@@ -235,9 +240,9 @@ impl Gemm {
         let g = &key.g;
         let what = describe(g, key.ab, key.cd);
         let cm = ColMajor::of(g);
-        let first = layout(key.ab, cm.first.0, cm.first.1, g.batch, g.stride_b)?;
-        let second = layout(key.ab, cm.second.0, cm.second.1, g.batch, g.stride_a)?;
-        let out = layout(key.cd, cm.out.0, cm.out.1, g.batch, g.stride_c)?;
+        let first = layout(key.ab, cm.first, g.batch, g.stride_b)?;
+        let second = layout(key.ab, cm.second, g.batch, g.stride_a)?;
+        let out = layout(key.cd, cm.out, g.batch, g.stride_c)?;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
@@ -367,6 +372,12 @@ impl Gemm {
             .map_err(|e| VitError::cuda(what.clone(), e))?;
         if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
             return Err(VitError::cuda(what, "empty dimension"));
+        }
+        if !g.is_valid() {
+            return Err(VitError::cuda(
+                what,
+                "a leading dimension is below its row length",
+            ));
         }
         if a.len() < la || b.len() < lb || c.len() < lc {
             return Err(VitError::cuda(

@@ -2,8 +2,9 @@
 //! given (architecture, rows, compute dtype) needs, allocated once and reused by every step.
 //!
 //! With `B` rows (an R-Drop micro-batch of `m` samples runs `B = 2m` rows), `T` tokens, width
-//! `D`, MLP width `M`, `H` heads, `L` layers, `C` classes, `N = B·T`, `A = B·H·T²` attention
-//! elements, `G = T − 1` patches of `K = C_in·P²` pixels, `s` bytes per element of the compute
+//! `D`, MLP width `M`, `H` heads, `L` layers, `C` classes, `N = B·T`, `A = B·H·T·T₈` attention
+//! elements (`T₈ = ⌈T/8⌉·8`: each row of a `(T, T)` attention matrix padded to a 16-byte
+//! multiple, so the attention GEMMs run on aligned rows and matrices; padding never read), `G = T − 1` patches of `K = C_in·P²` pixels, `s` bytes per element of the compute
 //! type (4 for f32, 2 for bf16/f16), `[p]` = 1 when that dropout rate is > 0 (masks are only
 //! kept by training plans), `tr` = 1 for a training plan:
 //! ```text
@@ -32,6 +33,12 @@
 //! optimiser moments) are not in the plan.
 
 use crate::config::ViTConfig;
+
+/// The padded row length `⌈T/8⌉·8` of the `(T, T)` attention matrices (probabilities, their
+/// mask, `A`, `dA`/`dS`): 16 bytes in bf16/f16, 32 in f32.
+pub fn attn_ld(tokens: usize) -> usize {
+    tokens.div_ceil(8) * 8
+}
 
 /// Rows of a column partial (bias gradient, LayerNorm `dγ, dβ`): the kernels' block.
 pub const COLUMN_ROWS: usize = rdrop_kernels::layernorm::BWD_ROWS;
@@ -106,7 +113,7 @@ impl PlanSpec {
         let (b, n) = (rows, rows * t);
         let g = t - 1;
         let k = cfg.num_channels * cfg.patch_size * cfg.patch_size;
-        let att = b * h * t * t;
+        let att = b * h * t * attn_ld(t);
         let tr = usize::from(train);
         let mask = |len: usize, p: f64| tr * on(p) * len;
         let layer = LayerSpec {
@@ -191,7 +198,7 @@ pub fn plan_bytes(cfg: &ViTConfig, rows: usize, elem: usize, train: bool) -> usi
     );
     let (b, s) = (rows, elem);
     let n = b * t;
-    let a = b * h * t * t;
+    let a = b * h * t * attn_ld(t);
     let k = cfg.num_channels * cfg.patch_size * cfg.patch_size;
     let tr = usize::from(train);
     let (pd, pa, po) = (
@@ -490,7 +497,7 @@ mod tests {
         cfg.attention_dropout = 0.0;
         cfg.attention_output_dropout = 0.0;
         let b = plan_bytes(&cfg, 128, 2, true);
-        let (n, d, m, att) = (128 * 197, 768, 3072, 128 * 12 * 197 * 197);
+        let (n, d, m, att) = (128 * 197, 768, 3072, 128 * 12 * 197 * 200);
         // The saved activations dominate: per layer 4·(2ND+4N) + 2·(4ND+NM+BHT²) + NM + ND.
         let saved = 12 * (4 * (2 * n * d + 4 * n) + 2 * (4 * n * d + n * m + att) + n * m + n * d);
         assert!(b > saved && b < saved + (2 << 30), "{b} vs {saved}");
