@@ -364,24 +364,25 @@ impl Gemm {
         beta: f32,
     ) -> Result<()> {
         let (la, lb, lc) = g.lens();
-        let what = describe(g, T::DT, C::DT);
+        // Built only on an error (this runs ~30 times a layer).
+        let what = || describe(g, T::DT, C::DT);
         // cuBLASLt runs in the calling thread's current context: make it the stream's.
         self.stream
             .context()
             .bind_to_thread()
-            .map_err(|e| VitError::cuda(what.clone(), e))?;
+            .map_err(|e| VitError::cuda(what(), e))?;
         if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
-            return Err(VitError::cuda(what, "empty dimension"));
+            return Err(VitError::cuda(what(), "empty dimension"));
         }
         if !g.is_valid() {
             return Err(VitError::cuda(
-                what,
+                what(),
                 "a leading dimension is below its row length",
             ));
         }
         if a.len() < la || b.len() < lb || c.len() < lc {
             return Err(VitError::cuda(
-                what,
+                what(),
                 format!(
                     "operands of {}, {}, {} elements; the shape needs {la}, {lb}, {lc}",
                     a.len(),
@@ -393,7 +394,7 @@ impl Gemm {
         if let Some(bias) = bias {
             if bias.len_dyn() < g.n {
                 return Err(VitError::cuda(
-                    what,
+                    what(),
                     format!("bias of {} elements for {} columns", bias.len_dyn(), g.n),
                 ));
             }
@@ -418,7 +419,7 @@ impl Gemm {
         let plan = self
             .plans
             .get(&key)
-            .ok_or_else(|| VitError::cuda(what.clone(), "plan missing from the cache"))?;
+            .ok_or_else(|| VitError::cuda(what(), "plan missing from the cache"))?;
         // SAFETY: every handle is live (cached plan, `self.handle`); A, B, C hold at least the
         // elements the layouts address (checked above), the bias at least n; alpha/beta are
         // f32 as the f32 scale type requires; the workspace is WORKSPACE_BYTES long; all run
@@ -431,7 +432,7 @@ impl Gemm {
                     (&bp) as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
                 )
-                .map_err(|e| VitError::cuda(format!("{what}: bias pointer"), e))?;
+                .map_err(|e| VitError::cuda(format!("{}: bias pointer", what()), e))?;
             }
             lt::matmul(
                 handle,
@@ -451,7 +452,7 @@ impl Gemm {
                 WORKSPACE_BYTES,
                 stream.cu_stream() as sys::cudaStream_t,
             )
-            .map_err(|e| VitError::cuda(what, e))?;
+            .map_err(|e| VitError::cuda(what(), e))?;
         }
         Ok(())
     }
