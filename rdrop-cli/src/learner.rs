@@ -150,6 +150,27 @@ impl Learner {
         }
     }
 
+    /// Bytes the CUDA engine's activation plan will take at `micro_batch` samples (its formula,
+    /// `rdrop_vit::engine::cuda::plan_bytes`, known before anything is allocated); `None` for
+    /// the other engines.
+    pub fn planned_bytes(&self, micro_batch: usize) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Inner::Cuda { engine, .. } = &self.inner {
+            let elem = match engine.precision() {
+                rdrop_core::Precision::F32 => 4,
+                _ => 2,
+            };
+            return Some(rdrop_vit::engine::cuda::plan_bytes(
+                engine.config(),
+                2 * micro_batch,
+                elem,
+                true,
+            ));
+        }
+        let _ = micro_batch;
+        None
+    }
+
     /// Updates completed.
     pub fn step(&self) -> u64 {
         match &self.inner {
