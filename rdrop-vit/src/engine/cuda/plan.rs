@@ -23,7 +23,7 @@
 //! once, other:       embeddings' mask N·D [p] bytes; row keys 2B u32; training: labels B/2
 //!                    u32, loss partials 4 + 3·B/2 f64
 //! scratch, s:        ln, heads' output, proj (N·D each), qkv rows (3·N·D), h (N·M),
-//!                    P ⊙ mask (A [p_attn]: without attention dropout the A·V GEMM reads P);
+//!                    P ⊙ mask (A [p_attn], training: without dropout the A·V GEMM reads P);
 //!                    training: dy, dln, dattn (N·D each), dq, dk, dv (N·D each), dh (N·M),
 //!                    dA then dS in place (A)
 //! ```
@@ -156,7 +156,7 @@ impl PlanSpec {
                 n * d,
                 3 * n * d,
                 n * m,
-                on(cfg.attention_dropout) * att,
+                tr * on(cfg.attention_dropout) * att,
                 tr * n * d,
                 tr * n * d,
                 tr * n * d,
@@ -214,7 +214,7 @@ pub fn plan_bytes(cfg: &ViTConfig, rows: usize, elem: usize, train: bool) -> usi
     let cols = n.div_ceil(COLUMN_ROWS) * (3 * d).max(m).max(c);
     let f32s = n * d + b * d + 2 * b + b * c + img + tr * (b * c + b * d + n * d + cols);
     let ts = b * d + (t - 1) * b * (k + d) + tr * b * c;
-    let scratch = 6 * n * d + n * m + pa * a + tr * (6 * n * d + n * m + a);
+    let scratch = 6 * n * d + n * m + tr * (pa * a + 6 * n * d + n * m + a);
     let other = tr * pd * n * d + 4 * (2 * b + tr * (b / 2)) + 8 * tr * (4 + 3 * (b / 2));
     layers * per_layer + 4 * f32s + s * (ts + scratch) + other
 }
