@@ -56,9 +56,11 @@ impl Learner {
         tcfg: TrainConfig,
         explicit: bool,
     ) -> anyhow::Result<Self> {
-        let inner = if explicit && model.device().is_cuda() {
-            cuda_inner(&model, tcfg, None)?
-        } else if explicit {
+        if explicit && model.device().is_cuda() {
+            let (inner, model) = cuda_inner(model, tcfg, None)?;
+            return Ok(Self { model, inner });
+        }
+        let inner = if explicit {
             let engine = Engine::from_model(&model).context("building the explicit engine")?;
             let trainer = FlatTrainer::new(tcfg, engine.layout().clone())
                 .context("setting up the trainer")?;
@@ -82,9 +84,11 @@ impl Learner {
         state: &TrainState,
         explicit: bool,
     ) -> anyhow::Result<Self> {
-        let inner = if explicit && model.device().is_cuda() {
-            cuda_inner(&model, tcfg, Some(state))?
-        } else if explicit {
+        if explicit && model.device().is_cuda() {
+            let (inner, model) = cuda_inner(model, tcfg, Some(state))?;
+            return Ok(Self { model, inner });
+        }
+        let inner = if explicit {
             // The engine takes the model's dropout state (its seed) with its weights.
             model.rng().set_state(&state.rng)?;
             let engine = Engine::from_model(&model).context("building the explicit engine")?;
@@ -233,35 +237,53 @@ impl Learner {
     }
 }
 
-/// The CUDA engine and its trainer for `model` (on a GPU), fresh or resumed from `state`.
+/// The CUDA engine and its trainer for `model` (on a GPU), fresh or resumed from `state`, and
+/// the model checkpoints are written from, moved to the CPU: the engine holds the weights on the
+/// GPU, a second device copy would cost 4 bytes a parameter of GPU memory.
 #[cfg(feature = "cuda")]
 fn cuda_inner(
-    model: &VisionTransformer,
+    model: VisionTransformer,
     tcfg: TrainConfig,
     state: Option<&TrainState>,
-) -> anyhow::Result<Inner> {
+) -> anyhow::Result<(Inner, VisionTransformer)> {
     let mut engine =
-        CudaEngine::from_model(model, tcfg.precision).context("building the CUDA engine")?;
+        CudaEngine::from_model(&model, tcfg.precision).context("building the CUDA engine")?;
     let trainer = match state {
         Some(s) => CudaTrainer::restore(tcfg, &mut engine, s).context("restoring the trainer")?,
         None => {
             CudaTrainer::new(tcfg, engine.layout().clone()).context("setting up the trainer")?
         }
     };
-    Ok(Inner::Cuda {
-        engine: Box::new(engine),
-        trainer,
-        synced: true,
-    })
+    let vm = candle_nn::VarMap::new();
+    let vb =
+        candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let host = VisionTransformer::new(
+        model.config(),
+        vb,
+        rdrop_core::DropoutRng::new(engine.rng_state().seed),
+    )
+    .context("building the host copy of the model")?;
+    engine
+        .write_to(&host)
+        .context("copying the weights to the host model")?;
+    drop(model);
+    Ok((
+        Inner::Cuda {
+            engine: Box::new(engine),
+            trainer,
+            synced: true,
+        },
+        host,
+    ))
 }
 
 /// Without the `cuda` feature there is no CUDA device to hold a model.
 #[cfg(not(feature = "cuda"))]
 fn cuda_inner(
-    _model: &VisionTransformer,
+    _model: VisionTransformer,
     _tcfg: TrainConfig,
     _state: Option<&TrainState>,
-) -> anyhow::Result<Inner> {
+) -> anyhow::Result<(Inner, VisionTransformer)> {
     anyhow::bail!("this rdrop was built without CUDA (cargo feature `cuda`)")
 }
 
