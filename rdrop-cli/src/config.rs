@@ -281,7 +281,7 @@ pub struct RunConfig {
     pub optimizer: OptimizerKind,
     /// Forward precision (master weights are f32).
     pub precision: Precision,
-    /// `auto` (the explicit engine on CPU in f32, else autograd), `explicit` or `autograd`.
+    /// `auto` (the explicit engine on CPU in f32 and on CUDA, else autograd), `explicit` or `autograd`.
     pub engine: EngineKind,
     /// Initial dynamic loss scale (f16 only).
     pub loss_scale: f64,

@@ -1,13 +1,16 @@
 //! The model and its trainer behind one interface, whichever engine runs them: the explicit
-//! engine (`rdrop_vit::Engine` + `rdrop_core::FlatTrainer`, the default on CPU in f32) or the
-//! candle-autograd model (`VisionTransformer` + `rdrop_core::Trainer`, the reference, and the
-//! path on CUDA and in reduced precision). Both write the same checkpoints.
+//! engine (on CPU in f32: `rdrop_vit::Engine` + `rdrop_core::FlatTrainer`; on CUDA in f32,
+//! bf16 or f16: `rdrop_vit::engine::cuda::CudaEngine` + `CudaTrainer`; the default on both) or
+//! the candle-autograd model (`VisionTransformer` + `rdrop_core::Trainer`, the reference, and
+//! the path for reduced precision on CPU). All write the same checkpoints.
 
 use anyhow::Context;
 use candle_core::Tensor;
 use rdrop_core::{
     CoreError, FlatRDropModel, FlatTrainer, StepStats, TrainConfig, TrainState, Trainer,
 };
+#[cfg(feature = "cuda")]
+use rdrop_vit::engine::cuda::{CudaEngine, CudaTrainer};
 use rdrop_vit::{Engine, EngineKind, VisionTransformer};
 
 use crate::device::{DeviceSpec, Precision};
@@ -25,6 +28,13 @@ pub fn use_explicit(
 
 enum Inner {
     Autograd(Trainer),
+    #[cfg(feature = "cuda")]
+    Cuda {
+        engine: Box<CudaEngine>,
+        trainer: CudaTrainer,
+        /// Whether `model` holds the engine's current parameters.
+        synced: bool,
+    },
     Explicit {
         engine: Box<Engine>,
         trainer: FlatTrainer,
@@ -46,6 +56,10 @@ impl Learner {
         tcfg: TrainConfig,
         explicit: bool,
     ) -> anyhow::Result<Self> {
+        if explicit && model.device().is_cuda() {
+            let (inner, model) = cuda_inner(model, tcfg, None)?;
+            return Ok(Self { model, inner });
+        }
         let inner = if explicit {
             let engine = Engine::from_model(&model).context("building the explicit engine")?;
             let trainer = FlatTrainer::new(tcfg, engine.layout().clone())
@@ -70,6 +84,10 @@ impl Learner {
         state: &TrainState,
         explicit: bool,
     ) -> anyhow::Result<Self> {
+        if explicit && model.device().is_cuda() {
+            let (inner, model) = cuda_inner(model, tcfg, Some(state))?;
+            return Ok(Self { model, inner });
+        }
         let inner = if explicit {
             // The engine takes the model's dropout state (its seed) with its weights.
             model.rng().set_state(&state.rng)?;
@@ -97,6 +115,8 @@ impl Learner {
         match self.inner {
             Inner::Autograd(_) => "autograd",
             Inner::Explicit { .. } => "explicit",
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { .. } => "explicit",
         }
     }
 
@@ -112,7 +132,47 @@ impl Learner {
                 *synced = false;
                 trainer.update(engine.as_mut(), batches)
             }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda {
+                engine,
+                trainer,
+                synced,
+            } => {
+                *synced = false;
+                trainer.update(engine.as_mut(), batches)
+            }
         }
+    }
+
+    /// Bytes of the explicit engine's activation plan (`None` for autograd).
+    pub fn plan_bytes(&self) -> Option<usize> {
+        match &self.inner {
+            Inner::Autograd(_) => None,
+            Inner::Explicit { engine, .. } => Some(engine.plan_bytes()),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { engine, .. } => Some(engine.plan_bytes()),
+        }
+    }
+
+    /// Bytes the CUDA engine's activation plan will take at `micro_batch` samples (its formula,
+    /// `rdrop_vit::engine::cuda::plan_bytes`, known before anything is allocated); `None` for
+    /// the other engines.
+    pub fn planned_bytes(&self, micro_batch: usize) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Inner::Cuda { engine, .. } = &self.inner {
+            let elem = match engine.precision() {
+                rdrop_core::Precision::F32 => 4,
+                _ => 2,
+            };
+            return Some(rdrop_vit::engine::cuda::plan_bytes(
+                engine.config(),
+                2 * micro_batch,
+                elem,
+                true,
+            ));
+        }
+        let _ = micro_batch;
+        None
     }
 
     /// Updates completed.
@@ -120,6 +180,8 @@ impl Learner {
         match &self.inner {
             Inner::Autograd(t) => t.step(),
             Inner::Explicit { trainer, .. } => trainer.step(),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { trainer, .. } => trainer.step(),
         }
     }
 
@@ -128,6 +190,8 @@ impl Learner {
         match &self.inner {
             Inner::Autograd(t) => t.loss_scale(),
             Inner::Explicit { .. } => 1.0,
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { trainer, .. } => trainer.loss_scale(),
         }
     }
 
@@ -138,6 +202,10 @@ impl Learner {
             Inner::Explicit {
                 engine, trainer, ..
             } => trainer.state(engine.as_ref(), epoch, index)?,
+            #[cfg(feature = "cuda")]
+            Inner::Cuda {
+                engine, trainer, ..
+            } => trainer.state(engine.as_ref(), epoch, index)?,
         })
     }
 
@@ -146,18 +214,86 @@ impl Learner {
         Ok(match &mut self.inner {
             Inner::Autograd(_) => self.model.forward_t(x, false)?,
             Inner::Explicit { engine, .. } => engine.forward_eval(x)?,
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { engine, .. } => engine.forward_eval(x)?,
         })
     }
 
     /// The model with the current parameters (for saving).
     pub fn model(&mut self) -> anyhow::Result<&VisionTransformer> {
-        if let Inner::Explicit { engine, synced, .. } = &mut self.inner {
-            if !*synced {
+        match &mut self.inner {
+            Inner::Explicit { engine, synced, .. } if !*synced => {
                 engine.write_to(&self.model)?;
                 *synced = true;
             }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { engine, synced, .. } if !*synced => {
+                engine.write_to(&self.model)?;
+                *synced = true;
+            }
+            _ => {}
         }
         Ok(&self.model)
+    }
+}
+
+/// The CUDA engine and its trainer for `model` (on a GPU), fresh or resumed from `state`, and
+/// the model checkpoints are written from, moved to the CPU: the engine holds the weights on the
+/// GPU, a second device copy would cost 4 bytes a parameter of GPU memory.
+#[cfg(feature = "cuda")]
+fn cuda_inner(
+    model: VisionTransformer,
+    tcfg: TrainConfig,
+    state: Option<&TrainState>,
+) -> anyhow::Result<(Inner, VisionTransformer)> {
+    let mut engine =
+        CudaEngine::from_model(&model, tcfg.precision).context("building the CUDA engine")?;
+    let trainer = match state {
+        Some(s) => CudaTrainer::restore(tcfg, &mut engine, s).context("restoring the trainer")?,
+        None => {
+            CudaTrainer::new(tcfg, engine.layout().clone()).context("setting up the trainer")?
+        }
+    };
+    let vm = candle_nn::VarMap::new();
+    let vb =
+        candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let host = VisionTransformer::new(
+        model.config(),
+        vb,
+        rdrop_core::DropoutRng::new(engine.rng_state().seed),
+    )
+    .context("building the host copy of the model")?;
+    engine
+        .write_to(&host)
+        .context("copying the weights to the host model")?;
+    drop(model);
+    Ok((
+        Inner::Cuda {
+            engine: Box::new(engine),
+            trainer,
+            synced: true,
+        },
+        host,
+    ))
+}
+
+/// Without the `cuda` feature there is no CUDA device to hold a model.
+#[cfg(not(feature = "cuda"))]
+fn cuda_inner(
+    _model: VisionTransformer,
+    _tcfg: TrainConfig,
+    _state: Option<&TrainState>,
+) -> anyhow::Result<(Inner, VisionTransformer)> {
+    anyhow::bail!("this rdrop was built without CUDA (cargo feature `cuda`)")
+}
+
+/// The compute precision a model was set to (its forward dtype).
+#[cfg(feature = "cuda")]
+fn model_precision(model: &VisionTransformer) -> rdrop_core::Precision {
+    match model.compute_dtype() {
+        candle_core::DType::BF16 => rdrop_core::Precision::Bf16,
+        candle_core::DType::F16 => rdrop_core::Precision::F16,
+        _ => rdrop_core::Precision::F32,
     }
 }
 
@@ -167,11 +303,21 @@ pub enum Predictor {
     Autograd(Box<VisionTransformer>),
     /// The explicit engine (a copy of the model's parameters).
     Explicit(Box<Engine>),
+    /// The CUDA engine at the model's compute precision (a copy of its parameters).
+    #[cfg(feature = "cuda")]
+    Cuda(Box<CudaEngine>),
 }
 
 impl Predictor {
     /// A predictor for `model` on the engine `explicit` chooses.
     pub fn new(model: VisionTransformer, explicit: bool) -> anyhow::Result<Self> {
+        #[cfg(feature = "cuda")]
+        if explicit && model.device().is_cuda() {
+            return Ok(Predictor::Cuda(Box::new(
+                CudaEngine::from_model(&model, model_precision(&model))
+                    .context("building the CUDA engine")?,
+            )));
+        }
         Ok(if explicit {
             Predictor::Explicit(Box::new(
                 Engine::from_model(&model).context("building the explicit engine")?,
@@ -186,6 +332,8 @@ impl Predictor {
         Ok(match self {
             Predictor::Autograd(m) => m.forward_t(x, false)?,
             Predictor::Explicit(e) => e.forward_eval(x)?,
+            #[cfg(feature = "cuda")]
+            Predictor::Cuda(e) => e.forward_eval(x)?,
         })
     }
 }
@@ -195,15 +343,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_engine_is_the_default_on_cpu_in_f32_only() {
+    fn the_engine_is_the_default_on_cpu_in_f32_and_on_cuda() {
         let auto = EngineKind::default();
         assert!(use_explicit(auto, &DeviceSpec::Cpu, Precision::F32).unwrap());
-        assert!(!use_explicit(auto, &DeviceSpec::Cuda(0), Precision::Bf16).unwrap());
+        assert!(!use_explicit(auto, &DeviceSpec::Cpu, Precision::Bf16).unwrap());
+        for p in [Precision::F32, Precision::Bf16, Precision::F16] {
+            assert!(
+                use_explicit(auto, &DeviceSpec::Cuda(0), p).unwrap(),
+                "{p:?}"
+            );
+            assert!(use_explicit(EngineKind::Explicit, &DeviceSpec::Cuda(0), p).unwrap());
+            assert!(!use_explicit(EngineKind::Autograd, &DeviceSpec::Cuda(0), p).unwrap());
+        }
         assert!(!use_explicit(EngineKind::Autograd, &DeviceSpec::Cpu, Precision::F32).unwrap());
-        let e = use_explicit(EngineKind::Explicit, &DeviceSpec::Cuda(0), Precision::F32)
+        let e = use_explicit(EngineKind::Explicit, &DeviceSpec::Cpu, Precision::F16)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--engine explicit") && e.contains("CPU"), "{e}");
+        assert!(e.contains("--engine explicit") && e.contains("f32"), "{e}");
         // The default run configuration on CPU in f32 resolves to the engine too.
         let c = crate::config::RunConfig {
             device: DeviceSpec::Cpu,

@@ -395,6 +395,38 @@ impl FlatOptimizer {
     }
 }
 
+impl FlatOptimizer {
+    /// The weight-decay segments of the buffer (`(range, decays)`), one optimiser pass each.
+    pub fn segments(&self) -> &[(std::ops::Range<usize>, bool)] {
+        &self.segments
+    }
+
+    /// The raw state: the momentum buffer or AdamW's first moment, AdamW's second moment
+    /// (each empty until first used) and the updates applied. An engine that keeps the moments
+    /// elsewhere (on a GPU) exports them through a `FlatOptimizer` holding these, so its
+    /// checkpoints are [`FlatOptimizer::state`]'s format exactly.
+    pub fn parts(&self) -> (&[f32], &[f32], u64) {
+        (&self.m, &self.v, self.steps)
+    }
+
+    /// Sets the raw state (see [`FlatOptimizer::parts`]); each buffer must be empty or hold
+    /// one value per parameter.
+    pub fn set_parts(&mut self, m: Vec<f32>, v: Vec<f32>, steps: u64) -> Result<()> {
+        let n = self.layout.len();
+        for (what, len) in [("first moment", m.len()), ("second moment", v.len())] {
+            if len != 0 && len != n {
+                return Err(CoreError::Config(format!(
+                    "flat optimiser {what}: {len} values for {n} parameters"
+                )));
+            }
+        }
+        self.m = m;
+        self.v = v;
+        self.steps = steps;
+        Ok(())
+    }
+}
+
 /// [`crate::Trainer`]'s update for a [`FlatRDropModel`]: accumulation, clipping, schedule and
 /// the optimiser over flat buffers. f32 only (the explicit engine has no reduced precision on
 /// CPU), so there is no loss scaler.
@@ -622,6 +654,44 @@ mod tests {
         let mut back = vec![0f32; 10];
         assert_eq!(l.import(&mut back, &t, "m.")?, 3);
         assert_eq!(back, buf);
+        Ok(())
+    }
+
+    #[test]
+    fn parts_round_trip_through_the_checkpoint_format() -> Result<()> {
+        let mut l = FlatLayout::new();
+        l.push("w", &[2, 2]);
+        l.push("b", &[2]);
+        let cfg = OptimConfig {
+            kind: OptimizerKind::AdamW,
+            ..OptimConfig::default()
+        };
+        let mut a = FlatOptimizer::new(cfg, l.clone())?;
+        let mut p = vec![1f32, -2., 3., 0.5, 0.25, -1.];
+        let g = vec![0.1f32, 0.2, -0.3, 0.4, -0.5, 0.6];
+        a.step(&mut p, &g, 1e-2, 1.0);
+        a.step(&mut p, &g, 1e-2, 0.5);
+        // Moments taken out (as a GPU engine downloads them) and put into a fresh optimiser
+        // export the same state, and load back into the same parts.
+        let (m, v, steps) = a.parts();
+        assert_eq!((m.len(), v.len(), steps), (6, 6, 2));
+        let mut b = FlatOptimizer::new(cfg, l.clone())?;
+        b.set_parts(m.to_vec(), v.to_vec(), steps)?;
+        let (sa, sb) = (a.state()?, b.state()?);
+        assert_eq!(sa.param_steps, sb.param_steps);
+        assert_eq!(sa.tensors.len(), 4);
+        for (k, t) in &sa.tensors {
+            let u = &sb.tensors[k];
+            assert_eq!(
+                t.flatten_all()?.to_vec1::<f32>()?,
+                u.flatten_all()?.to_vec1::<f32>()?,
+                "{k}"
+            );
+        }
+        let mut c = FlatOptimizer::new(cfg, l)?;
+        c.load_state(&sa)?;
+        assert_eq!(c.parts(), a.parts());
+        assert!(c.set_parts(vec![0.0; 5], vec![], 1).is_err());
         Ok(())
     }
 }

@@ -30,6 +30,14 @@ pub enum VitError {
         /// What is wrong.
         msg: String,
     },
+    /// A CUDA driver, cuBLASLt or kernel call of the CUDA engine failed.
+    #[error("CUDA engine: {op}: {msg}")]
+    Cuda {
+        /// What was being done (e.g. `cuBLASLt matmul 1576×2304×768 bf16`).
+        op: String,
+        /// The error it returned.
+        msg: String,
+    },
     /// A configuration is invalid.
     #[error("invalid ViT configuration: {0}")]
     Config(String),
@@ -78,6 +86,14 @@ impl VitError {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    #[allow(dead_code)] // used by the CUDA engine only
+    pub(crate) fn cuda(op: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self::Cuda {
+            op: op.into(),
+            msg: e.to_string(),
         }
     }
 

@@ -1,7 +1,11 @@
-//! CUDA checks (build with `--features cuda`; on a machine without a GPU each test prints why it
-//! did nothing): f32 logits and gradients against transformers' fixtures, bf16/f16 compute with
-//! f32 master weights and f32 gradients, and dropout masks equal to the CPU's (keyed Philox,
-//! generated on the host).
+//! CUDA checks, compiled only with `--features cuda` and ignored by a plain `cargo test`
+//! (`scripts/gpu-check.sh` runs them with `--ignored` on a GPU): the autograd model's f32
+//! logits and gradients against transformers' fixtures, bf16/f16 compute with f32 master
+//! weights and f32 gradients, dropout masks equal to the CPU's (keyed Philox, generated on
+//! the host); the CUDA engine against the CPU engine with dropout on (same masks): f32 logits,
+//! loss and every parameter's gradient within 1e-4 relative, bf16 within 2e-2 of the logit
+//! scale; resume on CUDA bit-exact; the plan's allocation equal to its formula.
+#![cfg(feature = "cuda")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,14 +20,8 @@ fn fx(p: &str) -> PathBuf {
         .join(p)
 }
 
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("no CUDA device, skipping: {e}");
-            None
-        }
-    }
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device (these tests are #[ignore]d without one)")
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -60,8 +58,9 @@ fn io(dev: &Device) -> HashMap<String, Tensor> {
 }
 
 #[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
 fn cuda_f32_bf16_f16_logits_and_gradients() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let io = io(&dev);
     let want_grads = candle_core::safetensors::load(fx("grads.safetensors"), &Device::Cpu).unwrap();
     for dt in [DType::F32, DType::BF16, DType::F16] {
@@ -101,8 +100,9 @@ fn cuda_f32_bf16_f16_logits_and_gradients() {
 }
 
 #[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
 fn cuda_dropout_masks_equal_the_cpu_masks() {
-    let Some(dev) = gpu() else { return };
+    let dev = gpu();
     let opts = LoadOptions {
         device: dev.clone(),
         dropout: Some(0.1),
@@ -132,4 +132,354 @@ fn cuda_dropout_masks_equal_the_cpu_masks() {
     let on_gpu = rng.mask(shape, 0.1, 1, DType::F32, &dev).unwrap();
     let on_cpu = rng.mask(shape, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(diff(&on_gpu.to_device(&Device::Cpu).unwrap(), &on_cpu), 0.0);
+}
+
+// ------------------------------------------------------------------ the CUDA engine
+
+use candle_nn::{VarBuilder, VarMap};
+use rdrop_core::{
+    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, OptimConfig, OptimizerKind,
+    Precision, ScalerConfig, TrainConfig,
+};
+use rdrop_kernels::dropout::RowKey;
+use rdrop_vit::engine::cuda::{plan_bytes, CudaEngine, CudaTrainer};
+use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
+
+/// A small ViT with every dropout at 0.1 (two blocks, 5×5 patches + class token).
+fn small_cfg() -> ViTConfig {
+    ViTConfig {
+        image_size: 20,
+        patch_size: 4,
+        hidden_size: 48,
+        num_layers: 2,
+        num_heads: 3,
+        mlp_dim: 96,
+        num_classes: 7,
+        dropout: 0.1,
+        attention_dropout: 0.1,
+        attention_output_dropout: 0.1,
+        ..ViTConfig::default()
+    }
+}
+
+/// The same random model on the CPU and on `dev` (non-trivial LayerNorms, biases and head).
+fn models(cfg: &ViTConfig, dev: &Device) -> (VisionTransformer, VisionTransformer, VarMap) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let cpu = VisionTransformer::new(cfg, vb, DropoutRng::new(11)).unwrap();
+    for (name, v) in cpu.named_vars() {
+        let is_ln = name.contains("layernorm");
+        if is_ln || name.starts_with("classifier") || name.ends_with(".bias") {
+            let base = if is_ln && name.ends_with("weight") {
+                1.0
+            } else {
+                0.0
+            };
+            let t = (Tensor::randn(0f32, 0.2, v.shape(), &Device::Cpu).unwrap() + base).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+    let vm2 = VarMap::new();
+    let vb2 = VarBuilder::from_varmap(&vm2, DType::F32, dev);
+    let gpu = VisionTransformer::new(cfg, vb2, DropoutRng::new(11)).unwrap();
+    Engine::from_model(&cpu).unwrap().write_to(&gpu).unwrap();
+    (cpu, gpu, vm2)
+}
+
+fn images(b: usize, cfg: &ViTConfig) -> Tensor {
+    let s = cfg.image_size;
+    Tensor::randn(0f32, 1.0, (b, cfg.num_channels, s, s), &Device::Cpu).unwrap()
+}
+
+fn labels(m: usize, classes: usize) -> Tensor {
+    let y: Vec<u32> = (0..m).map(|i| (i * 3 % classes) as u32).collect();
+    Tensor::new(y.as_slice(), &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    if scale == 0.0 {
+        d
+    } else {
+        d / scale
+    }
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn rows(m: usize) -> Vec<RowKey> {
+    (0..2)
+        .flat_map(|pass| {
+            (0..m).map(move |i| RowKey {
+                sample: i as u32,
+                pass,
+            })
+        })
+        .collect()
+}
+
+/// The recipe's dropout setting: hidden 0.1, attention probabilities and output 0.
+fn recipe_dropout(cfg: ViTConfig) -> ViTConfig {
+    ViTConfig {
+        dropout: 0.1,
+        attention_dropout: 0.0,
+        attention_output_dropout: 0.0,
+        ..cfg
+    }
+}
+
+/// T = 197 tokens (14² patches + class) as ViT-B/16 at 224 px, narrow: the attention GEMMs at
+/// the real model's odd strides (T² and T·Dh elements, ld T).
+fn t197_cfg() -> ViTConfig {
+    recipe_dropout(ViTConfig {
+        image_size: 56,
+        num_layers: 1,
+        ..small_cfg()
+    })
+}
+
+/// Every configuration the parity tests run: all dropouts on, the recipe's, and T = 197.
+fn parity_cfgs() -> Vec<(&'static str, ViTConfig, usize)> {
+    vec![
+        ("all dropouts 0.1", small_cfg(), 3),
+        ("recipe dropouts", recipe_dropout(small_cfg()), 3),
+        ("T = 197", t197_cfg(), 2),
+    ]
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
+    let dev = gpu();
+    for (what, cfg, m) in parity_cfgs() {
+        let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
+        let mut cpu = Engine::from_model(&cpu_m).unwrap();
+        let mut cuda = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
+        let update = 5u32;
+        let x = images(m, &cfg);
+        let xx = Tensor::cat(&[&x, &x], 0).unwrap();
+        let keys = rows(m);
+        // Training-mode logits of the same rows with the same masks.
+        let a = to_vec(&cpu.forward_train(&xx, update, &keys).unwrap());
+        let b = to_vec(&cuda.forward_train(&xx, update, &keys).unwrap());
+        let r = rel(&b, &a);
+        assert!(r <= 1e-4, "{what}: f32 training logits: relative error {r}");
+        let ev = rel(
+            &to_vec(&cuda.forward_eval(&x).unwrap()),
+            &to_vec(&cpu.forward_eval(&x).unwrap()),
+        );
+        assert!(ev <= 1e-4, "{what}: f32 eval logits: relative error {ev}");
+        // One image (the classifier GEMM would have one row: run as two).
+        let x1 = x.narrow(0, 0, 1).unwrap();
+        let e1 = rel(
+            &to_vec(&cuda.forward_eval(&x1).unwrap()),
+            &to_vec(&cpu.forward_eval(&x1).unwrap()),
+        );
+        assert!(
+            e1 <= 1e-4,
+            "{what}: one-image eval logits: relative error {e1}"
+        );
+        // The R-Drop step: loss and every parameter's gradient.
+        let y = labels(m, cfg.num_classes);
+        let loss = LossConfig {
+            alpha: 0.3,
+            mode: LossMode::Mean,
+            label_smoothing: 0.1,
+        };
+        FlatRDropModel::zero_grads(&mut cpu);
+        cuda.zero_grads().unwrap();
+        let lc = cpu.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
+        let lg = cuda.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
+        for (term, c, g) in [
+            ("loss", lc.loss, lg.loss),
+            ("ce", lc.ce, lg.ce),
+            ("kl", lc.kl, lg.kl),
+        ] {
+            assert!(
+                (c - g).abs() <= 1e-4 * c.abs().max(1e-3),
+                "{what}: {term}: cpu {c} cuda {g}"
+            );
+        }
+        let (gc, gg) = (cpu.grads().to_vec(), cuda.grads().unwrap());
+        for v in cpu.layout().views() {
+            let r = rel(&gg[v.range()], &gc[v.range()]);
+            assert!(r <= 1e-4, "{what}: {}: gradient relative error {r}", v.name);
+        }
+        // A label out of range is refused before anything runs: the gradients stay.
+        let bad = Tensor::new(&[0u32, cfg.num_classes as u32][..m.min(2)], &Device::Cpu).unwrap();
+        if m == 2 {
+            let err = cuda.accumulate(&x, &bad, 5, 0, &loss, 1.0).unwrap_err();
+            assert!(err.to_string().contains("label"), "{err}");
+            assert_eq!(
+                cuda.grads().unwrap(),
+                gg,
+                "{what}: gradients touched by a bad batch"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+fn cuda_engine_bf16_f16_logits_within_2e_2_of_the_scale() {
+    let dev = gpu();
+    for (what, cfg, m) in parity_cfgs() {
+        let (cpu_m, gpu_m, _vm) = models(&cfg, &dev);
+        let mut cpu = Engine::from_model(&cpu_m).unwrap();
+        let x = images(m, &cfg);
+        let xx = Tensor::cat(&[&x, &x], 0).unwrap();
+        let keys = rows(m);
+        let want = to_vec(&cpu.forward_train(&xx, 2, &keys).unwrap());
+        for p in [Precision::Bf16, Precision::F16] {
+            let mut cuda = CudaEngine::from_model(&gpu_m, p).unwrap();
+            let got = to_vec(&cuda.forward_train(&xx, 2, &keys).unwrap());
+            let r = rel(&got, &want);
+            assert!(
+                r <= 2e-2,
+                "{what} {p:?}: training logits {r} of the logit scale"
+            );
+            // and a backward that runs, with finite f32 gradients carrying some signal
+            let y = labels(m, cfg.num_classes);
+            cuda.zero_grads().unwrap();
+            cuda.accumulate(&x, &y, 2, 0, &LossConfig::default(), 1.0)
+                .unwrap();
+            let g = cuda.grads().unwrap();
+            assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0));
+        }
+    }
+}
+
+fn tcfg(precision: Precision, kind: OptimizerKind) -> TrainConfig {
+    TrainConfig {
+        optim: OptimConfig {
+            kind,
+            lr: 1e-3,
+            momentum: 0.9,
+            weight_decay: 0.01,
+            ..OptimConfig::default()
+        },
+        clip_norm: Some(1.0),
+        accum_steps: 2,
+        micro_batch: 2,
+        precision,
+        // f16: a scale the small model's gradients do not overflow at once (updates happen).
+        scaler: ScalerConfig {
+            init_scale: 256.0,
+            ..ScalerConfig::default()
+        },
+        ..TrainConfig::default()
+    }
+}
+
+fn batches(cfg: &ViTConfig, step: u64) -> Vec<(Tensor, Tensor)> {
+    (0..2)
+        .map(|j| {
+            let x = (images(2, cfg) * (1.0 + 0.1 * (step as f64 + j as f64))).unwrap();
+            (x, labels(2, cfg.num_classes))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
+    let dev = gpu();
+    let cfg = small_cfg();
+    let (_cpu_m, gpu_m, _vm) = models(&cfg, &dev);
+    let data: Vec<Vec<(Tensor, Tensor)>> = (0..6).map(|k| batches(&cfg, k)).collect();
+    for (precision, kind) in [
+        (Precision::F32, OptimizerKind::AdamW),
+        (Precision::Bf16, OptimizerKind::Sgd),
+        (Precision::F16, OptimizerKind::AdamW),
+    ] {
+        let tc = tcfg(precision, kind);
+        let mut e = CudaEngine::from_model(&gpu_m, precision).unwrap();
+        let mut t = CudaTrainer::new(tc, e.layout().clone()).unwrap();
+        let p0 = e.params().unwrap();
+        let mut applied = 0;
+        for b in &data[..3] {
+            applied += usize::from(!t.update(&mut e, b).unwrap().skipped);
+        }
+        assert!(
+            applied > 0 && e.params().unwrap() != p0,
+            "{precision:?}: nothing trained"
+        );
+        let state = t.state(&e, 0, 3).unwrap();
+        e.write_to(&gpu_m).unwrap();
+        // A fresh engine from the saved weights and state continues bit for bit.
+        let mut e2 = CudaEngine::from_model(&gpu_m, precision).unwrap();
+        let mut t2 = CudaTrainer::restore(tc, &mut e2, &state).unwrap();
+        for b in &data[3..] {
+            let s1 = t.update(&mut e, b).unwrap();
+            let s2 = t2.update(&mut e2, b).unwrap();
+            assert_eq!(s1.skipped, s2.skipped);
+            assert_eq!(s1.loss.to_bits(), s2.loss.to_bits(), "{precision:?} loss");
+            assert_eq!(s1.grad_norm.to_bits(), s2.grad_norm.to_bits());
+        }
+        assert_eq!(
+            e.params().unwrap(),
+            e2.params().unwrap(),
+            "{precision:?} {kind:?}"
+        );
+        let (o1, o2) = (
+            t.state(&e, 0, 6).unwrap().optimizer,
+            t2.state(&e2, 0, 6).unwrap().optimizer,
+        );
+        assert_eq!(o1.param_steps, o2.param_steps);
+        assert_eq!(o1.tensors.len(), o2.tensors.len());
+        for (name, a) in &o1.tensors {
+            assert_eq!(to_vec(a), to_vec(&o2.tensors[name]), "{precision:?} {name}");
+        }
+        if precision == Precision::F32 {
+            // The CUDA checkpoint resumes on the CPU engine (the same state format).
+            let cpu_m = {
+                let vm = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+                let m = VisionTransformer::new(&cfg, vb, DropoutRng::new(11)).unwrap();
+                e2.write_to(&m).unwrap();
+                (m, vm)
+            };
+            let ce = Engine::from_model(&cpu_m.0).unwrap();
+            let ft = FlatTrainer::restore(tc, ce.layout().clone(), &t2.state(&e2, 0, 6).unwrap())
+                .unwrap();
+            assert_eq!(ft.step(), 6);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+fn cuda_plan_allocates_its_formula() {
+    let dev = gpu();
+    let cfg = small_cfg();
+    let (_c, gpu_m, _vm) = models(&cfg, &dev);
+    for p in [Precision::F32, Precision::Bf16] {
+        let mut e = CudaEngine::from_model(&gpu_m, p).unwrap();
+        let x = images(3, &cfg);
+        e.zero_grads().unwrap();
+        e.accumulate(
+            &x,
+            &labels(3, cfg.num_classes),
+            1,
+            0,
+            &LossConfig::default(),
+            1.0,
+        )
+        .unwrap();
+        let elem = if p == Precision::F32 { 4 } else { 2 };
+        assert_eq!(e.plan_bytes(), plan_bytes(&cfg, 6, elem, true));
+        // Empty buffers (none here: every rate is > 0) take one element.
+        assert!(e.plan_allocated_bytes() >= e.plan_bytes());
+        assert!(e.plan_allocated_bytes() <= e.plan_bytes() + 64 * 8);
+    }
 }

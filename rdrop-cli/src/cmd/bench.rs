@@ -183,6 +183,9 @@ pub struct BenchResult {
     pub peak_gib: Option<f64>,
     /// What `peak_gib` measures.
     pub peak_kind: String,
+    /// The explicit engine's activation plan (saved activations and scratch), GiB; `None`
+    /// for the autograd model.
+    pub plan_gib: Option<f64>,
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
@@ -215,7 +218,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             } else {
                 println!(
                     "{} @ {} px, micro-batch {}, {} {} engine on {} ({} threads): {:.1} R-Drop samples/s, {:.1} ms/update \
-                     (forward {:.1}, backward {:.1}, optimiser {:.1}); peak {} {}",
+                     (forward {:.1}, backward {:.1}, optimiser {:.1}); peak {} {}{}",
                     r.model,
                     r.image_size,
                     r.micro_batch,
@@ -229,7 +232,10 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                     r.backward_ms,
                     r.optimizer_ms,
                     r.peak_gib.map(|g| format!("{g:.2} GiB")).unwrap_or_else(|| "n/a".into()),
-                    r.peak_kind
+                    r.peak_kind,
+                    r.plan_gib
+                        .map(|g| format!("; activation plan {g:.2} GiB"))
+                        .unwrap_or_default()
                 );
             }
             Ok(())
@@ -362,6 +368,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         optimizer_ms: 1e3 * o / n,
         peak_gib,
         peak_kind,
+        plan_gib: trainer.plan_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
     })
 }
 
@@ -412,6 +419,7 @@ mod tests {
         assert!(r.forward_ms > 0.0 && r.backward_ms > 0.0 && r.optimizer_ms >= 0.0);
         assert!(r.forward_ms + r.backward_ms + r.optimizer_ms <= r.step_ms * 1.05);
         assert!(r.peak_gib.unwrap() > 0.0);
+        assert!(r.plan_gib.unwrap() > 0.0, "the explicit engine's plan");
         assert_eq!(
             r.params,
             ViTConfig {

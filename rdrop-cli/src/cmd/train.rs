@@ -388,7 +388,7 @@ fn announce(
 ) {
     let params = learner.config().num_params();
     eprintln!(
-        "training {} ({} parameters) on {} ({} train / {} test images, {} classes), {} updates of {} = {} × {}, {} {} ({} engine), out {}",
+        "training {} ({} parameters) on {} ({} train / {} test images, {} classes), {} updates of {} = {} × {}, {} {} ({} engine{}), out {}",
         if cfg.weights.is_some() { "a pre-trained ViT" } else { "a ViT from scratch" },
         params,
         data_name,
@@ -402,6 +402,10 @@ fn announce(
         cfg.device,
         cfg.precision,
         learner.engine_name(),
+        learner
+            .planned_bytes(cfg.micro_batch)
+            .map(|b| format!(", activation plan {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+            .unwrap_or_default(),
         dir.root.display()
     );
 }

@@ -1,6 +1,5 @@
-//! Which implementation of the model runs a command: the explicit engine or the
-//! candle-autograd model (the reference, and the path for CUDA and reduced precision until the
-//! CUDA engine lands).
+//! Which implementation of the model runs a command: the explicit engine (on CPU in f32, or
+//! on CUDA in f32, bf16 or f16) or the candle-autograd model (the reference).
 
 use serde::{Deserialize, Serialize};
 
@@ -9,10 +8,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum EngineKind {
-    /// The explicit engine where it runs (CPU, f32), else the autograd model.
+    /// The explicit engine where it runs (CPU in f32; CUDA at any precision), else the
+    /// autograd model.
     #[default]
     Auto,
-    /// The explicit engine (CPU, f32; every ViT architecture).
+    /// The explicit engine (every ViT architecture; CPU in f32, CUDA in f32, bf16 or f16).
     Explicit,
     /// The candle-autograd model (any device and precision).
     Autograd,
@@ -20,18 +20,16 @@ pub enum EngineKind {
 
 impl EngineKind {
     /// The engine that runs on a device (`cpu`: whether it is the CPU) at a precision
-    /// (`f32`: whether it is f32): `Ok(true)` for the explicit engine, `Ok(false)` for
-    /// autograd; an explicit request it cannot honour is an error that says why.
+    /// (`f32`: whether it is f32): `Ok(true)` for the explicit engine (the CPU engine on the
+    /// CPU, the CUDA engine on a GPU), `Ok(false)` for autograd; an explicit request it cannot
+    /// honour is an error that says why.
     pub fn resolve(self, cpu: bool, f32: bool) -> Result<bool, String> {
         match self {
             EngineKind::Autograd => Ok(false),
-            EngineKind::Auto => Ok(cpu && f32),
-            EngineKind::Explicit if !cpu => Err(
-                "the explicit engine runs on the CPU for now; use --engine autograd (or auto) on CUDA"
-                    .into(),
-            ),
-            EngineKind::Explicit if !f32 => Err(
-                "the explicit engine computes in f32; use --precision f32 or --engine autograd"
+            EngineKind::Auto => Ok(!cpu || f32),
+            EngineKind::Explicit if cpu && !f32 => Err(
+                "the explicit engine computes in f32 on the CPU (bf16/f16 run on CUDA); use \
+                 --precision f32 or --engine autograd"
                     .into(),
             ),
             EngineKind::Explicit => Ok(true),
@@ -54,12 +52,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_picks_the_engine_on_cpu_f32_only() {
+    fn auto_picks_the_engine_on_cpu_f32_and_on_cuda() {
+        // (cpu, f32)
         assert_eq!(EngineKind::Auto.resolve(true, true), Ok(true));
-        assert_eq!(EngineKind::Auto.resolve(false, true), Ok(false));
         assert_eq!(EngineKind::Auto.resolve(true, false), Ok(false));
-        assert_eq!(EngineKind::Autograd.resolve(true, true), Ok(false));
-        assert!(EngineKind::Explicit.resolve(false, true).is_err());
-        assert!(EngineKind::Explicit.resolve(true, false).is_err());
+        assert_eq!(EngineKind::Auto.resolve(false, true), Ok(true));
+        assert_eq!(EngineKind::Auto.resolve(false, false), Ok(true));
+        for (cpu, f32) in [(true, true), (true, false), (false, true), (false, false)] {
+            assert_eq!(EngineKind::Autograd.resolve(cpu, f32), Ok(false));
+        }
+        assert_eq!(EngineKind::Explicit.resolve(false, true), Ok(true));
+        assert_eq!(EngineKind::Explicit.resolve(false, false), Ok(true));
+        assert_eq!(EngineKind::Explicit.resolve(true, true), Ok(true));
+        let e = EngineKind::Explicit.resolve(true, false).unwrap_err();
+        assert!(e.contains("f32") && e.contains("--engine autograd"), "{e}");
     }
 }

@@ -10,10 +10,11 @@
 //! - [`Engine`]: the composition, an R-Drop micro-batch step ([`rdrop_core::FlatRDropModel`])
 //!   and inference.
 //!
-//! Covers every architecture [`ViTConfig`] describes, on CPU in f32. After the first step at
+//! Covers every architecture [`ViTConfig`] describes, on CPU in f32; [`cuda`] runs it on a GPU. After the first step at
 //! a given micro-batch, a step allocates nothing of its own.
 
 pub(crate) mod backward;
+pub mod cuda;
 pub(crate) mod forward;
 pub mod kind;
 pub(crate) mod params;

@@ -1,0 +1,359 @@
+//! The CUDA engine's backward, op for op the CPU engine's (`super::super::backward`): from
+//! `∂loss/∂logits` (f32, `plan.dlogits`) to every parameter's gradient, added (`+=`) into the
+//! flat f32 gradient buffer. Masks are the forward's recorded bytes; LayerNorm outputs and
+//! `h = mask ⊙ GELU(pre)` are recomputed from saved inputs (the same kernels, the same masks).
+//!
+//! For a linear `y (n, o) = x (n, i)·Wᵀ + b`: `dW (o, i) += dyᵀ·x` (T operands, f32 output,
+//! β = 1), `db += Σ_rows dy` (deterministic column sums), `dx (n, i) = dy·W`.
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
+use rdrop_kernels::cuda::Compute;
+
+use super::forward::Ctx;
+use super::gemm::{GemmType, RowGemm};
+use super::gemm_shape::AttnShapes;
+use super::plan::device::DevicePlan;
+use crate::engine::params::Offsets;
+use crate::error::{Result, VitError};
+
+/// Runs `f` on the adjacent gradient views `[a, a + na)` and `[a + na, a + na + nb)` (a
+/// weight and its bias, the class token and the position embeddings).
+fn with_pair<R>(
+    g: &mut CudaSlice<f32>,
+    a: usize,
+    na: usize,
+    b: usize,
+    nb: usize,
+    f: impl FnOnce(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+) -> Result<R> {
+    if b != a + na || b + nb > g.len() {
+        return Err(VitError::cuda(
+            "CUDA backward",
+            format!("gradient views [{a}, +{na}) and [{b}, +{nb}) are not adjacent"),
+        ));
+    }
+    let mut span = g.slice_mut(a..b + nb);
+    let (mut x, mut y) = span.split_at_mut(na);
+    f(&mut x, &mut y)
+}
+
+/// `dW += dyᵀ·x`, `db += Σ dy`, `dx = dy·W` (when `dx` is given) for the linear at weight
+/// offset `w`, bias offset `bo` (see the module doc).
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd<T: Compute + GemmType>(
+    c: &mut Ctx<'_, T>,
+    grads: &mut CudaSlice<f32>,
+    cols: &mut CudaSlice<f32>,
+    dx: Option<&mut CudaSlice<T>>,
+    dy: &impl DevicePtr<T>,
+    x: &impl DevicePtr<T>,
+    w: usize,
+    bo: usize,
+    n: usize,
+    i: usize,
+    o: usize,
+) -> Result<()> {
+    c.gemm.matmul::<T, f32>(
+        &RowGemm::new(o, i, n, true, false),
+        dy,
+        x,
+        &mut grads.slice_mut(w..w + o * i),
+        None,
+        1.0,
+        1.0,
+    )?;
+    c.k.bias_grad::<T>(&mut grads.slice_mut(bo..bo + o), cols, dy, n, o)?;
+    if let Some(dx) = dx {
+        let wv: CudaView<'_, T> = c.pt.slice(w..w + o * i);
+        c.gemm.matmul::<T, T>(
+            &RowGemm::new(n, i, o, false, false),
+            dy,
+            &wv,
+            dx,
+            None,
+            1.0,
+            0.0,
+        )?;
+    }
+    Ok(())
+}
+
+/// Backward of the forward that filled `plan` (same masks), adding into `grads`.
+pub(crate) fn backward<T: Compute + GemmType>(
+    c: &mut Ctx<'_, T>,
+    off: &Offsets,
+    plan: &mut DevicePlan<T>,
+    grads: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let cfg = c.cfg;
+    let rows = c.rows;
+    let (t, d, m, h, classes) = (
+        cfg.num_tokens(),
+        cfg.hidden_size,
+        cfg.mlp_dim,
+        cfg.num_heads,
+        cfg.num_classes,
+    );
+    let dh = cfg.head_dim();
+    let n = rows * t;
+    let eps = cfg.layer_norm_eps as f32;
+    let train = c.masks.train;
+    let rate = |p: f64| if train { p as f32 } else { 0.0 };
+    let (p_hidden, p_out, p_probs) = (
+        rate(cfg.dropout),
+        rate(cfg.attention_output_dropout),
+        rate(cfg.attention_dropout),
+    );
+    let DevicePlan {
+        layers,
+        cls,
+        meanf,
+        rstdf,
+        dlogits,
+        dcls,
+        dres,
+        cols,
+        lnf,
+        patches,
+        tok,
+        dlogits_t,
+        ln,
+        o,
+        qkv_rows,
+        h: hbuf,
+        att,
+        dy,
+        dln,
+        dattn,
+        dq,
+        dk,
+        dv,
+        dh: dhid,
+        dp,
+        keep_embed,
+        ..
+    } = plan;
+    let k = c.k;
+
+    // Classifier (f32 dlogits cast to T for the GEMMs) and the final LayerNorm.
+    k.cast_from_f32::<T>(dlogits_t, &*dlogits)?;
+    let mut dlnf = dln.slice_mut(..rows * d);
+    linear_bwd(
+        c,
+        grads,
+        cols,
+        None,
+        &*dlogits_t,
+        &*lnf,
+        off.head_w,
+        off.head_b,
+        rows,
+        d,
+        classes,
+    )?;
+    {
+        let wv = c.pt.slice(off.head_w..off.head_w + classes * d);
+        c.gemm.matmul::<T, T>(
+            &RowGemm::new(rows, d, classes, false, false),
+            &*dlogits_t,
+            &wv,
+            &mut dlnf,
+            None,
+            1.0,
+            0.0,
+        )?;
+    }
+    let lnf_w = c.pf(off.lnf_w, d);
+    with_pair(grads, off.lnf_w, d, off.lnf_b, d, |dg, db| {
+        Ok(k.layernorm_bwd::<T>(
+            dcls, dg, db, cols, &dlnf, &*cls, &lnf_w, &*meanf, &*rstdf, rows, d, false,
+        )?)
+    })?;
+    k.cls_scatter_grad(dres, &*dcls, rows, t, d)?;
+
+    for l in (0..cfg.num_layers).rev() {
+        let o_ = &off.layers[l];
+        let acts = &mut layers[l];
+        // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
+        k.dropout_grad::<T>(dy, &*dres, &acts.keep_out, p_hidden)?;
+        // h = mask ⊙ GELU(pre) again, from the recorded mask (no Philox).
+        k.gelu_apply_keep::<T>(hbuf, &acts.pre, &acts.keep_hidden, p_hidden)?;
+        linear_bwd(
+            c,
+            grads,
+            cols,
+            Some(&mut *dhid),
+            &*dy,
+            &*hbuf,
+            o_.fc2_w,
+            o_.fc2_b,
+            n,
+            m,
+            d,
+        )?;
+        k.gelu_dropout_bwd_inplace::<T>(dhid, &acts.pre, &acts.keep_hidden, p_hidden)?;
+        k.layernorm_fwd::<T>(
+            ln,
+            &mut acts.mean2,
+            &mut acts.rstd2,
+            &acts.mid,
+            &c.pf(o_.ln2_w, d),
+            &c.pf(o_.ln2_b, d),
+            eps,
+            n,
+            d,
+        )?;
+        linear_bwd(
+            c,
+            grads,
+            cols,
+            Some(&mut *dln),
+            &*dhid,
+            &*ln,
+            o_.fc1_w,
+            o_.fc1_b,
+            n,
+            d,
+            m,
+        )?;
+        let w = c.pf(o_.ln2_w, d);
+        with_pair(grads, o_.ln2_w, d, o_.ln2_b, d, |dg, db| {
+            Ok(k.layernorm_bwd::<T>(
+                dres,
+                dg,
+                db,
+                cols,
+                &*dln,
+                &acts.mid,
+                &w,
+                &acts.mean2,
+                &acts.rstd2,
+                n,
+                d,
+                true,
+            )?)
+        })?;
+
+        // mid = x + drop(out(attn)),  attn = merge(A·v),  A = drop(softmax(q·kᵀ/√Dh))
+        k.dropout_grad::<T>(dy, &*dres, &acts.keep_attn_out, p_out)?;
+        linear_bwd(
+            c,
+            grads,
+            cols,
+            Some(&mut *dattn),
+            &*dy,
+            &acts.attn,
+            o_.out_w,
+            o_.out_b,
+            n,
+            d,
+            d,
+        )?;
+        k.attn_split_grad::<T>(o, &*dattn, rows, t, h, dh)?;
+        let g = AttnShapes::new(cfg, rows);
+        // A again (P ⊙ mask), or P itself without attention dropout.
+        if p_probs > 0.0 {
+            k.apply_keep::<T>(att, &acts.probs, &acts.keep_probs, p_probs)?;
+        }
+        {
+            let a_src: &CudaSlice<T> = if p_probs > 0.0 { &*att } else { &acts.probs };
+            // dv = Aᵀ·do
+            c.gemm
+                .matmul::<T, T>(&g.sx(true), a_src, &*o, dv, None, 1.0, 0.0)?;
+        }
+        // dA = do·vᵀ
+        c.gemm
+            .matmul::<T, T>(&g.qk(), &*o, &acts.v, dp, None, 1.0, 0.0)?;
+        let scale = 1.0 / (dh as f32).sqrt();
+        // dS (scale included) in place over dA.
+        k.softmax_dropout_bwd_inplace_ld::<T>(
+            dp,
+            &acts.probs,
+            &acts.keep_probs,
+            p_probs,
+            scale,
+            rows,
+            h,
+            t,
+            g.ld,
+        )?;
+        // dq = dS·k,  dk = dSᵀ·q
+        c.gemm
+            .matmul::<T, T>(&g.sx(false), &*dp, &acts.k, dq, None, 1.0, 0.0)?;
+        c.gemm
+            .matmul::<T, T>(&g.sx(true), &*dp, &acts.q, dk, None, 1.0, 0.0)?;
+        k.qkv_merge_grad::<T>(qkv_rows, &*dq, &*dk, &*dv, rows, t, h, dh)?;
+        k.layernorm_fwd::<T>(
+            ln,
+            &mut acts.mean1,
+            &mut acts.rstd1,
+            &acts.x,
+            &c.pf(o_.ln1_w, d),
+            &c.pf(o_.ln1_b, d),
+            eps,
+            n,
+            d,
+        )?;
+        linear_bwd(
+            c,
+            grads,
+            cols,
+            Some(&mut *dln),
+            &*qkv_rows,
+            &*ln,
+            o_.qkv_w,
+            o_.qkv_b,
+            n,
+            d,
+            3 * d,
+        )?;
+        let w = c.pf(o_.ln1_w, d);
+        with_pair(grads, o_.ln1_w, d, o_.ln1_b, d, |dg, db| {
+            Ok(k.layernorm_bwd::<T>(
+                dres,
+                dg,
+                db,
+                cols,
+                &*dln,
+                &acts.x,
+                &w,
+                &acts.mean1,
+                &acts.rstd1,
+                n,
+                d,
+                true,
+            )?)
+        })?;
+    }
+
+    // Embeddings: x0 = drop([cls; tok] + pos); tok = patches·Wᵀ + b.
+    let g2 = t - 1;
+    with_pair(grads, off.cls, d, off.pos, t * d, |dcls_p, dpos| {
+        Ok(k.embed_bwd::<T>(
+            tok,
+            dcls_p,
+            dpos,
+            &*dres,
+            &*keep_embed,
+            p_hidden,
+            rows,
+            t,
+            d,
+        )?)
+    })?;
+    let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    linear_bwd(
+        c,
+        grads,
+        cols,
+        None,
+        &*tok,
+        &*patches,
+        off.patch_w,
+        off.patch_b,
+        rows * g2,
+        cpp,
+        d,
+    )?;
+    Ok(())
+}

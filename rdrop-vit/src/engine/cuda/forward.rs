@@ -1,0 +1,352 @@
+//! The CUDA engine's forward, op for op the CPU engine's (`super::super::forward`): patch
+//! embedding, class token and position embeddings, `L` pre-LN blocks, the final LayerNorm of
+//! the class tokens and the classifier. Residual stream and statistics in f32, GEMM operands
+//! in `T`; dropout masks from the same Philox keys (`Masks::site`), recorded for the backward.
+
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use rdrop_kernels::cuda::{Compute, CudaKernels};
+
+use super::gemm::{DevicePtrDyn, Gemm, GemmType, RowGemm};
+use super::gemm_shape::AttnShapes;
+use super::plan::device::{DevicePlan, LayerBufs};
+use crate::config::ViTConfig;
+use crate::engine::forward::Masks;
+use crate::engine::params::{LayerOffsets, Offsets};
+use crate::error::{Result, VitError};
+use crate::sites;
+
+/// What every op of a pass reads: kernels, cuBLASLt, f32 master parameters and their `T`
+/// copy, the architecture, the masks' key and the rows' keys.
+pub(crate) struct Ctx<'a, T> {
+    pub k: &'a CudaKernels,
+    pub gemm: &'a mut Gemm,
+    pub p: &'a CudaSlice<f32>,
+    pub pt: &'a CudaSlice<T>,
+    pub cfg: &'a ViTConfig,
+    pub masks: &'a Masks<'a>,
+    pub rows: usize,
+}
+
+impl<T: Compute + GemmType> Ctx<'_, T> {
+    /// f32 master parameters `[at, at + len)`.
+    pub fn pf(&self, at: usize, len: usize) -> CudaView<'_, f32> {
+        self.p.slice(at..at + len)
+    }
+}
+
+/// `y (n, o) = x (n, i) · W (o, i)ᵀ [+ b]` (W, b views of the `T` copy, or f32 for an f32 `y`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear<T: GemmType, C: GemmType>(
+    gemm: &mut Gemm,
+    y: &mut impl DevicePtrMut<C>,
+    x: &impl DevicePtr<T>,
+    w: &CudaView<'_, T>,
+    b: Option<&CudaView<'_, C>>,
+    n: usize,
+    i: usize,
+    o: usize,
+) -> Result<()> {
+    gemm.matmul(
+        &RowGemm::new(n, o, i, false, true),
+        x,
+        w,
+        y,
+        b.map(|b| b as &dyn DevicePtrDyn<C>),
+        1.0,
+        0.0,
+    )
+}
+
+/// One block: `acts.x` → `out` (both `(B, T, D)` f32), saving what the backward needs.
+#[allow(clippy::too_many_arguments)]
+fn block<T: Compute + GemmType>(
+    c: &mut Ctx<'_, T>,
+    l: usize,
+    o: &LayerOffsets,
+    acts: &mut LayerBufs<T>,
+    out: &mut CudaSlice<f32>,
+    s: &mut Scratch<'_, T>,
+    keys: &CudaSlice<u32>,
+) -> Result<()> {
+    let cfg = c.cfg;
+    let (t, d, m, h) = (
+        cfg.num_tokens(),
+        cfg.hidden_size,
+        cfg.mlp_dim,
+        cfg.num_heads,
+    );
+    let (b, dh) = (c.rows, cfg.head_dim());
+    let n = b * t;
+    let eps = cfg.layer_norm_eps as f32;
+    let k = c.k;
+    k.layernorm_fwd::<T>(
+        s.ln,
+        &mut acts.mean1,
+        &mut acts.rstd1,
+        &acts.x,
+        &c.pf(o.ln1_w, d),
+        &c.pf(o.ln1_b, d),
+        eps,
+        n,
+        d,
+    )?;
+    let (w, bias) = (
+        c.pt.slice(o.qkv_w..o.qkv_w + 3 * d * d),
+        c.pt.slice(o.qkv_b..o.qkv_b + 3 * d),
+    );
+    linear(c.gemm, s.qkv_rows, &*s.ln, &w, Some(&bias), n, d, 3 * d)?;
+    k.qkv_split::<T>(
+        &mut acts.q,
+        &mut acts.k,
+        &mut acts.v,
+        &*s.qkv_rows,
+        b,
+        t,
+        h,
+        dh,
+    )?;
+    attention_fwd(c, l, acts, s, keys)?;
+    k.attn_merge::<T>(&mut acts.attn, &*s.o, b, t, h, dh)?;
+    let (w, bias) = (
+        c.pt.slice(o.out_w..o.out_w + d * d),
+        c.pt.slice(o.out_b..o.out_b + d),
+    );
+    linear(c.gemm, s.proj, &acts.attn, &w, Some(&bias), n, d, d)?;
+    let site = c.masks.site(
+        sites::attention_output(l as u32),
+        cfg.attention_output_dropout,
+    );
+    k.residual_dropout_add::<T>(
+        &mut acts.mid,
+        &mut acts.keep_attn_out,
+        &acts.x,
+        &*s.proj,
+        site,
+        keys,
+        b,
+        t * d,
+    )?;
+
+    k.layernorm_fwd::<T>(
+        s.ln,
+        &mut acts.mean2,
+        &mut acts.rstd2,
+        &acts.mid,
+        &c.pf(o.ln2_w, d),
+        &c.pf(o.ln2_b, d),
+        eps,
+        n,
+        d,
+    )?;
+    let (w, bias) = (
+        c.pt.slice(o.fc1_w..o.fc1_w + m * d),
+        c.pt.slice(o.fc1_b..o.fc1_b + m),
+    );
+    linear(c.gemm, &mut acts.pre, &*s.ln, &w, Some(&bias), n, d, m)?;
+    let site = c.masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
+    k.gelu_dropout_fwd::<T>(s.h, &mut acts.keep_hidden, &acts.pre, site, keys, b, t * m)?;
+    let (w, bias) = (
+        c.pt.slice(o.fc2_w..o.fc2_w + d * m),
+        c.pt.slice(o.fc2_b..o.fc2_b + d),
+    );
+    linear(c.gemm, s.proj, &*s.h, &w, Some(&bias), n, m, d)?;
+    let site = c.masks.site(sites::mlp_output(l as u32), cfg.dropout);
+    k.residual_dropout_add::<T>(
+        out,
+        &mut acts.keep_out,
+        &acts.mid,
+        &*s.proj,
+        site,
+        keys,
+        b,
+        t * d,
+    )?;
+    Ok(())
+}
+
+/// Scores, softmax with dropout and the heads' output of one block, in `s.o` `(B, H, T, Dh)`:
+/// `S = q·kᵀ/√Dh` (batched over `B·H`), `P = softmax(S)` (saved), `A = P ⊙ mask` (in `s.att`;
+/// `A = P` without attention dropout), `o = A·v`.
+fn attention_fwd<T: Compute + GemmType>(
+    c: &mut Ctx<'_, T>,
+    l: usize,
+    acts: &mut LayerBufs<T>,
+    s: &mut Scratch<'_, T>,
+    keys: &CudaSlice<u32>,
+) -> Result<()> {
+    let cfg = c.cfg;
+    let (t, h, dh) = (cfg.num_tokens(), cfg.num_heads, cfg.head_dim());
+    let g = AttnShapes::new(cfg, c.rows);
+    // The 1/√Dh scale in the GEMM (as the CPU engine): S stays small in f16.
+    let scale = 1.0 / (dh as f32).sqrt();
+    c.gemm
+        .matmul::<T, T>(&g.qk(), &acts.q, &acts.k, &mut acts.probs, None, scale, 0.0)?;
+    let site = c
+        .masks
+        .site(sites::attention_probs(l as u32), cfg.attention_dropout);
+    c.k.softmax_dropout_fwd_ld::<T>(
+        &mut acts.probs,
+        s.att,
+        &mut acts.keep_probs,
+        1.0,
+        site,
+        keys,
+        c.rows,
+        h,
+        t,
+        g.ld,
+    )?;
+    // Without attention dropout the kernel leaves `att` alone: A = P.
+    let a: &CudaSlice<T> = if site.is_some_and(|s| s.p > 0.0) {
+        &*s.att
+    } else {
+        &acts.probs
+    };
+    c.gemm
+        .matmul::<T, T>(&g.sx(false), a, &acts.v, s.o, None, 1.0, 0.0)?;
+    Ok(())
+}
+
+/// The forward's scratch buffers (borrowed from the plan).
+pub(crate) struct Scratch<'a, T> {
+    pub ln: &'a mut CudaSlice<T>,
+    pub qkv_rows: &'a mut CudaSlice<T>,
+    pub o: &'a mut CudaSlice<T>,
+    pub proj: &'a mut CudaSlice<T>,
+    pub h: &'a mut CudaSlice<T>,
+    pub att: &'a mut CudaSlice<T>,
+}
+
+/// The whole forward of `plan.spec.rows` rows: logits (f32) in `plan.logits`. `plan.images`
+/// holds `images` images `(images, C, S, S)` and `plan.row_keys` the rows' keys; with
+/// `duplicate` (R-Drop's `[x; x]`, `rows = 2·images`) the second half's patch rows are a copy
+/// of the first's. A plan with one layer slot (inference) reuses it for every block.
+pub(crate) fn forward<T: Compute + GemmType>(
+    c: &mut Ctx<'_, T>,
+    off: &Offsets,
+    plan: &mut DevicePlan<T>,
+    images: usize,
+    duplicate: bool,
+) -> Result<()> {
+    let cfg = c.cfg;
+    let rows = c.rows;
+    if plan.spec.rows != rows || images * if duplicate { 2 } else { 1 } != rows {
+        return Err(VitError::cuda(
+            "CUDA forward",
+            format!("{images} images for a plan of {} rows", plan.spec.rows),
+        ));
+    }
+    let (t, d, classes) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_classes);
+    let (ch, side, ps) = (cfg.num_channels, cfg.image_size, cfg.patch_size);
+    let g2 = t - 1;
+    let cpp = ch * ps * ps;
+    let DevicePlan {
+        layers,
+        x_out,
+        cls,
+        meanf,
+        rstdf,
+        logits,
+        images: img,
+        patches,
+        tok,
+        lnf,
+        ln,
+        o,
+        proj,
+        qkv_rows,
+        h,
+        att,
+        keep_embed,
+        row_keys,
+        ..
+    } = plan;
+    let half = images * g2 * cpp;
+    c.k.im2col::<T>(
+        &mut patches.slice_mut(..half),
+        &img.slice(..images * ch * side * side),
+        images,
+        ch,
+        side,
+        ps,
+    )?;
+    if duplicate {
+        let (a, mut b) = patches.split_at_mut(half);
+        c.k.stream()
+            .memcpy_dtod(&a, &mut b)
+            .map_err(|e| VitError::cuda("copying the second pass's patch rows", e))?;
+    }
+    let (w, bias) = (
+        c.pt.slice(off.patch_w..off.patch_w + d * cpp),
+        c.pt.slice(off.patch_b..off.patch_b + d),
+    );
+    linear(c.gemm, tok, &*patches, &w, Some(&bias), rows * g2, cpp, d)?;
+    let site = c.masks.site(sites::EMBEDDINGS, cfg.dropout);
+    let first = match layers.first_mut() {
+        Some(l) => &mut l.x,
+        None => return Err(VitError::cuda("CUDA forward", "a plan without layer slots")),
+    };
+    c.k.embed_fwd::<T>(
+        first,
+        keep_embed,
+        &*tok,
+        &c.pf(off.cls, d),
+        &c.pf(off.pos, t * d),
+        site,
+        &*row_keys,
+        rows,
+        t,
+        d,
+    )?;
+    let mut s = Scratch {
+        ln,
+        qkv_rows,
+        o,
+        proj,
+        h,
+        att,
+    };
+    let nl = cfg.num_layers;
+    let slots = layers.len();
+    for l in 0..nl {
+        if slots == nl {
+            let (head, tail) = layers.split_at_mut(l + 1);
+            let out = match tail.first_mut() {
+                Some(next) => &mut next.x,
+                None => &mut *x_out,
+            };
+            block(c, l, &off.layers[l], &mut head[l], out, &mut s, row_keys)?;
+        } else {
+            block(
+                c,
+                l,
+                &off.layers[l],
+                &mut layers[0],
+                x_out,
+                &mut s,
+                row_keys,
+            )?;
+            if l + 1 < nl {
+                c.k.stream()
+                    .memcpy_dtod(&*x_out, &mut layers[0].x)
+                    .map_err(|e| VitError::cuda("copying the residual stream", e))?;
+            }
+        }
+    }
+    c.k.cls_gather(cls, &*x_out, rows, t, d)?;
+    c.k.layernorm_fwd::<T>(
+        lnf,
+        meanf,
+        rstdf,
+        &*cls,
+        &c.pf(off.lnf_w, d),
+        &c.pf(off.lnf_b, d),
+        cfg.layer_norm_eps as f32,
+        rows,
+        d,
+    )?;
+    let w = c.pt.slice(off.head_w..off.head_w + classes * d);
+    let bias = c.p.slice(off.head_b..off.head_b + classes);
+    linear::<T, f32>(c.gemm, logits, &*lnf, &w, Some(&bias), rows, d, classes)?;
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! The explicit engine on CUDA (issue 10): the CPU engine's forward and hand-derived backward
+//! (`super::forward`, `super::backward`) op for op, over device buffers, with the same flat
+//! layout (`super::params`), the same dropout masks (Philox keyed by the same row keys, in
+//! `rdrop_kernels::cuda`) and GEMMs through cuBLASLt (`gemm`).
+//!
+//! - [`plan`]: the device activation plan and its byte formula, and [`gemm_shape`]: the
+//!   row-major GEMMs as cuBLASLt's column-major problems (both compiled in every build, so the
+//!   CLI can print a CUDA plan's size and CI tests the formula and the mapping);
+//! - with the `cuda` feature: `gemm` (cuBLASLt with cached plans), `forward`, `backward`,
+//!   `CudaEngine` (parameters, gradients, optimiser state and the plan on the device) and
+//!   `CudaTrainer` (the update: accumulation, f16 loss scaling, clipping, SGD/AdamW).
+//!
+//! Precision: f32 master weights and gradients, the residual stream, LayerNorm and softmax
+//! statistics in f32; GEMM operands and saved activations in the compute type (f32, bf16, f16).
+
+#[cfg(feature = "cuda")]
+pub(crate) mod backward;
+#[cfg(feature = "cuda")]
+mod engine;
+#[cfg(feature = "cuda")]
+pub(crate) mod forward;
+#[cfg(feature = "cuda")]
+pub mod gemm;
+pub mod gemm_shape;
+pub mod plan;
+#[cfg(feature = "cuda")]
+mod trainer;
+
+#[cfg(feature = "cuda")]
+pub use engine::CudaEngine;
+pub use plan::{plan_bytes, PlanSpec};
+#[cfg(feature = "cuda")]
+pub use trainer::{CudaTrainer, GradHook};

@@ -1,0 +1,233 @@
+//! [`CudaTrainer`]: `rdrop_core::FlatTrainer`'s update for the [`CudaEngine`], on the device:
+//! ```text
+//! G = 0;  for each micro-batch j:  G += ∇(w_j · s · L_j)   (s: the f16 loss scale, else 1)
+//! [all_reduce(G)]                                          (optional hook: NCCL)
+//! G ← G / s;  total = √(Σ G²)                              (f64 partials, fixed order)
+//! f16: overflow (total not finite) → skip, scale ← scale/2 (rdrop_core::LossScaler)
+//! coef = min(1, max_norm / (total + 1e-6));  θ = optimiser(θ, coef · G, lr_k)  (+ θ_T copy)
+//! ```
+//! The optimiser's moments stay on the device; checkpoints go through a host
+//! [`rdrop_core::FlatOptimizer`] (its `parts`), so they are exactly its format and a run moves
+//! between the CPU and CUDA engines.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use cudarc::driver::CudaStream;
+use rdrop_core::trainer::check_finite;
+use rdrop_core::{
+    lr_lambda, CoreError, FlatLayout, FlatOptimizer, LossMode, LossScaler, Precision, StepStats,
+    TrainConfig, TrainState,
+};
+
+use super::engine::CudaEngine;
+use crate::error::VitError;
+
+/// A hook run between the backward and the norm with the gradients' device address, their
+/// length (f32 elements) and the engine's stream: a data-parallel all-reduce.
+pub type GradHook<'a> = &'a mut dyn FnMut(u64, usize, &Arc<CudaStream>) -> rdrop_core::Result<()>;
+
+fn core(e: VitError) -> CoreError {
+    match e {
+        VitError::Candle(c) => CoreError::Candle(c),
+        VitError::Core(c) => c,
+        other => CoreError::Config(other.to_string()),
+    }
+}
+
+/// Accumulation, loss scaling, clipping, schedule and the optimiser for a [`CudaEngine`].
+#[derive(Debug)]
+pub struct CudaTrainer {
+    cfg: TrainConfig,
+    opt: FlatOptimizer,
+    scaler: LossScaler,
+    step: u64,
+}
+
+impl CudaTrainer {
+    /// A trainer at update 0 for an engine with `layout`; f16 gets dynamic loss scaling.
+    pub fn new(cfg: TrainConfig, layout: FlatLayout) -> rdrop_core::Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            opt: FlatOptimizer::new(cfg.optim, layout)?,
+            scaler: LossScaler::new(cfg.scaler, cfg.precision == Precision::F16),
+            cfg,
+            step: 0,
+        })
+    }
+
+    /// A trainer resumed from `state` (optimiser moments uploaded into `engine`, loss scaler,
+    /// update count, the engine's dropout seed). `state` may come from any of the trainers.
+    pub fn restore(
+        cfg: TrainConfig,
+        engine: &mut CudaEngine,
+        state: &TrainState,
+    ) -> rdrop_core::Result<Self> {
+        let mut t = Self::new(cfg, engine.layout().clone())?;
+        if state.scaler.enabled != t.scaler.enabled() {
+            return Err(CoreError::Config(format!(
+                "checkpoint loss scaler enabled = {}, but precision {:?} needs {}",
+                state.scaler.enabled,
+                cfg.precision,
+                t.scaler.enabled()
+            )));
+        }
+        t.opt.load_state(&state.optimizer)?;
+        let (m, v, _) = t.opt.parts();
+        engine.set_moments(m, v).map_err(core)?;
+        // The host copy is only an exporter: drop its moments.
+        let steps = t.opt.parts().2;
+        t.opt.set_parts(Vec::new(), Vec::new(), steps)?;
+        t.scaler.set_state(state.scaler);
+        engine.set_rng_state(&state.rng).map_err(core)?;
+        t.step = state.step;
+        Ok(t)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Updates completed so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The learning rate of the next update.
+    pub fn next_lr(&self) -> f64 {
+        self.cfg.optim.lr * lr_lambda(self.step + 1, &self.cfg.schedule)
+    }
+
+    /// The current loss scale (1 unless f16).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.scale()
+    }
+
+    /// The checkpointable state, in `rdrop_core::Trainer::state`'s format (the moments are
+    /// downloaded).
+    pub fn state(
+        &self,
+        engine: &CudaEngine,
+        epoch: u64,
+        batch_index: u64,
+    ) -> rdrop_core::Result<TrainState> {
+        let (m, v) = engine.moments().map_err(core)?;
+        let mut opt = self.opt.clone();
+        let steps = self.opt.parts().2;
+        opt.set_parts(m, v, steps)?;
+        Ok(TrainState {
+            step: self.step,
+            epoch,
+            batch_index,
+            rng: engine.rng_state(),
+            scaler: self.scaler.state(),
+            optimizer: opt.state()?,
+            extra: serde_json::Value::Null,
+        })
+    }
+
+    /// One full update over `micro_batches` (`x`, labels `y` as `u32`), which must number
+    /// `accum_steps`.
+    pub fn update(
+        &mut self,
+        engine: &mut CudaEngine,
+        micro_batches: &[(Tensor, Tensor)],
+    ) -> rdrop_core::Result<StepStats> {
+        self.update_with(engine, micro_batches, None)
+    }
+
+    /// [`CudaTrainer::update`] with a hook on the summed gradients before the norm (a
+    /// data-parallel all-reduce of [`CudaEngine::grads_device_ptr`] on its stream). Errors:
+    /// [`CoreError::NonFinite`] when the loss or the norm is not finite outside f16 (the
+    /// parameters are left unchanged); in f16 such an update is skipped and the scale backs off.
+    pub fn update_with(
+        &mut self,
+        engine: &mut CudaEngine,
+        micro_batches: &[(Tensor, Tensor)],
+        hook: Option<GradHook<'_>>,
+    ) -> rdrop_core::Result<StepStats> {
+        if micro_batches.len() != self.cfg.accum_steps {
+            return Err(CoreError::Config(format!(
+                "update got {} micro-batches, accum_steps is {}",
+                micro_batches.len(),
+                self.cfg.accum_steps
+            )));
+        }
+        let total: usize = micro_batches
+            .iter()
+            .map(|(x, _)| x.dim(0))
+            .sum::<candle_core::Result<usize>>()?;
+        if total == 0 {
+            return Err(CoreError::Config("update got no samples".into()));
+        }
+        let k = self.step + 1;
+        let scale = self.scaler.scale();
+        engine.set_sync_timing(self.cfg.sync_timing);
+        engine.zero_grads().map_err(core)?;
+        let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
+        let (mut fwd, mut bwd) = (0f64, 0f64);
+        let mut first = 0usize;
+        for (x, y) in micro_batches {
+            let m = x.dim(0)?;
+            let w = match self.cfg.loss.mode {
+                LossMode::Mean => m as f64 / total as f64,
+                LossMode::Reference => 1.0 / micro_batches.len() as f64,
+            };
+            let l = engine
+                .accumulate(x, y, k, first, &self.cfg.loss, w * scale)
+                .map_err(core)?;
+            loss += w * l.loss;
+            ce += w * l.ce;
+            kl += w * l.kl;
+            fwd += l.forward_s;
+            bwd += l.backward_s;
+            first += m;
+        }
+        if let Some(hook) = hook {
+            let (ptr, len) = engine.grads_device_ptr();
+            hook(ptr, len, &engine.stream())?;
+        }
+        let t1 = Instant::now();
+        let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
+        let max_norm = self.cfg.clip_norm.unwrap_or(f64::INFINITY);
+        let grad_norm = engine
+            .grad_norm((1.0 / scale) as f32, max_norm)
+            .map_err(core)?;
+        if !self.scaler.enabled() {
+            check_finite(k, loss, grad_norm)?;
+        }
+        let skipped = self
+            .scaler
+            .update(!loss.is_finite() || !grad_norm.is_finite());
+        if !skipped {
+            let (_, _, steps) = self.opt.parts();
+            let steps = steps + 1;
+            engine
+                .opt_step(&self.cfg.optim, self.opt.segments(), lr, steps)
+                .map_err(core)?;
+            self.opt.set_parts(Vec::new(), Vec::new(), steps)?;
+        }
+        if self.cfg.sync_timing {
+            engine.synchronize().map_err(core)?;
+        }
+        self.step = k;
+        Ok(StepStats {
+            step: k,
+            lr,
+            loss,
+            ce,
+            kl,
+            grad_norm,
+            loss_scale: scale,
+            skipped,
+            skipped_total: self.scaler.skipped(),
+            micro_batches: micro_batches.len(),
+            samples: total,
+            forward_s: fwd,
+            backward_s: bwd,
+            optimizer_s: t1.elapsed().as_secs_f64(),
+        })
+    }
+}
