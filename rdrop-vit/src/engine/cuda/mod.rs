@@ -30,4 +30,4 @@ mod trainer;
 pub use engine::CudaEngine;
 pub use plan::{plan_bytes, PlanSpec};
 #[cfg(feature = "cuda")]
-pub use trainer::{CudaTrainer, GradHook};
+pub use trainer::CudaTrainer;

@@ -1,7 +1,7 @@
 //! [`CudaTrainer`]: `rdrop_core::FlatTrainer`'s update for the [`CudaEngine`], on the device:
 //! ```text
 //! G = 0;  for each micro-batch j:  G += ∇(w_j · s · L_j)   (s: the f16 loss scale, else 1)
-//! [all_reduce(G)]                                          (optional hook: NCCL)
+//! [G ← Σ_ranks G]                                          (data parallel: NCCL, in place)
 //! G ← G / s;  total = √(Σ G²)                              (f64 partials, fixed order)
 //! f16: overflow (total not finite) → skip, scale ← scale/2 (rdrop_core::LossScaler)
 //! coef = min(1, max_norm / (total + 1e-6));  θ = optimiser(θ, coef · G, lr_k)  (+ θ_T copy)
@@ -10,11 +10,10 @@
 //! [`rdrop_core::FlatOptimizer`] (its `parts`), so they are exactly its format and a run moves
 //! between the CPU and CUDA engines.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use cudarc::driver::CudaStream;
+use rdrop_core::dist::Collective;
 use rdrop_core::trainer::check_finite;
 use rdrop_core::{
     lr_lambda, CoreError, FlatLayout, FlatOptimizer, LossMode, LossScaler, Precision, StepStats,
@@ -23,10 +22,6 @@ use rdrop_core::{
 
 use super::engine::CudaEngine;
 use crate::error::VitError;
-
-/// A hook run between the backward and the norm with the gradients' device address, their
-/// length (f32 elements) and the engine's stream: a data-parallel all-reduce.
-pub type GradHook<'a> = &'a mut dyn FnMut(u64, usize, &Arc<CudaStream>) -> rdrop_core::Result<()>;
 
 fn core(e: VitError) -> CoreError {
     match e {
@@ -138,15 +133,30 @@ impl CudaTrainer {
         self.update_with(engine, micro_batches, None)
     }
 
-    /// [`CudaTrainer::update`] with a hook on the summed gradients before the norm (a
-    /// data-parallel all-reduce of [`CudaEngine::grads_device_ptr`] on its stream). Errors:
-    /// [`CoreError::NonFinite`] when the loss or the norm is not finite outside f16 (the
-    /// parameters are left unchanged); in f16 such an update is skipped and the scale backs off.
-    pub fn update_with(
+    /// One data-parallel update, `rdrop_core::FlatTrainer::update_distributed`'s contract:
+    /// `micro_batches` are this rank's contiguous slice `shard(B, world, rank)` of the global
+    /// batch; masks are keyed by the global sample index (`rank · local + offset`), weights
+    /// use the global sample count (mean) or `1/(accum · world)` (reference); the flat
+    /// gradients are summed over the ranks in place on the engine's stream
+    /// ([`Collective::all_reduce_sum_device`]: NCCL) and loss/CE/KL on the host, so every rank
+    /// applies the same update. Runs the reductions even in a world of one.
+    pub fn update_distributed(
         &mut self,
         engine: &mut CudaEngine,
         micro_batches: &[(Tensor, Tensor)],
-        hook: Option<GradHook<'_>>,
+        collective: &dyn Collective,
+    ) -> rdrop_core::Result<StepStats> {
+        self.update_with(engine, micro_batches, Some(collective))
+    }
+
+    /// Errors: [`CoreError::NonFinite`] when the loss or the norm is not finite outside f16
+    /// (the parameters are left unchanged); in f16 such an update is skipped and the scale
+    /// backs off (every rank sees the same summed gradients, so all skip together).
+    fn update_with(
+        &mut self,
+        engine: &mut CudaEngine,
+        micro_batches: &[(Tensor, Tensor)],
+        collective: Option<&dyn Collective>,
     ) -> rdrop_core::Result<StepStats> {
         if micro_batches.len() != self.cfg.accum_steps {
             return Err(CoreError::Config(format!(
@@ -155,25 +165,27 @@ impl CudaTrainer {
                 self.cfg.accum_steps
             )));
         }
-        let total: usize = micro_batches
+        let local: usize = micro_batches
             .iter()
             .map(|(x, _)| x.dim(0))
             .sum::<candle_core::Result<usize>>()?;
-        if total == 0 {
+        if local == 0 {
             return Err(CoreError::Config("update got no samples".into()));
         }
+        let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
+        let total = local * world;
         let k = self.step + 1;
         let scale = self.scaler.scale();
         engine.set_sync_timing(self.cfg.sync_timing);
         engine.zero_grads().map_err(core)?;
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
-        let mut first = 0usize;
+        let mut first = rank * local;
         for (x, y) in micro_batches {
             let m = x.dim(0)?;
             let w = match self.cfg.loss.mode {
                 LossMode::Mean => m as f64 / total as f64,
-                LossMode::Reference => 1.0 / micro_batches.len() as f64,
+                LossMode::Reference => 1.0 / (micro_batches.len() * world) as f64,
             };
             let l = engine
                 .accumulate(x, y, k, first, &self.cfg.loss, w * scale)
@@ -185,9 +197,20 @@ impl CudaTrainer {
             bwd += l.backward_s;
             first += m;
         }
-        if let Some(hook) = hook {
+        if let Some(c) = collective {
             let (ptr, len) = engine.grads_device_ptr();
-            hook(ptr, len, &engine.stream())?;
+            let stream = engine.stream().cu_stream() as usize as u64;
+            c.all_reduce_sum_device(ptr, len, stream)?;
+            let mut v = [loss, ce, kl, local as f64];
+            c.all_reduce_f64(&mut v)?;
+            [loss, ce, kl] = [v[0], v[1], v[2]];
+            if v[3] != total as f64 {
+                return Err(CoreError::Config(format!(
+                    "the ranks hold {} samples in all, rank {rank} expected {world} × {local}: \
+                     every rank must get an equal share of the global batch",
+                    v[3]
+                )));
+            }
         }
         let t1 = Instant::now();
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
