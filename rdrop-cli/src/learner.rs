@@ -1,10 +1,15 @@
 //! The model and its trainer behind one interface, whichever engine runs them: the explicit
 //! engine (`rdrop_vit::Engine` + `rdrop_core::FlatTrainer`, the default on CPU in f32) or the
 //! candle-autograd model (`VisionTransformer` + `rdrop_core::Trainer`, the reference, and the
-//! path on CUDA and in reduced precision). Both write the same checkpoints.
+//! path on CUDA and in reduced precision). Both write the same checkpoints. In a data-parallel
+//! run the explicit engine's trainer all-reduces through the rank's collective; the autograd
+//! path runs one process only.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::Tensor;
+use rdrop_core::dist::Collective;
 use rdrop_core::{
     CoreError, FlatRDropModel, FlatTrainer, StepStats, TrainConfig, TrainState, Trainer,
 };
@@ -30,6 +35,8 @@ enum Inner {
         trainer: FlatTrainer,
         /// Whether `model` holds the engine's current parameters.
         synced: bool,
+        /// The other ranks of a data-parallel run.
+        collective: Option<Arc<dyn Collective>>,
     },
 }
 
@@ -40,12 +47,15 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// A learner at update 0.
+    /// A learner at update 0; with a `collective`, one rank of a data-parallel run (explicit
+    /// engine only).
     pub fn new(
         model: VisionTransformer,
         tcfg: TrainConfig,
         explicit: bool,
+        collective: Option<Arc<dyn Collective>>,
     ) -> anyhow::Result<Self> {
+        no_autograd_ranks(explicit, &collective)?;
         let inner = if explicit {
             let engine = Engine::from_model(&model).context("building the explicit engine")?;
             let trainer = FlatTrainer::new(tcfg, engine.layout().clone())
@@ -54,6 +64,7 @@ impl Learner {
                 engine: Box::new(engine),
                 trainer,
                 synced: true,
+                collective,
             }
         } else {
             Inner::Autograd(
@@ -69,7 +80,9 @@ impl Learner {
         tcfg: TrainConfig,
         state: &TrainState,
         explicit: bool,
+        collective: Option<Arc<dyn Collective>>,
     ) -> anyhow::Result<Self> {
+        no_autograd_ranks(explicit, &collective)?;
         let inner = if explicit {
             // The engine takes the model's dropout state (its seed) with its weights.
             model.rng().set_state(&state.rng)?;
@@ -80,6 +93,7 @@ impl Learner {
                 engine: Box::new(engine),
                 trainer,
                 synced: true,
+                collective,
             }
         } else {
             Inner::Autograd(Trainer::restore(tcfg, &model, state).context("restoring the trainer")?)
@@ -108,9 +122,13 @@ impl Learner {
                 engine,
                 trainer,
                 synced,
+                collective,
             } => {
                 *synced = false;
-                trainer.update(engine.as_mut(), batches)
+                match collective {
+                    Some(c) => trainer.update_distributed(engine.as_mut(), batches, c.as_ref()),
+                    None => trainer.update(engine.as_mut(), batches),
+                }
             }
         }
     }
@@ -158,6 +176,20 @@ impl Learner {
             }
         }
         Ok(&self.model)
+    }
+}
+
+/// The autograd trainer does not all-reduce: refuse it a collective of several ranks.
+fn no_autograd_ranks(
+    explicit: bool,
+    collective: &Option<Arc<dyn Collective>>,
+) -> anyhow::Result<()> {
+    match collective {
+        Some(c) if !explicit && c.world_size() > 1 => anyhow::bail!(
+            "the autograd engine does not run data parallel ({} ranks); use the explicit engine",
+            c.world_size()
+        ),
+        _ => Ok(()),
     }
 }
 

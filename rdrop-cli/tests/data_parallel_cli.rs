@@ -1,0 +1,409 @@
+//! The data-parallel path of `rdrop train` / `resume` through the binary, on the CPU: the test
+//! hook `RDROP_TEST_CPU_RANKS=1` lets `--nproc-per-node 2 --device cpu` run two ranks with the
+//! TCP rendezvous as their collective (no GPU, no NCCL), so everything but the device
+//! all-reduce is the real path (launcher, rendezvous, sharded batches and eval, reduced
+//! metrics, rank 0 writing, barriers). A tiny ViT on the embedded digits:
+//!
+//! - two ranks give the one-process run's losses and final weights within 1e-6;
+//! - `kill -9` of rank 1 mid-run: the launcher and rank 0 stop within a bounded time with an
+//!   error naming rank 1, every checkpoint left is whole, and `rdrop resume` on one process
+//!   continues to the one-process result (the same data order);
+//! - the refusals, without the hook.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rdrop");
+const STEPS: usize = 12;
+
+/// 12 updates of 64 images = 4 micro-batches of 16 (one process) or 2 per rank (two ranks);
+/// 176 training images = 11 micro-batches an epoch, so updates straddle epochs.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny.toml");
+    std::fs::write(
+        &p,
+        r#"preset = "demo"
+steps = 12
+batch_size = 64
+micro_batch = 16
+train_images = 176
+lr = 0.002
+warmup_steps = 3
+image_size = 16
+eval_every = 4
+eval_batch_size = 50
+save_every = 2
+keep_last = 10
+threads = 1
+[vit]
+image_size = 16
+patch_size = 4
+hidden_size = 32
+num_layers = 1
+num_heads = 2
+mlp_dim = 64
+num_classes = 10
+dropout = 0.1
+"#,
+    )
+    .unwrap();
+    p
+}
+
+/// The binary with the CPU-ranks hook on (`cpu_ranks`) or off.
+fn rdrop(args: &[&str], cpu_ranks: bool) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("RDROP_TEST_STALL_CHECKPOINT")
+        .env_remove("RDROP_TEST_STEP_DELAY_MS")
+        .env_remove("RDROP_TEST_CPU_RANKS");
+    for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"] {
+        c.env_remove(v);
+    }
+    if cpu_ranks {
+        c.env("RDROP_TEST_CPU_RANKS", "1");
+    }
+    c
+}
+
+fn run_ok(args: &[&str], cpu_ranks: bool) -> Output {
+    let out = rdrop(args, cpu_ranks).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rdrop {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn load_weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    t.into_iter()
+        .map(|(k, v): (String, Tensor)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+fn load_metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_lines(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|t| t.lines().filter(|l| l.contains("\"kind\":\"train\"")).count())
+        .unwrap_or(0)
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * a.abs().max(b.abs()).max(1.0)
+}
+
+/// Same final weights (within 1e-6), the same train lines (loss, CE, KL, grad-norm, lr, epoch
+/// within 1e-6 or equal) and eval lines (test loss within 1e-6).
+fn assert_same_run(a: &Path, b: &Path) {
+    let (wa, wb) = (
+        load_weights(&a.join("final")),
+        load_weights(&b.join("final")),
+    );
+    assert_eq!(wa.len(), wb.len());
+    let mut worst = 0f32;
+    for (k, va) in &wa {
+        let vb = &wb[k];
+        assert_eq!(va.len(), vb.len(), "{k}");
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    eprintln!("largest final-weight difference: {worst:e}");
+    assert!(worst <= 1e-6, "final weights differ by {worst}");
+    let (ma, mb) = (load_metrics(a), load_metrics(b));
+    assert_eq!(ma.len(), mb.len(), "number of metric lines");
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x["kind"], y["kind"]);
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["epoch"], y["epoch"], "{x} vs {y}");
+        let keys: &[&str] = if x["kind"] == "train" {
+            &["loss", "ce", "kl", "grad_norm", "lr"]
+        } else {
+            &["test_loss"]
+        };
+        for k in keys {
+            let (p, q) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(close(p, q, 1e-6), "{k}: {p} vs {q} ({x} vs {y})");
+        }
+    }
+    assert_eq!(
+        ma.iter().filter(|m| m["kind"] == "train").count(),
+        STEPS,
+        "train lines"
+    );
+}
+
+/// The one-process run (4 micro-batches of 16 an update), trained once per test process.
+fn reference_run() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let cfg = tiny_config(&dir);
+        let out = dir.join("ref");
+        run_ok(&["train", "--config", s(&cfg), "--out", s(&out)], false);
+        out
+    })
+    .clone()
+}
+
+#[test]
+fn two_ranks_give_the_one_process_run() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("dp");
+    let res = run_ok(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&out),
+            "--nproc-per-node",
+            "2",
+            "--json",
+        ],
+        true,
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr),
+    );
+    // Only rank 0 reports: one summary line; progress and evals only from rank 0.
+    assert_eq!(stdout.lines().count(), 1, "stdout:\n{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["steps"], STEPS as u64);
+    assert!(stderr.contains("[rank 0] data parallel: 2 ranks"), "{stderr}");
+    assert!(stderr.contains("[rank 0] eval at step 4"), "{stderr}");
+    assert!(
+        !stderr.contains("[rank 1] eval") && !stderr.contains("[rank 1] training"),
+        "{stderr}"
+    );
+    assert_same_run(&reference, &out);
+    // The checkpoints hold the one-process data position: the same training state.
+    let st = |d: &Path| -> serde_json::Value {
+        let t = std::fs::read_to_string(d.join("checkpoints/step-12/train_state.json")).unwrap();
+        serde_json::from_str(&t).unwrap()
+    };
+    let (a, b) = (st(&reference), st(&out));
+    assert_eq!(
+        (&a["epoch"], &a["batch_index"]),
+        (&b["epoch"], &b["batch_index"])
+    );
+}
+
+#[test]
+fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("dp");
+    let mut launcher = rdrop(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&out),
+            "--nproc-per-node",
+            "2",
+        ],
+        true,
+    )
+    .env("RDROP_TEST_STEP_DELAY_MS", "200")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The launcher names each rank's pid; keep reading its stderr on a thread.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = launcher.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let pid = loop {
+        let l = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        lines.push(l.clone());
+        if let Some(p) = l.strip_prefix("rank 1: pid ") {
+            break p.trim().parse::<u32>().unwrap();
+        }
+    };
+    let t0 = Instant::now();
+    while train_lines(&out) < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        assert!(launcher.try_wait().unwrap().is_none(), "launcher exited early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(st) = launcher.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the launcher did not stop within 60 s of the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stopped_in = killed.elapsed();
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    let err = lines.join("\n");
+    eprintln!("stopped {stopped_in:?} after the kill");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("rank 1 (pid") && err.contains("SIGKILL"),
+        "the launcher names rank 1 and the signal:\n{err}"
+    );
+    // Rank 0 stopped by itself (it saw rank 1 die), with an error that names it.
+    let rank0 = lines
+        .iter()
+        .find(|l| l.starts_with("[rank 0] error:"))
+        .unwrap_or_else(|| panic!("no error from rank 0:\n{err}"));
+    assert!(rank0.contains("rank 1"), "{rank0}");
+    assert!(!err.contains("were killed"), "rank 0 had to be killed:\n{err}");
+    assert!(stopped_in < Duration::from_secs(14), "{stopped_in:?}");
+    // Every checkpoint left is whole; no final model.
+    assert!(!out.join("final").exists());
+    let mut steps = 0;
+    for e in std::fs::read_dir(out.join("checkpoints")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("step-") {
+            steps += 1;
+            assert!(p.join("model.safetensors").is_file(), "{name}");
+            assert!(p.join("train_state.json").is_file(), "{name}");
+        }
+    }
+    assert!(steps >= 2, "expected checkpoints before the kill");
+    // One process continues the two-rank run in the same data order.
+    run_ok(&["resume", s(&out)], false);
+    assert_same_run(&reference, &out);
+}
+
+#[test]
+fn one_process_run_resumes_on_two_ranks() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("run");
+    // Stop a one-process run after step 6 by failing it at a checkpoint write of step 8.
+    let mut child = rdrop(&["train", "--config", s(&cfg), "--out", s(&out)], false)
+        .env("RDROP_TEST_STALL_CHECKPOINT", "8")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let seen = BufReader::new(stderr)
+        .lines()
+        .any(|l| l.unwrap().contains("stalling checkpoint step-8"));
+    assert!(seen, "the stall marker never appeared");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    run_ok(&["resume", s(&out), "--nproc-per-node", "2"], true);
+    assert_same_run(&reference, &out);
+}
+
+#[test]
+fn refusals_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never");
+    let fail = |args: &[&str], cpu_ranks: bool| -> String {
+        let mut all = vec!["train", "--preset", "demo", "--steps", "2", "--out", s(&out)];
+        all.extend_from_slice(args);
+        let res = rdrop(&all, cpu_ranks).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr).to_string();
+        assert_eq!(res.status.code(), Some(1), "{all:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists(), "{all:?} created the run folder");
+        err
+    };
+    let e = fail(&["--nproc-per-node", "2", "--micro-batch", "32"], false);
+    assert!(
+        e.contains("--device cpu with 2 ranks") && e.contains("NCCL"),
+        "{e}"
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        let e = fail(
+            &["--nproc-per-node", "2", "--micro-batch", "32", "--device", "cuda"],
+            false,
+        );
+        assert!(
+            e.contains("data parallel runs on GPUs through NCCL; this rdrop was built without CUDA"),
+            "{e}"
+        );
+    }
+    let e = fail(&["--nproc-per-node", "2"], true);
+    assert!(
+        e.contains("batch size 64 is not divisible by 2 ranks × micro-batch 64"),
+        "{e}"
+    );
+    let e = fail(
+        &["--nproc-per-node", "2", "--micro-batch", "32", "--engine", "autograd"],
+        true,
+    );
+    assert!(e.contains("--engine autograd does not run data parallel"), "{e}");
+    let e = fail(&["--nproc-per-node", "0"], false);
+    assert!(e.contains("at least 1"), "{e}");
+    // Started by torchrun with another count of local ranks.
+    let mut c = rdrop(
+        &["train", "--preset", "demo", "--out", s(&out), "--nproc-per-node", "4"],
+        false,
+    );
+    for (k, v) in [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29999"),
+    ] {
+        c.env(k, v);
+    }
+    let res = c.output().unwrap();
+    let e = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{e}");
+    assert!(e.contains("--nproc-per-node 4") && e.contains("2 rank"), "{e}");
+    // --dry-run shows the world and prints the same config.toml as without it.
+    let dry = |extra: &[&str]| {
+        let mut a = vec!["train", "--preset", "demo", "--micro-batch", "32", "--dry-run"];
+        a.extend_from_slice(extra);
+        run_ok(&a, false)
+    };
+    let (one, two) = (dry(&[]), dry(&["--nproc-per-node", "2", "--device", "cuda"]));
+    let e = String::from_utf8_lossy(&two.stderr);
+    assert!(e.contains("world: 2 ranks"), "{e}");
+    let without_device = String::from_utf8_lossy(&one.stdout).replace("device = \"cpu\"", "");
+    let with_device = String::from_utf8_lossy(&two.stdout).replace("device = \"cuda:0\"", "");
+    assert_eq!(without_device, with_device);
+}
