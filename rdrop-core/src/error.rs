@@ -19,6 +19,9 @@ pub enum CoreError {
         /// The value seen.
         value: f64,
     },
+    /// A data-parallel operation failed (rendezvous, collective, a peer died).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// An invalid configuration.
     #[error("invalid training configuration: {0}")]
     Config(String),

@@ -21,6 +21,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, sum_squares, AdamWHyper, SgdHyper};
 
+use crate::dist::Collective;
 use crate::error::{CoreError, Result};
 use crate::loss::LossMode;
 use crate::optim::{OptimConfig, OptimizerKind, OptimizerState, WeightDecayScope};
@@ -180,8 +181,9 @@ pub struct MicroLoss {
 pub trait FlatRDropModel {
     /// The names and shapes of the flat parameter buffer.
     fn layout(&self) -> &FlatLayout;
-    /// Parameters (mutable, for the optimiser) and the accumulated gradients.
-    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]);
+    /// Parameters (mutable, for the optimiser) and the accumulated gradients (mutable, for the
+    /// data-parallel all-reduce).
+    fn params_and_grads(&mut self) -> (&mut [f32], &mut [f32]);
     /// Sets every gradient to zero (start of an update).
     fn zero_grads(&mut self);
     /// Two training passes of micro-batch `x` `(m, …)` with labels `y` (`u32`, `(m,)`), the
@@ -476,6 +478,39 @@ impl FlatTrainer {
         model: &mut M,
         micro_batches: &[(Tensor, Tensor)],
     ) -> Result<StepStats> {
+        self.update_with(model, micro_batches, None)
+    }
+
+    /// One data-parallel update: `micro_batches` are this rank's share of the global batch
+    /// (rank `r` of `N` holds global samples `r·B/N ..` in order, cut into `accum_steps`
+    /// micro-batches; [`crate::dist::shard`]); every rank must hold as many samples. With
+    /// `n` local and `B = N·n` global samples:
+    /// ```text
+    /// first_sample(j) = r·n + Σ_{i<j} m_i                  (masks keyed by global index)
+    /// w_j = m_j / B (mean)   or   1 / (accum · N) (reference)
+    /// G   = Σ_ranks Σ_j ∇(w_j · L_j)                       (collective.all_reduce_sum)
+    /// (loss, ce, kl, n) summed over ranks                  (collective.all_reduce_f64)
+    /// ```
+    /// then the norm, clip and step of [`FlatTrainer::update`] on the summed `G`, identical on
+    /// every rank. So `N` ranks at accumulation `A` compute the single-process update at
+    /// accumulation `N·A` over the same samples (the same up to float summation order; in
+    /// `mean` mode also the update at accumulation `A`). `StepStats::samples` is `B`;
+    /// `optimizer_s` includes the reductions. With a world of one it is [`FlatTrainer::update`].
+    pub fn update_distributed<M: FlatRDropModel + ?Sized>(
+        &mut self,
+        model: &mut M,
+        micro_batches: &[(Tensor, Tensor)],
+        collective: &dyn Collective,
+    ) -> Result<StepStats> {
+        self.update_with(model, micro_batches, Some(collective))
+    }
+
+    fn update_with<M: FlatRDropModel + ?Sized>(
+        &mut self,
+        model: &mut M,
+        micro_batches: &[(Tensor, Tensor)],
+        collective: Option<&dyn Collective>,
+    ) -> Result<StepStats> {
         if micro_batches.len() != self.cfg.accum_steps {
             return Err(CoreError::Config(format!(
                 "update got {} micro-batches, accum_steps is {}",
@@ -483,23 +518,25 @@ impl FlatTrainer {
                 self.cfg.accum_steps
             )));
         }
-        let total: usize = micro_batches
+        let local: usize = micro_batches
             .iter()
             .map(|(x, _)| x.dim(0))
             .sum::<candle_core::Result<usize>>()?;
-        if total == 0 {
+        if local == 0 {
             return Err(CoreError::Config("update got no samples".into()));
         }
+        let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
+        let total = local * world;
         let k = self.step + 1;
         model.zero_grads();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
-        let mut first = 0usize;
+        let mut first = rank * local;
         for (x, y) in micro_batches {
             let m = x.dim(0)?;
             let w = match self.cfg.loss.mode {
                 LossMode::Mean => m as f64 / total as f64,
-                LossMode::Reference => 1.0 / micro_batches.len() as f64,
+                LossMode::Reference => 1.0 / (micro_batches.len() * world) as f64,
             };
             let l = model.accumulate(x, y, k, first, &self.cfg.loss, w)?;
             loss += w * l.loss;
@@ -510,8 +547,21 @@ impl FlatTrainer {
             first += m;
         }
         let t1 = Instant::now();
-        let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
         let (params, grads) = model.params_and_grads();
+        if let Some(c) = collective.filter(|c| c.world_size() > 1) {
+            c.all_reduce_sum(grads)?;
+            let mut v = [loss, ce, kl, local as f64];
+            c.all_reduce_f64(&mut v)?;
+            [loss, ce, kl] = [v[0], v[1], v[2]];
+            if v[3] != total as f64 {
+                return Err(CoreError::Config(format!(
+                    "the ranks hold {} samples in all, rank {rank} expected {world} × {local}: \
+                     every rank must get an equal share of the global batch",
+                    v[3]
+                )));
+            }
+        }
+        let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
         let grad_norm = sum_squares(grads).sqrt();
         check_finite(k, loss, grad_norm)?;
         let coef = match self.cfg.clip_norm {

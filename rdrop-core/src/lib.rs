@@ -13,12 +13,14 @@
 //! - [`schedule`]: warm-up + cosine/linear learning-rate multiplier `lr_lambda(k)`;
 //! - [`flat`]: the same update over flat parameter/gradient/moment buffers (explicit engines);
 //! - [`trainer`]: one composed update (accumulation, scaling, clipping, schedule, step);
-//! - [`state`], [`checkpoint`]: the training state and atomic checkpoint files.
+//! - [`state`], [`checkpoint`]: the training state and atomic checkpoint files;
+//! - [`dist`]: data-parallel training (launch variables, rendezvous, collectives, sharding).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod atomic;
 pub mod checkpoint;
 pub mod clip;
+pub mod dist;
 pub mod error;
 pub mod flat;
 pub mod loss;

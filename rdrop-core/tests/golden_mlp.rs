@@ -202,8 +202,8 @@ impl rdrop_core::FlatRDropModel for FlatMlp {
         &self.layout
     }
 
-    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]) {
-        (&mut self.params, &self.grads)
+    fn params_and_grads(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.params, &mut self.grads)
     }
 
     fn zero_grads(&mut self) {

@@ -238,8 +238,8 @@ impl FlatRDropModel for Engine {
         &self.layout
     }
 
-    fn params_and_grads(&mut self) -> (&mut [f32], &[f32]) {
-        (&mut self.params, &self.grads)
+    fn params_and_grads(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.params, &mut self.grads)
     }
 
     fn zero_grads(&mut self) {
