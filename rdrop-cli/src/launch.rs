@@ -261,10 +261,8 @@ fn watch(children: &mut [Child], grace: Duration) -> anyhow::Result<()> {
         return Ok(());
     };
     let st = status[rank].unwrap_or_default();
-    let interrupted = killed.is_empty()
-        && status
-            .iter()
-            .all(|s| s.and_then(|s| s.code()) == Some(130));
+    let interrupted =
+        killed.is_empty() && status.iter().all(|s| s.and_then(|s| s.code()) == Some(130));
     Err(RanksFailed {
         rank,
         pid: children[rank].id(),
@@ -320,7 +318,10 @@ mod tests {
         assert_eq!((f.rank, f.killed.as_slice()), (1, &[0usize][..]));
         assert_eq!(f.exit_code(), 1);
         let text = e.to_string();
-        assert!(text.contains("rank 1") && text.contains("status 7"), "{text}");
+        assert!(
+            text.contains("rank 1") && text.contains("status 7"),
+            "{text}"
+        );
         assert!(t0.elapsed() >= grace && t0.elapsed() < grace + Duration::from_secs(5));
         // Every rank interrupted: the launcher exits like one interrupted process.
         let mut kids: Vec<Child> = (0..2)

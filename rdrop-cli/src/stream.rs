@@ -53,15 +53,6 @@ pub struct Share {
 }
 
 impl Share {
-    /// One process reading every micro-batch (`accumulation` per update).
-    pub fn single(accumulation: usize) -> Self {
-        Self {
-            world: 1,
-            rank: 0,
-            accumulation,
-        }
-    }
-
     /// The `(epoch, index)` of the micro-batches this rank reads in the update that starts at
     /// `pos`, and moves `pos` past the whole global batch.
     pub fn update(&self, pos: &mut Position, per_epoch: usize) -> Vec<(u64, usize)> {
@@ -159,7 +150,12 @@ mod tests {
             let mut one = Position::default();
             let mut ranks = vec![Position::default(); world];
             for _ in 0..7 {
-                let all = Share::single(world * a).update(&mut one, per_epoch);
+                let single = Share {
+                    world: 1,
+                    rank: 0,
+                    accumulation: world * a,
+                };
+                let all = single.update(&mut one, per_epoch);
                 let mut got = Vec::new();
                 for (r, pos) in ranks.iter_mut().enumerate() {
                     let s = Share {

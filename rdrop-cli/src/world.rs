@@ -80,8 +80,8 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
         return Ok(());
     }
     let accum = cfg.batch_size / (world * cfg.micro_batch.max(1));
-    rdrop_core::dist::check_batch(cfg.batch_size, world, cfg.micro_batch, accum.max(1))
-        .map_err(|_| {
+    rdrop_core::dist::check_batch(cfg.batch_size, world, cfg.micro_batch, accum.max(1)).map_err(
+        |_| {
             anyhow::anyhow!(
                 "batch size {} is not divisible by {world} ranks × micro-batch {} = {}: every \
                  rank takes micro-batches of the same size (batch_size = ranks × micro_batch × \
@@ -90,7 +90,8 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
                 cfg.micro_batch,
                 world * cfg.micro_batch
             )
-        })?;
+        },
+    )?;
     if cfg.engine == rdrop_vit::EngineKind::Autograd {
         anyhow::bail!(
             "--engine autograd does not run data parallel ({world} ranks): the ranks all-reduce \
@@ -175,9 +176,16 @@ pub fn device(cfg: &RunConfig, spec: &WorldSpec) -> DeviceSpec {
 pub fn rendezvous_timeout() -> anyhow::Result<Duration> {
     match std::env::var("RDROP_RENDEZVOUS_TIMEOUT_S") {
         Ok(v) => {
-            let s: f64 = v.trim().parse().ok().filter(|s: &f64| *s > 0.0).with_context(|| {
-                format!("RDROP_RENDEZVOUS_TIMEOUT_S={v:?}: expected a positive number of seconds")
-            })?;
+            let s: f64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| *s > 0.0)
+                .with_context(|| {
+                    format!(
+                        "RDROP_RENDEZVOUS_TIMEOUT_S={v:?}: expected a positive number of seconds"
+                    )
+                })?;
             Ok(Duration::from_secs_f64(s))
         }
         Err(_) => Ok(Duration::from_secs(300)),
@@ -221,14 +229,6 @@ impl Link {
 }
 
 impl World {
-    /// One process.
-    pub fn single() -> Self {
-        Self {
-            spec: WorldSpec::single(),
-            link: None,
-        }
-    }
-
     /// Joins the other ranks of `spec` (after [`check`]): the TCP rendezvous, then the
     /// collective: NCCL on CUDA builds for a CUDA run, the rendezvous itself on the CPU (test
     /// hook).
@@ -326,8 +326,8 @@ impl World {
 fn nccl(group: Group, ordinal: usize) -> anyhow::Result<Link> {
     let rank = group.rank();
     DeviceSpec::Cuda(ordinal).open()?;
-    let lib = rdrop_core::dist::Nccl::load()
-        .with_context(|| format!("rank {rank}: loading NCCL"))?;
+    let lib =
+        rdrop_core::dist::Nccl::load().with_context(|| format!("rank {rank}: loading NCCL"))?;
     let c = rdrop_core::dist::NcclCollective::init(group, Arc::new(lib))
         .with_context(|| format!("rank {rank}: setting up NCCL on cuda:{ordinal}"))?;
     Ok(Link::Nccl(Arc::new(c)))
@@ -364,14 +364,25 @@ mod tests {
             role_of(Some(4), single.clone()).unwrap(),
             Role::Launch(4)
         ));
-        assert!(matches!(role_of(Some(1), single.clone()).unwrap(), Role::Rank(s) if s.world_size == 1));
-        assert!(matches!(role_of(None, single.clone()).unwrap(), Role::Rank(_)));
+        assert!(
+            matches!(role_of(Some(1), single.clone()).unwrap(), Role::Rank(s) if s.world_size == 1)
+        );
+        assert!(matches!(
+            role_of(None, single.clone()).unwrap(),
+            Role::Rank(_)
+        ));
         assert!(role_of(Some(0), single).is_err());
         // Started by a launcher: join, whether or not the flag was passed on.
         assert!(matches!(role_of(Some(2), torchrun(1, 2)).unwrap(), Role::Rank(s) if s.rank == 1));
-        assert!(matches!(role_of(None, torchrun(1, 2)).unwrap(), Role::Rank(_)));
+        assert!(matches!(
+            role_of(None, torchrun(1, 2)).unwrap(),
+            Role::Rank(_)
+        ));
         let e = role_of(Some(8), torchrun(0, 2)).unwrap_err().to_string();
-        assert!(e.contains("--nproc-per-node 8") && e.contains("2 rank"), "{e}");
+        assert!(
+            e.contains("--nproc-per-node 8") && e.contains("2 rank"),
+            "{e}"
+        );
     }
 
     fn demo(batch: usize, micro: usize) -> RunConfig {
@@ -386,7 +397,10 @@ mod tests {
     fn refusals_say_why() {
         assert!(check(&demo(64, 64), 1, 1, true).is_ok());
         let e = check(&demo(64, 64), 2, 2, true).unwrap_err().to_string();
-        assert!(e.contains("not divisible by 2 ranks × micro-batch 64"), "{e}");
+        assert!(
+            e.contains("not divisible by 2 ranks × micro-batch 64"),
+            "{e}"
+        );
         let e = check(&demo(96, 32), 2, 2, true).unwrap_err().to_string();
         assert!(e.contains("not divisible"), "{e}");
         let mut c = demo(64, 32);
