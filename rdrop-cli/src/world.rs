@@ -117,7 +117,7 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
         }
         let gpus = gpu_count()?;
         anyhow::ensure!(
-            gpus >= local || gpus == 1 && bound_to_one_gpu(),
+            gpus >= local || (gpus == 1 && bound_to_one_gpu()),
             "{local} ranks on this node but {gpus} GPU(s) visible (one rank per GPU; \
              CUDA_VISIBLE_DEVICES={}): start at most {gpus} ranks per node",
             std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())

@@ -8,6 +8,8 @@
 //! - `kill -9` of rank 1 mid-run: the launcher and rank 0 stop within a bounded time with an
 //!   error naming rank 1, every checkpoint left is whole, and `rdrop resume` on one process
 //!   continues to the one-process result (the same data order);
+//! - Ctrl-C to the launcher: every rank stops at the same update, rank 0 writes the
+//!   checkpoint, exit code 130; two ranks resume it; a one-process run resumes on two ranks;
 //! - the refusals, without the hook.
 
 use std::collections::BTreeMap;
@@ -331,8 +333,66 @@ fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
         }
     }
     assert!(steps >= 2, "expected checkpoints before the kill");
+    let tmp = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            n.to_string_lossy().starts_with(".tmp-")
+        })
+        .count();
+    assert_eq!(tmp, 0, "a half-written checkpoint was left");
     // One process continues the two-rank run in the same data order.
     run_ok(&["resume", s(&out)], false);
+    assert_same_run(&reference, &out);
+}
+
+#[test]
+fn ctrl_c_to_the_launcher_checkpoints_every_rank_and_two_ranks_resume() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("dp");
+    let mut launcher = rdrop(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&out),
+            "--nproc-per-node",
+            "2",
+        ],
+        true,
+    )
+    .env("RDROP_TEST_STEP_DELAY_MS", "200")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    while train_lines(&out) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        assert!(launcher.try_wait().unwrap().is_none(), "launcher exited early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let res = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(130), "{err}");
+    assert!(err.contains("[rank 0] checkpoint written"), "{err}");
+    assert!(err.contains("rdrop resume"), "{err}");
+    let done = train_lines(&out);
+    assert!(done < STEPS, "the run finished before the interrupt");
+    assert!(
+        out.join(format!("checkpoints/step-{done}/train_state.json"))
+            .is_file(),
+        "{err}"
+    );
+    run_ok(&["resume", s(&out), "--nproc-per-node", "2"], true);
     assert_same_run(&reference, &out);
 }
 
