@@ -372,7 +372,10 @@ fn ctrl_c_to_the_launcher_checkpoints_every_rank_and_two_ranks_resume() {
     let t0 = Instant::now();
     while train_lines(&out) < 3 {
         assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
-        assert!(launcher.try_wait().unwrap().is_none(), "launcher exited early");
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "launcher exited early"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let st = Command::new("kill")
