@@ -9,8 +9,9 @@
 //! - Ctrl-C / SIGTERM to the launcher is forwarded once to each rank (the ranks run in their own
 //!   process groups, so a terminal's Ctrl-C reaches them through the launcher only, once);
 //! - when a rank fails (non-zero exit or a signal) the others normally stop by themselves (they
-//!   see it die through the rendezvous); any still running after [`GRACE`] are killed, and the
-//!   launcher exits non-zero naming the first rank that failed and how.
+//!   see it die through the rendezvous, and exit with [`PEER_DIED_EXIT`]); any still running
+//!   after [`GRACE`] are killed, and the launcher exits non-zero naming the rank that failed
+//!   first for a reason of its own, and how.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -23,6 +24,24 @@ use anyhow::Context;
 
 /// How long the other ranks get to stop by themselves after one failed, before they are killed.
 pub const GRACE: Duration = Duration::from_secs(15);
+
+/// The exit code of a rank that stopped because another rank died (so that the launcher names
+/// the other one).
+pub const PEER_DIED_EXIT: u8 = 3;
+
+/// Whether `err` says that another rank died.
+pub fn is_peer_death(err: &anyhow::Error) -> bool {
+    use rdrop_core::dist::DistError;
+    err.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<DistError>(),
+            Some(DistError::PeerDied { .. })
+        ) || matches!(
+            c.downcast_ref::<rdrop_core::CoreError>(),
+            Some(rdrop_core::CoreError::Dist(DistError::PeerDied { .. }))
+        )
+    })
+}
 
 /// How often the launcher looks at its ranks.
 const POLL: Duration = Duration::from_millis(50);
@@ -62,7 +81,7 @@ impl std::fmt::Display for RanksFailed {
         }
         write!(
             f,
-            "rank {} (pid {}) {}; the run stopped (its messages above are prefixed [rank {}])",
+            "rank {} (pid {}) {}; the run stopped (its messages, if any, are above, prefixed [rank {}])",
             self.rank, self.pid, self.status, self.rank
         )?;
         if !self.killed.is_empty() {
@@ -227,9 +246,15 @@ pub fn launch(n: usize, extra: &[OsString]) -> anyhow::Result<()> {
 /// Waits for every rank; after the first failure, gives the rest `grace` and kills them.
 fn watch(children: &mut [Child], grace: Duration) -> anyhow::Result<()> {
     let mut status: Vec<Option<ExitStatus>> = vec![None; children.len()];
-    let mut first_failure: Option<(usize, Instant)> = None;
+    // Failures as (a peer's death, the poll that saw it, not a signal, rank): the smallest is
+    // the one to name (a rank's own failure before ranks that only saw it die; in one poll, a
+    // signal before an exit status).
+    let mut failures: Vec<(bool, u64, bool, usize)> = Vec::new();
+    let mut since: Option<Instant> = None;
     let mut killed = Vec::new();
+    let mut poll = 0u64;
     while status.iter().any(Option::is_none) {
+        poll += 1;
         for (rank, child) in children.iter_mut().enumerate() {
             if status[rank].is_some() {
                 continue;
@@ -239,12 +264,14 @@ fn watch(children: &mut [Child], grace: Duration) -> anyhow::Result<()> {
                 .with_context(|| format!("waiting for rank {rank}"))?
             {
                 status[rank] = Some(st);
-                if !st.success() && first_failure.is_none() {
-                    first_failure = Some((rank, Instant::now()));
+                if !st.success() {
+                    let peer = st.code() == Some(i32::from(PEER_DIED_EXIT));
+                    failures.push((peer, poll, st.code().is_some(), rank));
+                    since.get_or_insert_with(Instant::now);
                 }
             }
         }
-        if let Some((_, t)) = first_failure {
+        if let Some(t) = since {
             if t.elapsed() >= grace {
                 for (rank, child) in children.iter_mut().enumerate() {
                     if status[rank].is_none() {
@@ -257,7 +284,7 @@ fn watch(children: &mut [Child], grace: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(POLL);
     }
-    let Some((rank, _)) = first_failure else {
+    let Some(&(_, _, _, rank)) = failures.iter().min() else {
         return Ok(());
     };
     let st = status[rank].unwrap_or_default();
@@ -333,5 +360,27 @@ mod tests {
             .map(|_| Command::new("true").spawn().unwrap())
             .collect();
         assert!(watch(&mut ok, grace).is_ok());
+    }
+
+    /// Ranks that only saw another die (exit 3) are not the one named, even when they end in
+    /// the same poll or earlier; in one poll a signal comes before an exit status.
+    #[cfg(unix)]
+    #[test]
+    fn the_rank_that_failed_first_for_its_own_reason_is_named() {
+        let sh = |c: &str| Command::new("sh").args(["-c", c]).spawn().unwrap();
+        let named = |mut kids: Vec<Child>| {
+            std::thread::sleep(Duration::from_millis(300)); // all ended before the first poll
+            let e = watch(&mut kids, Duration::from_millis(500)).unwrap_err();
+            let f = e.downcast_ref::<RanksFailed>().unwrap();
+            (f.rank, f.status.clone())
+        };
+        let (rank, how) = named(vec![sh("exit 3"), sh("kill -9 $$")]);
+        assert_eq!(
+            (rank, how.as_str()),
+            (1, "was killed by signal 9 (SIGKILL)")
+        );
+        assert_eq!(named(vec![sh("exit 1"), sh("exit 3")]).0, 0);
+        assert_eq!(named(vec![sh("exit 3"), sh("exit 2")]).0, 1);
+        assert_eq!(named(vec![sh("exit 3"), sh("exit 3")]).0, 0);
     }
 }

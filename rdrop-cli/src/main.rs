@@ -72,6 +72,9 @@ fn main() -> ExitCode {
             if let Some(f) = err.downcast_ref::<launch::RanksFailed>() {
                 return ExitCode::from(f.exit_code());
             }
+            if launch::is_peer_death(&err) {
+                return ExitCode::from(launch::PEER_DIED_EXIT);
+            }
             match err.downcast_ref::<cmd::Interrupted>() {
                 Some(_) => ExitCode::from(130),
                 None => ExitCode::FAILURE,

@@ -62,7 +62,7 @@ fn role_of(nproc_per_node: Option<usize>, spec: WorldSpec) -> anyhow::Result<Rol
 fn launcher_name(s: LaunchSource) -> &'static str {
     match s {
         LaunchSource::Single => "nothing",
-        LaunchSource::Torchrun => "torchrun (or rdrop --nproc-per-node)",
+        LaunchSource::Torchrun => "torchrun",
         LaunchSource::Slurm => "Slurm",
     }
 }
@@ -237,7 +237,7 @@ impl World {
             return Ok(Self { spec, link: None });
         }
         let group = Group::join(&spec, rendezvous_timeout()?)
-            .with_context(|| format!("rank {}: joining the other ranks", spec.rank))?;
+            .context("joining the other ranks (RDROP_RENDEZVOUS_TIMEOUT_S: how long to wait)")?;
         let link = match device(cfg, &spec) {
             DeviceSpec::Cpu => Link::Tcp(Arc::new(group)),
             DeviceSpec::Cuda(ordinal) => nccl(group, ordinal)?,
@@ -310,7 +310,7 @@ impl World {
     pub fn describe(&self) -> String {
         let s = &self.spec;
         format!(
-            "{} ranks ({} on this node, {}), rank {} on this process",
+            "{} ranks ({} on this node, started as {} does), rank {} on this process",
             s.world_size,
             s.local_world_size,
             launcher_name(s.source),

@@ -10,6 +10,9 @@
 //!   continues to the one-process result (the same data order);
 //! - Ctrl-C to the launcher: every rank stops at the same update, rank 0 writes the
 //!   checkpoint, exit code 130; two ranks resume it; a one-process run resumes on two ranks;
+//! - ranks started as torchrun or Slurm's srun start them (their variables, no launcher) join
+//!   directly and give the same run; a rank whose peers never come stops at the rendezvous
+//!   timeout with an error naming the address and the missing rank;
 //! - the refusals, without the hook.
 
 use std::collections::BTreeMap;
@@ -421,6 +424,114 @@ fn one_process_run_resumes_on_two_ranks() {
     child.wait().unwrap();
     run_ok(&["resume", s(&out), "--nproc-per-node", "2"], true);
     assert_same_run(&reference, &out);
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Two processes given torchrun's variables, then Slurm's, as those launchers would start them.
+#[test]
+fn ranks_started_by_torchrun_or_slurm_join_directly() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    for launcher in ["torchrun", "slurm"] {
+        let out = dir.path().join(launcher);
+        let port = free_port().to_string();
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let rank = r.to_string();
+                let vars: Vec<(&str, &str)> = if launcher == "torchrun" {
+                    vec![
+                        ("RANK", &rank),
+                        ("WORLD_SIZE", "2"),
+                        ("LOCAL_RANK", &rank),
+                        ("LOCAL_WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", &port),
+                    ]
+                } else {
+                    vec![
+                        ("SLURM_PROCID", &rank),
+                        ("SLURM_NTASKS", "2"),
+                        ("SLURM_LOCALID", &rank),
+                        ("SLURM_NODEID", "0"),
+                        ("SLURM_NTASKS_PER_NODE", "2"),
+                        ("SLURM_STEP_TASKS_PER_NODE", "2"),
+                        ("SLURM_STEP_NODELIST", "localhost"),
+                        ("SLURM_JOB_ID", "4242"),
+                        ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", &port),
+                    ]
+                };
+                rdrop(
+                    &["train", "--config", s(&cfg), "--out", s(&out), "--json"],
+                    true,
+                )
+                .envs(vars)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = ranks
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        for (r, o) in outs.iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "{launcher} rank {r}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        // Rank 0 reports; rank 1 prints nothing on stdout.
+        assert_eq!(String::from_utf8_lossy(&outs[0].stdout).lines().count(), 1);
+        assert!(outs[1].stdout.is_empty());
+        let e0 = String::from_utf8_lossy(&outs[0].stderr);
+        assert!(e0.contains("data parallel: 2 ranks"), "{launcher}: {e0}");
+        assert_same_run(&reference, &out);
+    }
+}
+
+#[test]
+fn a_rank_alone_times_out_at_the_rendezvous_naming_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let port = free_port().to_string();
+    let t0 = Instant::now();
+    let res = rdrop(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&dir.path().join("x")),
+        ],
+        true,
+    )
+    .envs([
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", &port),
+        ("RDROP_RENDEZVOUS_TIMEOUT_S", "1"),
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("[1]"),
+        "names the address and the missing rank: {err}"
+    );
+    assert!(!dir.path().join("x").exists());
 }
 
 #[test]
