@@ -483,7 +483,7 @@ impl FlatTrainer {
 
     /// One data-parallel update: `micro_batches` are this rank's share of the global batch
     /// (rank `r` of `N` holds global samples `r·B/N ..` in order, cut into `accum_steps`
-    /// micro-batches; [`crate::dist::shard`]); every rank must hold as many samples. With
+    /// micro-batches; [`crate::dist::shard()`]); every rank must hold as many samples. With
     /// `n` local and `B = N·n` global samples:
     /// ```text
     /// first_sample(j) = r·n + Σ_{i<j} m_i                  (masks keyed by global index)
@@ -495,7 +495,8 @@ impl FlatTrainer {
     /// every rank. So `N` ranks at accumulation `A` compute the single-process update at
     /// accumulation `N·A` over the same samples (the same up to float summation order; in
     /// `mean` mode also the update at accumulation `A`). `StepStats::samples` is `B`;
-    /// `optimizer_s` includes the reductions. With a world of one it is [`FlatTrainer::update`].
+    /// `optimizer_s` includes the reductions. With a world of one it computes
+    /// [`FlatTrainer::update`] (the reductions still run).
     pub fn update_distributed<M: FlatRDropModel + ?Sized>(
         &mut self,
         model: &mut M,
@@ -548,7 +549,9 @@ impl FlatTrainer {
         }
         let t1 = Instant::now();
         let (params, grads) = model.params_and_grads();
-        if let Some(c) = collective.filter(|c| c.world_size() > 1) {
+        // With a collective the reductions run even for a world of one (identities then), so
+        // that a one-rank launch exercises the distributed path.
+        if let Some(c) = collective {
             c.all_reduce_sum(grads)?;
             let mut v = [loss, ce, kl, local as f64];
             c.all_reduce_f64(&mut v)?;

@@ -34,6 +34,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::clip::clip_grad_norm;
+use crate::dist::Collective;
 use crate::error::{CoreError, Result};
 use crate::loss::{rdrop_loss, LossConfig, LossMode};
 use crate::model::RDropModel;
@@ -236,6 +237,8 @@ pub struct Trainer {
     scaler: LossScaler,
     step: u64,
     pending: Option<Pending>,
+    /// Global index of this rank's first sample in the update (0 outside a distributed update).
+    sample_base: usize,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -273,6 +276,7 @@ impl Trainer {
             scaler,
             step: 0,
             pending: None,
+            sample_base: 0,
         })
     }
 
@@ -355,6 +359,32 @@ impl Trainer {
         model: &M,
         micro_batches: &[(Tensor, Tensor)],
     ) -> Result<StepStats> {
+        self.update_with(model, micro_batches, None)
+    }
+
+    /// One data-parallel update, as [`crate::FlatTrainer::update_distributed`]: this rank's
+    /// micro-batches are its share of the global batch (rank `r` of `N`, `n` local samples,
+    /// `B = N·n`), masks are keyed by global sample index (`r·n +` local offset), the weights
+    /// are `m_j / B` (mean) or `1 / (accum·N)` (reference), and before the unscale/clip/step the
+    /// gradients are summed over the ranks ([`crate::dist::all_reduce_grads`]) and
+    /// `(loss, ce, kl, n)` with `all_reduce_f64`. Every rank then takes the same step (the f16
+    /// scaler decides on the summed values, so it skips on every rank or on none).
+    /// `StepStats::samples` is `B`. The reductions run even in a world of one.
+    pub fn update_distributed<M: RDropModel + ?Sized>(
+        &mut self,
+        model: &M,
+        micro_batches: &[(Tensor, Tensor)],
+        collective: &dyn Collective,
+    ) -> Result<StepStats> {
+        self.update_with(model, micro_batches, Some(collective))
+    }
+
+    fn update_with<M: RDropModel + ?Sized>(
+        &mut self,
+        model: &M,
+        micro_batches: &[(Tensor, Tensor)],
+        collective: Option<&dyn Collective>,
+    ) -> Result<StepStats> {
         if micro_batches.len() != self.cfg.accum_steps {
             return Err(CoreError::Config(format!(
                 "update got {} micro-batches, accum_steps is {}",
@@ -362,25 +392,65 @@ impl Trainer {
                 self.cfg.accum_steps
             )));
         }
-        let total: usize = micro_batches
+        let local: usize = micro_batches
             .iter()
             .map(|(x, _)| x.dim(0))
             .sum::<candle_core::Result<usize>>()?;
-        if total == 0 {
+        if local == 0 {
             return Err(CoreError::Config("update got no samples".into()));
         }
+        let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
+        let total = local * world;
         self.pending = None;
+        self.sample_base = rank * local;
         for (x, y) in micro_batches {
             let w = match self.cfg.loss.mode {
                 LossMode::Mean => x.dim(0)? as f64 / total as f64,
-                LossMode::Reference => 1.0 / micro_batches.len() as f64,
+                LossMode::Reference => 1.0 / (micro_batches.len() * world) as f64,
             };
             if let Err(e) = self.accumulate(model, x, y, w) {
+                self.pending = None;
+                self.sample_base = 0;
+                return Err(e);
+            }
+        }
+        self.sample_base = 0;
+        if let Some(c) = collective {
+            if let Err(e) = self.reduce_pending(c, local, total) {
                 self.pending = None;
                 return Err(e);
             }
         }
         self.finish_update()
+    }
+
+    /// Sums the pending gradients and statistics over the ranks.
+    fn reduce_pending(&mut self, c: &dyn Collective, local: usize, total: usize) -> Result<()> {
+        let Some(pend) = self.pending.as_mut() else {
+            return Err(CoreError::Config("no pending update to reduce".into()));
+        };
+        crate::dist::all_reduce_grads(&mut pend.grads, c)?;
+        let (Some(loss), Some(ce), Some(kl)) = (&pend.loss, &pend.ce, &pend.kl) else {
+            return Err(CoreError::Config("no pending update to reduce".into()));
+        };
+        let dev = loss.device().clone();
+        let host = Tensor::stack(&[loss, ce, kl], 0)?.to_vec1::<f32>()?;
+        let mut v = [host[0] as f64, host[1] as f64, host[2] as f64, local as f64];
+        c.all_reduce_f64(&mut v)?;
+        if v[3] != total as f64 {
+            return Err(CoreError::Config(format!(
+                "the ranks hold {} samples in all, rank {} expected {} × {local}: every rank \
+                 must get an equal share of the global batch",
+                v[3],
+                c.rank(),
+                c.world_size()
+            )));
+        }
+        pend.loss = Some(Tensor::new(v[0] as f32, &dev)?);
+        pend.ce = Some(Tensor::new(v[1] as f32, &dev)?);
+        pend.kl = Some(Tensor::new(v[2] as f32, &dev)?);
+        pend.samples = total;
+        Ok(())
     }
 
     /// Streaming form of [`Trainer::update`]: adds the gradient of `weight · loss(x, y)` to the
@@ -407,7 +477,7 @@ impl Trainer {
                 self.step + 1
             ))
         })?;
-        let offset = self.pending.as_ref().map_or(0, |p| p.samples);
+        let offset = self.sample_base + self.pending.as_ref().map_or(0, |p| p.samples);
         let offset = u32::try_from(offset).map_err(|_| {
             CoreError::Config(format!(
                 "{offset} samples in one update exceed the dropout key's u32 sample index"

@@ -14,6 +14,11 @@
 //!    differ). Run rdrop under `srun`: in a batch script's own shell `SLURM_NTASKS` counts
 //!    tasks that no process stands for.
 //! 3. **Single**: one process, rank 0 of 1.
+//!
+//! **Port.** `RDROP_MASTER_PORT` ([`PORT_OVERRIDE`]) overrides the rendezvous port for either
+//! launcher. Recent torchrun (c10d rendezvous, `--standalone`) exports
+//! `TORCHELASTIC_USE_AGENT_STORE=True` and its agent's own TCPStore already listens on
+//! `MASTER_PORT`; then rdrop's rendezvous uses `MASTER_PORT + 1` (the same on every rank).
 
 /// Which launcher started this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +51,9 @@ pub struct WorldSpec {
 }
 
 use super::error::DistError;
+
+/// Overrides the rendezvous port whatever the launcher (e.g. when `MASTER_PORT` is taken).
+pub const PORT_OVERRIDE: &str = "RDROP_MASTER_PORT";
 
 /// The default rendezvous address of a single process (never used for a connection).
 const LOCALHOST: &str = "127.0.0.1";
@@ -87,13 +95,33 @@ impl WorldSpec {
     /// variable and its value.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, DistError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
-            return torchrun(&get);
+        let mut spec = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            torchrun(&get)?
+        } else if get("SLURM_PROCID").is_some() {
+            slurm(&get)?
+        } else {
+            return Ok(Self::single());
+        };
+        if let Some(p) = get(PORT_OVERRIDE) {
+            spec.master_port = parse_port(PORT_OVERRIDE, &p)?;
+        } else if spec.source == LaunchSource::Torchrun
+            && get("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"))
+        {
+            // torchrun's agent already listens on MASTER_PORT (its TCPStore): take the next.
+            spec.master_port =
+                spec.master_port
+                    .checked_add(1)
+                    .ok_or_else(|| DistError::BadVar {
+                        var: "MASTER_PORT".into(),
+                        value: spec.master_port.to_string(),
+                        problem: format!(
+                            "torchrun's agent store holds it and there is no next port; set \
+                     {PORT_OVERRIDE}"
+                        ),
+                    })?;
         }
-        if get("SLURM_PROCID").is_some() {
-            return slurm(&get);
-        }
-        Ok(Self::single())
+        Ok(spec)
     }
 
     fn check(self) -> Result<Self, DistError> {
@@ -416,4 +444,316 @@ fn expand_tasks_per_node(var: &str, value: &str) -> Result<Vec<usize>, DistError
         out.extend(std::iter::repeat_n(n, reps));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: std::collections::HashMap<String, String> = kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    const TORCHRUN: &[(&str, &str)] = &[
+        ("RANK", "5"),
+        ("WORLD_SIZE", "16"),
+        ("LOCAL_RANK", "1"),
+        ("LOCAL_WORLD_SIZE", "4"),
+        ("MASTER_ADDR", "node-a"),
+        ("MASTER_PORT", "29500"),
+    ];
+
+    const SLURM: &[(&str, &str)] = &[
+        ("SLURM_PROCID", "6"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "2"),
+        ("SLURM_NODEID", "1"),
+        ("SLURM_STEP_TASKS_PER_NODE", "4(x2)"),
+        ("SLURM_STEP_NODELIST", "gpu[003-004]"),
+        ("SLURM_JOB_NODELIST", "other[1-9]"),
+        ("SLURM_JOB_ID", "4242117"),
+    ];
+
+    fn with(
+        base: &[(&'static str, &'static str)],
+        over: &[(&'static str, &'static str)],
+    ) -> Vec<(&'static str, &'static str)> {
+        let mut v: Vec<_> = base
+            .iter()
+            .filter(|(k, _)| !over.iter().any(|(o, _)| o == k))
+            .copied()
+            .collect();
+        v.extend(over.iter().filter(|(_, val)| !val.is_empty()).copied());
+        v
+    }
+
+    fn without(
+        base: &[(&'static str, &'static str)],
+        var: &str,
+    ) -> Vec<(&'static str, &'static str)> {
+        base.iter().filter(|(k, _)| *k != var).copied().collect()
+    }
+
+    #[test]
+    fn nothing_set_is_a_single_process() {
+        let w = WorldSpec::from_vars(vars(&[("SLURM_JOB_ID", "12"), ("HOME", "/x")])).unwrap();
+        assert_eq!(w, WorldSpec::single());
+        assert!(!w.is_distributed());
+    }
+
+    #[test]
+    fn torchrun_variables() {
+        let w = WorldSpec::from_vars(vars(TORCHRUN)).unwrap();
+        assert_eq!(
+            w,
+            WorldSpec {
+                rank: 5,
+                world_size: 16,
+                local_rank: 1,
+                local_world_size: 4,
+                master_addr: "node-a".into(),
+                master_port: 29500,
+                source: LaunchSource::Torchrun,
+            }
+        );
+        assert_eq!(w.rendezvous_addr(), "node-a:29500");
+        let v6 = WorldSpec::from_vars(vars(&with(TORCHRUN, &[("MASTER_ADDR", "::1")]))).unwrap();
+        assert_eq!(v6.rendezvous_addr(), "[::1]:29500");
+    }
+
+    #[test]
+    fn port_override_and_torchrun_agent_store() {
+        let w = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[("TORCHELASTIC_USE_AGENT_STORE", "True")],
+        )))
+        .unwrap();
+        assert_eq!(w.master_port, 29501);
+        let w = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[("TORCHELASTIC_USE_AGENT_STORE", "False")],
+        )))
+        .unwrap();
+        assert_eq!(w.master_port, 29500);
+        let w = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[
+                ("TORCHELASTIC_USE_AGENT_STORE", "1"),
+                (PORT_OVERRIDE, "31000"),
+            ],
+        )))
+        .unwrap();
+        assert_eq!(w.master_port, 31000);
+        let w = WorldSpec::from_vars(vars(&with(SLURM, &[(PORT_OVERRIDE, "31001")]))).unwrap();
+        assert_eq!(w.master_port, 31001);
+        let e = WorldSpec::from_vars(vars(&with(
+            TORCHRUN,
+            &[
+                ("TORCHELASTIC_USE_AGENT_STORE", "1"),
+                ("MASTER_PORT", "65535"),
+            ],
+        )))
+        .unwrap_err();
+        assert!(e.to_string().contains(PORT_OVERRIDE), "{e}");
+        let e = WorldSpec::from_vars(vars(&with(TORCHRUN, &[(PORT_OVERRIDE, "x")]))).unwrap_err();
+        assert!(
+            matches!(&e, DistError::BadVar { var, .. } if var == PORT_OVERRIDE),
+            "{e:?}"
+        );
+        // A single process ignores it.
+        let w = WorldSpec::from_vars(vars(&[(PORT_OVERRIDE, "x")])).unwrap();
+        assert_eq!(w, WorldSpec::single());
+    }
+
+    #[test]
+    fn torchrun_takes_precedence_over_slurm() {
+        let mut both = TORCHRUN.to_vec();
+        both.extend_from_slice(SLURM);
+        let w = WorldSpec::from_vars(vars(&both)).unwrap();
+        assert_eq!(w.source, LaunchSource::Torchrun);
+        assert_eq!((w.rank, w.world_size), (5, 16));
+    }
+
+    #[test]
+    fn torchrun_missing_variable_is_named() {
+        for var in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ] {
+            let e = WorldSpec::from_vars(vars(&without(TORCHRUN, var))).unwrap_err();
+            match &e {
+                DistError::MissingVar {
+                    var: v, launcher, ..
+                } => {
+                    assert_eq!((v.as_str(), *launcher), (var, "torchrun"))
+                }
+                other => panic!("{var}: {other:?}"),
+            }
+            assert!(e.to_string().contains(var), "{e}");
+        }
+        // An empty value counts as unset.
+        let e = WorldSpec::from_vars(vars(&with(TORCHRUN, &[("MASTER_PORT", " ")]))).unwrap_err();
+        assert!(matches!(e, DistError::MissingVar { ref var, .. } if var == "MASTER_PORT"));
+    }
+
+    #[test]
+    fn torchrun_garbage_values_are_named() {
+        let cases: &[(&str, &str)] = &[
+            ("RANK", "two"),
+            ("RANK", "-1"),
+            ("RANK", "16"),
+            ("WORLD_SIZE", "0"),
+            ("LOCAL_RANK", "4"),
+            ("LOCAL_WORLD_SIZE", "17"),
+            ("LOCAL_WORLD_SIZE", "0"),
+            ("MASTER_PORT", "0"),
+            ("MASTER_PORT", "70000"),
+            ("MASTER_PORT", "http"),
+        ];
+        for &(var, value) in cases {
+            let e = WorldSpec::from_vars(vars(&with(TORCHRUN, &[(var, value)]))).unwrap_err();
+            match &e {
+                DistError::BadVar { var: v, .. } => assert_eq!(v, var, "{var}={value}: {e}"),
+                other => panic!("{var}={value}: {other:?}"),
+            }
+            let msg = e.to_string();
+            assert!(msg.contains(var), "{msg}");
+        }
+        // The value itself is quoted when it is the culprit.
+        let e = WorldSpec::from_vars(vars(&with(TORCHRUN, &[("RANK", "two")]))).unwrap_err();
+        assert!(e.to_string().contains("\"two\""), "{e}");
+    }
+
+    #[test]
+    fn slurm_variables() {
+        let w = WorldSpec::from_vars(vars(SLURM)).unwrap();
+        assert_eq!(
+            w,
+            WorldSpec {
+                rank: 6,
+                world_size: 8,
+                local_rank: 2,
+                local_world_size: 4,
+                master_addr: "gpu003".into(),
+                master_port: 15000 + 2117,
+                source: LaunchSource::Slurm,
+            }
+        );
+    }
+
+    #[test]
+    fn slurm_fallbacks_and_overrides() {
+        // No step node list: the job's.
+        let w = WorldSpec::from_vars(vars(&without(SLURM, "SLURM_STEP_NODELIST"))).unwrap();
+        assert_eq!(w.master_addr, "other1");
+        // MASTER_ADDR / MASTER_PORT override.
+        let w = WorldSpec::from_vars(vars(&with(
+            SLURM,
+            &[("MASTER_ADDR", "10.0.0.7"), ("MASTER_PORT", "12345")],
+        )))
+        .unwrap();
+        assert_eq!((w.master_addr.as_str(), w.master_port), ("10.0.0.7", 12345));
+        // Tasks per node from SLURM_NTASKS_PER_NODE when the step's list is absent.
+        let w = WorldSpec::from_vars(vars(&with(
+            &without(SLURM, "SLURM_STEP_TASKS_PER_NODE"),
+            &[("SLURM_NTASKS_PER_NODE", "4")],
+        )))
+        .unwrap();
+        assert_eq!(w.local_world_size, 4);
+        // Uneven nodes: node 1 of "3,5" has 5 tasks.
+        let w = WorldSpec::from_vars(vars(&with(
+            SLURM,
+            &[("SLURM_STEP_TASKS_PER_NODE", "3,5"), ("SLURM_LOCALID", "4")],
+        )))
+        .unwrap();
+        assert_eq!((w.local_rank, w.local_world_size), (4, 5));
+        assert_eq!(slurm_default_port(9999), 24999);
+        assert_eq!(slurm_default_port(10000), 15000);
+    }
+
+    #[test]
+    fn slurm_missing_and_bad_values_are_named() {
+        for var in ["SLURM_NTASKS", "SLURM_LOCALID"] {
+            let e = WorldSpec::from_vars(vars(&without(SLURM, var))).unwrap_err();
+            assert!(
+                matches!(&e, DistError::MissingVar { var: v, launcher: "Slurm", .. } if v == var),
+                "{e:?}"
+            );
+        }
+        // Neither node list (nor MASTER_ADDR).
+        let no_lists = without(&without(SLURM, "SLURM_STEP_NODELIST"), "SLURM_JOB_NODELIST");
+        let e = WorldSpec::from_vars(vars(&no_lists)).unwrap_err();
+        assert!(matches!(&e, DistError::MissingVar { var, .. } if var == "SLURM_JOB_NODELIST"));
+        // No job id for the default port.
+        let e = WorldSpec::from_vars(vars(&without(SLURM, "SLURM_JOB_ID"))).unwrap_err();
+        assert!(matches!(&e, DistError::MissingVar { var, .. } if var == "SLURM_JOB_ID"));
+        // No tasks-per-node at all.
+        let e =
+            WorldSpec::from_vars(vars(&without(SLURM, "SLURM_STEP_TASKS_PER_NODE"))).unwrap_err();
+        assert!(e.to_string().contains("SLURM_STEP_TASKS_PER_NODE"), "{e}");
+        let bad: &[(&str, &str)] = &[
+            ("SLURM_PROCID", "x"),
+            ("SLURM_PROCID", "8"),
+            ("SLURM_STEP_TASKS_PER_NODE", "4(x2"),
+            ("SLURM_STEP_TASKS_PER_NODE", "4(xz)"),
+            ("SLURM_STEP_TASKS_PER_NODE", "4"), // one node, SLURM_NODEID 1
+            ("SLURM_NODEID", "one"),
+            ("SLURM_STEP_NODELIST", "gpu[003-004"),
+            ("SLURM_JOB_ID", "abc"),
+        ];
+        for &(var, value) in bad {
+            let e = WorldSpec::from_vars(vars(&with(SLURM, &[(var, value)]))).unwrap_err();
+            assert!(
+                matches!(&e, DistError::BadVar { var: v, value: val, .. } if v == var && val == value),
+                "{var}={value}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostlists_expand() {
+        let ok: &[(&str, &[&str])] = &[
+            ("node1", &["node1"]),
+            ("a,b,c", &["a", "b", "c"]),
+            (
+                "gpu[003-005,010],login1",
+                &["gpu003", "gpu004", "gpu005", "gpu010", "login1"],
+            ),
+            ("n[08-11]", &["n08", "n09", "n10", "n11"]),
+            ("n[8-11]", &["n8", "n9", "n10", "n11"]),
+            ("n[098-101]", &["n098", "n099", "n100", "n101"]),
+            (
+                "rack[1-2]-gpu[0-1]",
+                &["rack1-gpu0", "rack1-gpu1", "rack2-gpu0", "rack2-gpu1"],
+            ),
+            ("x[1,3]y,z[7]", &["x1y", "x3y", "z7"]),
+            ("h[5]-ib", &["h5-ib"]),
+        ];
+        for (list, want) in ok {
+            assert_eq!(expand_hostlist(list).unwrap(), *want, "{list}");
+        }
+        for bad in [
+            "gpu[003-005",
+            "gpu003-005]",
+            "gpu[5-3]",
+            "gpu[a-b]",
+            "gpu[]",
+            "gpu[1-]",
+            "a,,b",
+            "",
+            "n[1[2]]",
+            "n[1-999999999]",
+        ] {
+            let e = expand_hostlist(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+    }
 }

@@ -27,7 +27,10 @@ pub enum DistError {
         problem: String,
     },
     /// Rank 0 could not listen on the rendezvous port.
-    #[error("rank 0: cannot listen for the rendezvous on {addr}: {source}")]
+    #[error(
+        "rank 0: cannot listen for the rendezvous on {addr}: {source} (another job or \
+         torchrun's agent may hold the port: set RDROP_MASTER_PORT to a free one on every rank)"
+    )]
     Listen {
         /// The address.
         addr: String,

@@ -187,3 +187,73 @@ impl Collective for LocalCollective {
         self.reduce(Payload::Barrier).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(rank: usize, n: usize) -> Vec<f64> {
+        // Magnitudes far apart, so that the summation order shows in the bits.
+        (0..n)
+            .map(|i| (1e16f64).powi(rank as i32 % 2) * (i as f64 + 0.1) / (rank as f64 + 3.0))
+            .collect()
+    }
+
+    #[test]
+    fn sums_in_rank_order_on_every_rank() {
+        let world = 3;
+        let group = LocalCollective::group(world);
+        let out: Vec<(Vec<f64>, Vec<f32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut v = values(c.rank(), 5);
+                        let mut f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                        c.all_reduce_f64(&mut v).unwrap();
+                        c.barrier().unwrap();
+                        c.all_reduce_sum(&mut f).unwrap();
+                        (v, f)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut want = values(0, 5);
+        let mut want32: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+        for r in 1..world {
+            for (i, x) in values(r, 5).into_iter().enumerate() {
+                want[i] += x;
+                want32[i] += x as f32;
+            }
+        }
+        for (v, f) in &out {
+            assert_eq!(v, &want);
+            assert_eq!(f, &want32);
+        }
+    }
+
+    #[test]
+    fn different_calls_and_dropped_ranks_are_errors() {
+        let mut group = LocalCollective::group(2);
+        let b = group.pop().unwrap();
+        let a = group.pop().unwrap();
+        let (ra, rb) = std::thread::scope(|s| {
+            let ha = s.spawn(|| a.all_reduce_f64(&mut [1.0, 2.0]));
+            let hb = s.spawn(|| b.all_reduce_f64(&mut [1.0]));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        for r in [ra, rb] {
+            assert!(matches!(r, Err(DistError::Protocol { .. })), "{r:?}");
+        }
+        // Rank 1 goes away while rank 0 waits: rank 0 is told, not left hanging.
+        let h = std::thread::spawn(move || a.barrier());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(b);
+        let r = h.join().unwrap();
+        assert!(
+            matches!(r, Err(DistError::PeerDied { rank: 1, .. })),
+            "{r:?}"
+        );
+    }
+}

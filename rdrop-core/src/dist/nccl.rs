@@ -319,3 +319,77 @@ impl Collective for NcclCollective {
         self.group.barrier()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_a_clear_error() {
+        let name = "libnccl-not-here-rdrop-test.so.2";
+        let e = Nccl::load_from(name).unwrap_err();
+        assert!(
+            matches!(&e, DistError::NcclMissing { library, .. } if library == name),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        for part in [name, "RDROP_NCCL_LIBRARY", "Install NCCL"] {
+            assert!(msg.contains(part), "{msg}");
+        }
+        // The default name, where it is not installed (as on CI), is named too.
+        match Nccl::load_from(NCCL_LIBRARY) {
+            Err(e) => assert!(e.to_string().contains("libnccl.so.2"), "{e}"),
+            Ok(n) => assert!(n.version().unwrap() >= 20000),
+        }
+    }
+
+    #[test]
+    fn a_library_without_the_symbols_is_refused() {
+        let e = Nccl::load_from("libc.so.6").unwrap_err();
+        assert!(
+            matches!(&e, DistError::NcclMissing { message, .. } if message.contains("ncclGetVersion")),
+            "{e:?}"
+        );
+    }
+
+    /// With `RDROP_TEST_NCCL_LIBRARY=/path/to/libnccl.so.2` (e.g. PyTorch's
+    /// `nvidia/nccl/lib`), the calls that need no GPU: version, unique ids, error strings; and
+    /// a communicator of one rank (an NCCL error naming the call where there is no GPU).
+    #[test]
+    fn a_real_library_when_given() {
+        let Ok(path) = std::env::var("RDROP_TEST_NCCL_LIBRARY") else {
+            eprintln!("RDROP_TEST_NCCL_LIBRARY not set: skipped");
+            return;
+        };
+        let nccl = Arc::new(Nccl::load_from(&path).unwrap());
+        let v = nccl.version().unwrap();
+        assert!(v >= 20000, "{v}");
+        let (a, b) = (nccl.unique_id().unwrap(), nccl.unique_id().unwrap());
+        assert_eq!(a.len(), UNIQUE_ID_BYTES);
+        assert!(a != b && a.iter().any(|&x| x != 0));
+        let e = nccl.check("ncclTest", 5).unwrap_err();
+        assert!(
+            matches!(&e, DistError::Nccl { op: "ncclTest", code: 5, message } if message.contains("invalid usage")),
+            "{e:?}"
+        );
+        let spec = crate::dist::WorldSpec::single();
+        let group = Group::join(&spec, std::time::Duration::from_secs(1)).unwrap();
+        match NcclCollective::init(group, nccl) {
+            Ok(c) => {
+                assert_eq!(c.world_size(), 1);
+                c.finish().unwrap();
+            }
+            Err(e) => {
+                eprintln!("no communicator here: {e}");
+                let ok = matches!(
+                    &e,
+                    DistError::Nccl {
+                        op: "ncclCommInitRank",
+                        ..
+                    }
+                );
+                assert!(ok, "{e:?}");
+            }
+        }
+    }
+}

@@ -18,7 +18,9 @@
 //! died" as soon as the kernel closes the dead process's sockets (immediately for `kill -9`),
 //! pending and later calls fail with [`DistError::PeerDied`], and the abort hook
 //! ([`Group::set_abort_hook`], e.g. `ncclCommAbort`) runs so that a thread blocked elsewhere
-//! returns. A host that vanishes without closing its sockets is not detected (no heartbeat).
+//! returns. Each connection also carries a heartbeat ([`JoinOptions`]): a connection silent
+//! for `dead_after` (a host that vanished without closing its sockets, a stopped process)
+//! counts as that rank's death in the same way.
 //!
 //! Wire format: frames `[kind: u8][len: u64 LE][payload]`, numbers little-endian.
 
@@ -49,6 +51,7 @@ const F64: u8 = 5;
 const F32: u8 = 6;
 const DIED: u8 = 7;
 const BYE: u8 = 8;
+const PING: u8 = 9;
 
 fn kind_name(k: u8) -> &'static str {
     match k {
@@ -60,6 +63,7 @@ fn kind_name(k: u8) -> &'static str {
         F32 => "all_reduce_f32",
         DIED => "death notice",
         BYE => "goodbye",
+        PING => "heartbeat",
         _ => "unknown message",
     }
 }
@@ -89,6 +93,8 @@ struct Inner {
     world: usize,
     /// The rendezvous address (for messages).
     addr: String,
+    /// Silence after which a peer counts as dead.
+    dead_after: Duration,
     /// Write halves, by peer rank (rank 0: every other rank; others: only rank 0).
     writers: Vec<Option<Mutex<TcpStream>>>,
     state: Mutex<State>,
@@ -106,6 +112,8 @@ struct State {
     dead: Option<(usize, String)>,
     /// This rank finished or is being dropped: the readers stop reporting.
     closing: bool,
+    /// A death is being reported (rank 0 relays it before the local calls fail).
+    dying: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,10 +207,50 @@ fn check_hello(kind: u8, p: &[u8], world: usize, joined: &[bool]) -> Hello {
     Hello::Rank(rank)
 }
 
+/// How a rank joins and watches the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinOptions {
+    /// How long to wait for every rank to join ([`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
+    /// How often each connection carries a heartbeat (5 s).
+    pub heartbeat: Duration,
+    /// A connection silent for this long (no message, no heartbeat) counts as its rank's death
+    /// (60 s): a host that vanished, or a process that was stopped.
+    pub dead_after: Duration,
+}
+
+impl Default for JoinOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+            heartbeat: Duration::from_secs(5),
+            dead_after: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Group {
     /// Joins the job described by `spec`, waiting at most `timeout` for the others (a world of
-    /// one joins at once, without a socket).
+    /// one joins at once, without a socket); the default heartbeat ([`JoinOptions`]).
     pub fn join(spec: &WorldSpec, timeout: Duration) -> Result<Group, DistError> {
+        Self::join_with(
+            spec,
+            &JoinOptions {
+                timeout,
+                ..JoinOptions::default()
+            },
+        )
+    }
+
+    /// [`Group::join`] with every option.
+    pub fn join_with(spec: &WorldSpec, opts: &JoinOptions) -> Result<Group, DistError> {
+        let timeout = opts.timeout;
+        if opts.heartbeat.is_zero() || opts.dead_after < 2 * opts.heartbeat {
+            return Err(DistError::Unsupported(format!(
+                "join options: dead_after ({:?}) must be at least twice the heartbeat ({:?})",
+                opts.dead_after, opts.heartbeat
+            )));
+        }
         let addr = spec.rendezvous_addr();
         if spec.rank >= spec.world_size {
             return Err(DistError::Refused {
@@ -231,8 +279,12 @@ impl Group {
                         op: format!("{op} (rank {r})"),
                         source: e,
                     };
-                    s.set_read_timeout(None)
+                    // Silence longer than `dead_after` is a death (reads), and a peer that
+                    // stopped reading cannot block a writer forever (writes).
+                    s.set_read_timeout(Some(opts.dead_after))
                         .map_err(|e| io("set_read_timeout", e))?;
+                    s.set_write_timeout(Some(opts.dead_after))
+                        .map_err(|e| io("set_write_timeout", e))?;
                     // Small control messages must not wait for Nagle's timer.
                     s.set_nodelay(true).map_err(|e| io("set_nodelay", e))?;
                     readers.push((r, s.try_clone().map_err(|e| io("try_clone", e))?));
@@ -245,6 +297,7 @@ impl Group {
             rank: spec.rank,
             world: spec.world_size,
             addr,
+            dead_after: opts.dead_after,
             writers,
             state: Mutex::new(State {
                 inbox: vec![VecDeque::new(); spec.world_size],
@@ -263,6 +316,19 @@ impl Group {
                     rank: spec.rank,
                     addr: spec.rendezvous_addr(),
                     op: "spawning the watchdog thread".into(),
+                    source: e,
+                })?;
+        }
+        if spec.world_size > 1 {
+            let weak = Arc::downgrade(&inner);
+            let every = opts.heartbeat;
+            std::thread::Builder::new()
+                .name("rdrop-heartbeat".into())
+                .spawn(move || heartbeat(weak, every))
+                .map_err(|e| DistError::Io {
+                    rank: spec.rank,
+                    addr: spec.rendezvous_addr(),
+                    op: "spawning the heartbeat thread".into(),
                     source: e,
                 })?;
         }
@@ -291,10 +357,14 @@ impl Group {
     /// rank; e.g. `ncclCommAbort`, so that a rank blocked in a device collective returns.
     /// If a peer already died, runs it at once.
     pub fn set_abort_hook(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        let mut slot = lock(&self.inner.hook);
         let dead = lock(&self.inner.state).dead.as_ref().map(|d| d.0);
         match dead {
-            Some(r) => hook(r),
-            None => *lock(&self.inner.hook) = Some(Box::new(hook)),
+            Some(r) => {
+                drop(slot);
+                hook(r)
+            }
+            None => *slot = Some(Box::new(hook)),
         }
     }
 
@@ -381,6 +451,24 @@ impl Drop for Group {
             let _ = lock(w).shutdown(Shutdown::Both);
         }
         self.inner.cv.notify_all();
+    }
+}
+
+/// Sends a heartbeat on every connection every `every`, until the group closes.
+fn heartbeat(inner: std::sync::Weak<Inner>, every: Duration) {
+    loop {
+        std::thread::sleep(every);
+        let Some(inner) = inner.upgrade() else { return };
+        {
+            let st = lock(&inner.state);
+            if st.closing || st.dead.is_some() {
+                return;
+            }
+        }
+        for w in inner.writers.iter().flatten() {
+            // A failed write shows up as the peer's death on the reading side.
+            let _ = write_frame(&mut *lock(w), PING, &[]);
+        }
     }
 }
 
@@ -557,6 +645,7 @@ impl Inner {
                     self.mark_dead(rank, format!("{how}; reported by rank 0"));
                     return;
                 }
+                Ok((PING, _)) => {}
                 Ok((k, p)) => {
                     lock(&self.state).inbox[from].push_back((k, p));
                     self.cv.notify_all();
@@ -565,6 +654,18 @@ impl Inner {
                     break format!(
                         "its connection to rank {} closed without a goodbye",
                         self.rank
+                    )
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break format!(
+                        "no message or heartbeat on its connection to rank {} for {:?} (its \
+                         host went away, or the process was stopped?)",
+                        self.rank, self.dead_after
                     )
                 }
                 Err(e) => break format!("its connection to rank {} failed: {e}", self.rank),
@@ -577,13 +678,14 @@ impl Inner {
     fn mark_dead(&self, rank: usize, how: String) {
         {
             let mut st = lock(&self.state);
-            if st.closing || st.dead.is_some() {
+            if st.closing || st.dead.is_some() || st.dying {
                 return;
             }
-            st.dead = Some((rank, how.clone()));
+            st.dying = true;
         }
-        self.cv.notify_all();
         if self.rank == 0 {
+            // Before the local calls fail (and this process perhaps exits), so that the others
+            // learn who died rather than seeing rank 0 go.
             let mut p = (rank as u32).to_le_bytes().to_vec();
             p.extend_from_slice(how.as_bytes());
             for (r, w) in self.writers.iter().enumerate() {
@@ -593,9 +695,17 @@ impl Inner {
                 }
             }
         }
-        if let Some(h) = lock(&self.hook).as_ref() {
-            h(rank);
+        {
+            // The hook runs before any call can fail with the death (so a rank that returns
+            // from a failed call finds e.g. NCCL already aborted); `set_abort_hook` takes the
+            // same lock, so a hook is run exactly once whenever it is registered.
+            let hook = lock(&self.hook);
+            if let Some(h) = hook.as_ref() {
+                h(rank);
+            }
+            lock(&self.state).dead = Some((rank, how));
         }
+        self.cv.notify_all();
     }
 }
 

@@ -82,3 +82,89 @@ pub fn check_batch(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_in_order_and_balance() {
+        for len in [0usize, 1, 5, 7, 64, 100, 1001] {
+            for world in 1..=9 {
+                let shards: Vec<Range<usize>> = (0..world).map(|r| shard(len, world, r)).collect();
+                // Contiguous, in rank order, covering 0..len exactly once.
+                assert_eq!(shards[0].start, 0);
+                assert_eq!(shards[world - 1].end, len);
+                for w in shards.windows(2) {
+                    assert_eq!(w[0].end, w[1].start, "len {len} world {world}");
+                }
+                let sizes: Vec<usize> = shards.iter().map(|s| s.len()).collect();
+                let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(hi - lo <= 1, "len {len} world {world}: {sizes:?}");
+                assert_eq!(sizes.iter().sum::<usize>(), len);
+            }
+        }
+        assert_eq!(shard(10, 3, 0), 0..4);
+        assert_eq!(shard(10, 3, 2), 7..10);
+        assert_eq!(shard(10, 0, 0), 0..0);
+        assert_eq!(shard(10, 2, 2), 0..0);
+    }
+
+    /// An epoch of global batches, each split over ranks and then into micro-batches: every
+    /// sample exactly once, equal shares, and each rank's micro-batch `j` is the single
+    /// process's micro-batch `r·accum + j`.
+    #[test]
+    fn every_sample_of_an_epoch_once_over_ranks_and_updates() {
+        let epoch = 96;
+        for (batch, world, accum) in [(32, 2, 2), (48, 4, 3), (24, 3, 1), (96, 8, 2), (16, 1, 4)] {
+            let micro = micro_batch(batch, world, accum).unwrap();
+            let order: Vec<usize> = (0..epoch).map(|i| (i * 37 + 11) % epoch).collect();
+            let mut seen = vec![0u32; epoch];
+            for (u, global) in order.chunks(batch).enumerate() {
+                for rank in 0..world {
+                    let mine = &global[shard(global.len(), world, rank)];
+                    assert_eq!(mine.len(), micro * accum, "equal shares");
+                    for (j, mb) in mine.chunks(micro).enumerate() {
+                        let single = &global[(rank * accum + j) * micro..][..micro];
+                        assert_eq!(mb, single, "update {u} rank {rank} micro {j}");
+                        mb.iter().for_each(|&s| seen[s] += 1);
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{batch}/{world}/{accum}");
+        }
+    }
+
+    #[test]
+    fn batch_size_rule() {
+        assert_eq!(micro_batch(512, 8, 1).unwrap(), 64);
+        assert_eq!(micro_batch(512, 8, 2).unwrap(), 32);
+        assert!(check_batch(512, 8, 32, 2).is_ok());
+        for (b, w, a) in [
+            (512, 3, 1),
+            (100, 8, 1),
+            (4, 8, 1),
+            (0, 1, 1),
+            (8, 0, 1),
+            (8, 1, 0),
+        ] {
+            let e = micro_batch(b, w, a).unwrap_err();
+            assert!(
+                matches!(e, DistError::BatchSplit { batch_size, world, accum, .. }
+                    if (batch_size, world, accum) == (b, w, a)),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(&b.to_string()), "{e}");
+        }
+        // The message proposes sizes that fit.
+        let e = micro_batch(100, 8, 1).unwrap_err().to_string();
+        assert!(e.contains("96 or 104"), "{e}");
+        let e = micro_batch(4, 8, 1).unwrap_err().to_string();
+        assert!(e.contains("batch size of 8"), "{e}");
+        let e = check_batch(512, 8, 16, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("micro-batch is 16") && e.contains("is 32"),
+            "{e}"
+        );
+    }
+}
