@@ -2,8 +2,7 @@
 //! engine (`rdrop_vit::Engine` + `rdrop_core::FlatTrainer`, the default on CPU in f32) or the
 //! candle-autograd model (`VisionTransformer` + `rdrop_core::Trainer`, the reference, and the
 //! path on CUDA and in reduced precision). Both write the same checkpoints. In a data-parallel
-//! run the explicit engine's trainer all-reduces through the rank's collective; the autograd
-//! path runs one process only.
+//! run either trainer all-reduces through the rank's collective.
 
 use std::sync::Arc;
 
@@ -29,7 +28,11 @@ pub fn use_explicit(
 }
 
 enum Inner {
-    Autograd(Trainer),
+    Autograd {
+        trainer: Trainer,
+        /// The other ranks of a data-parallel run.
+        collective: Option<Arc<dyn Collective>>,
+    },
     Explicit {
         engine: Box<Engine>,
         trainer: FlatTrainer,
@@ -55,7 +58,6 @@ impl Learner {
         explicit: bool,
         collective: Option<Arc<dyn Collective>>,
     ) -> anyhow::Result<Self> {
-        no_autograd_ranks(explicit, &collective)?;
         let inner = if explicit {
             let engine = Engine::from_model(&model).context("building the explicit engine")?;
             let trainer = FlatTrainer::new(tcfg, engine.layout().clone())
@@ -67,9 +69,11 @@ impl Learner {
                 collective,
             }
         } else {
-            Inner::Autograd(
-                Trainer::new(tcfg, model.named_vars()).context("setting up the trainer")?,
-            )
+            Inner::Autograd {
+                trainer: Trainer::new(tcfg, model.named_vars())
+                    .context("setting up the trainer")?,
+                collective,
+            }
         };
         Ok(Self { model, inner })
     }
@@ -82,7 +86,6 @@ impl Learner {
         explicit: bool,
         collective: Option<Arc<dyn Collective>>,
     ) -> anyhow::Result<Self> {
-        no_autograd_ranks(explicit, &collective)?;
         let inner = if explicit {
             // The engine takes the model's dropout state (its seed) with its weights.
             model.rng().set_state(&state.rng)?;
@@ -96,7 +99,10 @@ impl Learner {
                 collective,
             }
         } else {
-            Inner::Autograd(Trainer::restore(tcfg, &model, state).context("restoring the trainer")?)
+            Inner::Autograd {
+                trainer: Trainer::restore(tcfg, &model, state).context("restoring the trainer")?,
+                collective,
+            }
         };
         Ok(Self { model, inner })
     }
@@ -109,7 +115,7 @@ impl Learner {
     /// `explicit` or `autograd`.
     pub fn engine_name(&self) -> &'static str {
         match self.inner {
-            Inner::Autograd(_) => "autograd",
+            Inner::Autograd { .. } => "autograd",
             Inner::Explicit { .. } => "explicit",
         }
     }
@@ -117,7 +123,13 @@ impl Learner {
     /// One update over `batches` (see `rdrop_core::Trainer::update`).
     pub fn update(&mut self, batches: &[(Tensor, Tensor)]) -> Result<StepStats, CoreError> {
         match &mut self.inner {
-            Inner::Autograd(t) => t.update(&self.model, batches),
+            Inner::Autograd {
+                trainer,
+                collective,
+            } => match collective {
+                Some(c) => trainer.update_distributed(&self.model, batches, c.as_ref()),
+                None => trainer.update(&self.model, batches),
+            },
             Inner::Explicit {
                 engine,
                 trainer,
@@ -136,7 +148,7 @@ impl Learner {
     /// Updates completed.
     pub fn step(&self) -> u64 {
         match &self.inner {
-            Inner::Autograd(t) => t.step(),
+            Inner::Autograd { trainer, .. } => trainer.step(),
             Inner::Explicit { trainer, .. } => trainer.step(),
         }
     }
@@ -144,7 +156,7 @@ impl Learner {
     /// The current loss scale (1 unless f16 on the autograd path).
     pub fn loss_scale(&self) -> f64 {
         match &self.inner {
-            Inner::Autograd(t) => t.loss_scale(),
+            Inner::Autograd { trainer, .. } => trainer.loss_scale(),
             Inner::Explicit { .. } => 1.0,
         }
     }
@@ -152,7 +164,7 @@ impl Learner {
     /// The checkpointable state at data position (`epoch`, `index`).
     pub fn state(&self, epoch: u64, index: u64) -> anyhow::Result<TrainState> {
         Ok(match &self.inner {
-            Inner::Autograd(t) => t.state(&self.model, epoch, index),
+            Inner::Autograd { trainer, .. } => trainer.state(&self.model, epoch, index),
             Inner::Explicit {
                 engine, trainer, ..
             } => trainer.state(engine.as_ref(), epoch, index)?,
@@ -162,7 +174,7 @@ impl Learner {
     /// Eval-mode logits `(B, classes)` in f32 for images `x`.
     pub fn logits(&mut self, x: &Tensor) -> anyhow::Result<Tensor> {
         Ok(match &mut self.inner {
-            Inner::Autograd(_) => self.model.forward_t(x, false)?,
+            Inner::Autograd { .. } => self.model.forward_t(x, false)?,
             Inner::Explicit { engine, .. } => engine.forward_eval(x)?,
         })
     }
@@ -176,20 +188,6 @@ impl Learner {
             }
         }
         Ok(&self.model)
-    }
-}
-
-/// The autograd trainer does not all-reduce: refuse it a collective of several ranks.
-fn no_autograd_ranks(
-    explicit: bool,
-    collective: &Option<Arc<dyn Collective>>,
-) -> anyhow::Result<()> {
-    match collective {
-        Some(c) if !explicit && c.world_size() > 1 => anyhow::bail!(
-            "the autograd engine does not run data parallel ({} ranks); use the explicit engine",
-            c.world_size()
-        ),
-        _ => Ok(()),
     }
 }
 

@@ -92,12 +92,6 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
             )
         },
     )?;
-    if cfg.engine == rdrop_vit::EngineKind::Autograd {
-        anyhow::bail!(
-            "--engine autograd does not run data parallel ({world} ranks): the ranks all-reduce \
-             the explicit engine's flat gradient buffer; use --engine explicit or auto"
-        );
-    }
     if cfg.device == DeviceSpec::Cpu && !cpu_ranks_allowed() {
         anyhow::bail!(
             "--device cpu with {world} ranks: data parallel runs on GPUs through NCCL, one rank \
@@ -121,15 +115,6 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
             "{local} ranks on this node but {gpus} GPU(s) visible (one rank per GPU; \
              CUDA_VISIBLE_DEVICES={}): start at most {gpus} ranks per node",
             std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
-        );
-    }
-    if !crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.precision)? {
-        anyhow::bail!(
-            "data parallel needs the explicit engine (its flat gradient buffer is what the \
-             ranks all-reduce); on {} in {} the engine is autograd, which is not wired for \
-             data parallel yet",
-            cfg.device,
-            cfg.precision
         );
     }
     Ok(())
@@ -231,9 +216,11 @@ impl Link {
 impl World {
     /// Joins the other ranks of `spec` (after [`check`]): the TCP rendezvous, then the
     /// collective: NCCL on CUDA builds for a CUDA run, the rendezvous itself on the CPU (test
-    /// hook).
+    /// hook). A process that a launcher started takes this path even in a world of one (a
+    /// group of one opens no socket; NCCL makes a communicator of one rank), so that the
+    /// distributed path runs on a single GPU; without a launcher there is no collective.
     pub fn join(spec: WorldSpec, cfg: &RunConfig) -> anyhow::Result<Self> {
-        if !spec.is_distributed() {
+        if spec.source == LaunchSource::Single {
             return Ok(Self { spec, link: None });
         }
         let group = Group::join(&spec, rendezvous_timeout()?)
@@ -304,6 +291,17 @@ impl World {
                 .with_context(|| format!("rank {}: leaving the rendezvous", self.spec.rank))?;
         }
         Ok(())
+    }
+
+    /// What carries the reductions: `nccl`, `tcp` (the rendezvous, CPU ranks) or `none` (no
+    /// launcher).
+    pub fn collective_name(&self) -> &'static str {
+        match &self.link {
+            None => "none",
+            Some(Link::Tcp(_)) => "tcp",
+            #[cfg(feature = "cuda")]
+            Some(Link::Nccl(_)) => "nccl",
+        }
     }
 
     /// A line for the run's announcement, e.g. `2 ranks (torchrun), this is rank 0`.
@@ -403,10 +401,6 @@ mod tests {
         );
         let e = check(&demo(96, 32), 2, 2, true).unwrap_err().to_string();
         assert!(e.contains("not divisible"), "{e}");
-        let mut c = demo(64, 32);
-        c.engine = rdrop_vit::EngineKind::Autograd;
-        let e = check(&c, 2, 2, true).unwrap_err().to_string();
-        assert!(e.contains("--engine autograd"), "{e}");
         if !cpu_ranks_allowed() {
             let e = check(&demo(64, 32), 2, 2, true).unwrap_err().to_string();
             assert!(e.contains("--device cpu") && e.contains("NCCL"), "{e}");

@@ -4,7 +4,10 @@
 //! all-reduce is the real path (launcher, rendezvous, sharded batches and eval, reduced
 //! metrics, rank 0 writing, barriers). A tiny ViT on the embedded digits:
 //!
-//! - two ranks give the one-process run's losses and final weights within 1e-6;
+//! - two ranks give the one-process run's losses and final weights within 1e-6, with the
+//!   explicit engine and with the autograd one;
+//! - a process started by a launcher in a world of one goes through the distributed path
+//!   (`"world_size": 1, "collective": "tcp"` in the summary) and gives the plain run;
 //! - `kill -9` of rank 1 mid-run: the launcher and rank 0 stop within a bounded time with an
 //!   error naming rank 1, every checkpoint left is whole, and `rdrop resume` on one process
 //!   continues to the one-process result (the same data order);
@@ -234,6 +237,85 @@ fn two_ranks_give_the_one_process_run() {
     assert_eq!(
         (&a["epoch"], &a["batch_index"]),
         (&b["epoch"], &b["batch_index"])
+    );
+}
+
+#[test]
+fn two_ranks_give_the_one_process_run_with_the_autograd_engine_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let common = [
+        "train",
+        "--config",
+        s(&cfg),
+        "--engine",
+        "autograd",
+        "--out",
+    ];
+    let mut a = common.to_vec();
+    a.push(s(&one));
+    run_ok(&a, false);
+    let mut b = common.to_vec();
+    b.extend([s(&two), "--nproc-per-node", "2", "--json"]);
+    let res = run_ok(&b, true);
+    let summary: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(
+        (&summary["world_size"], &summary["collective"]),
+        (&serde_json::json!(2), &serde_json::json!("tcp"))
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("(autograd engine)"), "{err}");
+    assert_same_run(&one, &two);
+}
+
+/// torchrun's variables with WORLD_SIZE=1 (as scripts/gpu-check.sh starts its NCCL check):
+/// the distributed path with a group of one, the plain run's result.
+#[test]
+fn a_launched_world_of_one_takes_the_distributed_path() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("w1");
+    let port = free_port().to_string();
+    let res = rdrop(
+        &["train", "--config", s(&cfg), "--out", s(&out), "--json"],
+        false,
+    )
+    .envs([
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", &port),
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    let summary: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(
+        (&summary["world_size"], &summary["collective"]),
+        (&serde_json::json!(1), &serde_json::json!("tcp"))
+    );
+    assert_same_run(&reference, &out);
+    // Without the variables: no collective.
+    let plain = run_ok(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&dir.path().join("plain")),
+            "--json",
+        ],
+        false,
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(
+        (&summary["world_size"], &summary["collective"]),
+        (&serde_json::json!(1), &serde_json::json!("none"))
     );
 }
 
@@ -584,21 +666,6 @@ fn refusals_say_why() {
     let e = fail(&["--nproc-per-node", "2"], true);
     assert!(
         e.contains("batch size 64 is not divisible by 2 ranks × micro-batch 64"),
-        "{e}"
-    );
-    let e = fail(
-        &[
-            "--nproc-per-node",
-            "2",
-            "--micro-batch",
-            "32",
-            "--engine",
-            "autograd",
-        ],
-        true,
-    );
-    assert!(
-        e.contains("--engine autograd does not run data parallel"),
         "{e}"
     );
     let e = fail(&["--nproc-per-node", "0"], false);

@@ -114,6 +114,10 @@ pub struct Summary {
     pub best_step: u64,
     /// Wall time of this invocation in seconds (data loading and model set-up included).
     pub wall_s: f64,
+    /// Ranks that trained (1 without a launcher).
+    pub world_size: usize,
+    /// What carried the reductions: `nccl`, `tcp` (CPU ranks) or `none` (no launcher).
+    pub collective: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -329,7 +333,7 @@ pub fn train(
             &test_loader,
             classes,
         );
-        if world.size() > 1 {
+        if world.collective().is_some() {
             eprintln!(
                 "data parallel: {}; each rank takes {} × {} images of every update",
                 world.describe(),
@@ -430,6 +434,8 @@ pub fn train(
         best_top1: best.top1,
         best_step: best.step,
         wall_s: started.elapsed().as_secs_f64(),
+        world_size: world.size(),
+        collective: world.collective_name().into(),
     })
 }
 
