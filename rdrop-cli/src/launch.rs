@@ -206,6 +206,9 @@ pub fn launch(n: usize, extra: &[OsString]) -> anyhow::Result<()> {
         let mut cmd = Command::new(&exe);
         cmd.args(&args)
             .envs(rank_env(rank, n, port))
+            // The port chosen here is the rendezvous port: nothing may move it.
+            .env_remove(rdrop_core::dist::PORT_OVERRIDE)
+            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -80,8 +80,12 @@ fn rdrop(args: &[&str], cpu_ranks: bool) -> Command {
         "RANK",
         "WORLD_SIZE",
         "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
         "SLURM_PROCID",
         "SLURM_NTASKS",
+        "RDROP_RENDEZVOUS_TIMEOUT_S",
+        "RDROP_MASTER_PORT",
+        "TORCHELASTIC_USE_AGENT_STORE",
     ] {
         c.env_remove(v);
     }
