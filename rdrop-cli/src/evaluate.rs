@@ -1,11 +1,16 @@
 //! Evaluation on a test split: top-1, top-5 and mean cross-entropy of a model's logits,
-//! shared by `rdrop eval` and the evaluations during `rdrop train`.
+//! shared by `rdrop eval` and the evaluations during `rdrop train`. In a data-parallel run each
+//! rank evaluates a contiguous share of the test batches and the counts and loss sums are
+//! summed over the ranks, so every rank gets the one-process result (the loss up to the order
+//! of the f64 sums).
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use rdrop_core::loss::cross_entropy;
 use rdrop_data::Loader;
 use serde::Serialize;
+
+use crate::world::World;
 
 /// The result of an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -57,6 +62,17 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Sums the counts and loss sums of every rank (in rank order), so that each holds the
+    /// whole split's.
+    pub fn reduce(&mut self, world: &World) -> anyhow::Result<()> {
+        let mut v = [self.top1 as f64, self.top5 as f64, self.loss, self.n as f64];
+        world.sum(&mut v)?;
+        // Counts are integers below 2^53: exact in f64.
+        (self.top1, self.top5, self.loss, self.n) =
+            (v[0] as usize, v[1] as usize, v[2], v[3] as usize);
+        Ok(())
+    }
+
     /// The fractions and mean loss so far.
     pub fn result(&self) -> EvalResult {
         let n = self.n.max(1) as f64;
@@ -70,19 +86,23 @@ impl Accumulator {
 }
 
 /// Evaluates a model, given as its eval-mode (dropout off) `logits` function, on every image
-/// of `loader`'s epoch 0.
+/// of `loader`'s epoch 0: this rank's batches `shard(batches, world, rank)`, reduced over the
+/// ranks.
 pub fn evaluate(
     mut logits: impl FnMut(&Tensor) -> anyhow::Result<Tensor>,
     loader: &Loader,
     device: &Device,
+    world: &World,
 ) -> anyhow::Result<EvalResult> {
     let mut acc = Accumulator::default();
-    for batch in loader.epoch(0, 0) {
+    let mine = rdrop_core::dist::shard(loader.batches_per_epoch(), world.size(), world.rank());
+    for batch in loader.epoch(0, mine.start).take(mine.len()) {
         let batch = batch.context("reading a test batch")?;
         let (x, _) = batch.to_tensors(DType::F32, device)?;
         let logits = logits(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         acc.add(&logits, &batch.labels)?;
     }
+    acc.reduce(world)?;
     Ok(acc.result())
 }
 

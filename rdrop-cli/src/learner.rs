@@ -2,10 +2,14 @@
 //! engine (on CPU in f32: `rdrop_vit::Engine` + `rdrop_core::FlatTrainer`; on CUDA in f32,
 //! bf16 or f16: `rdrop_vit::engine::cuda::CudaEngine` + `CudaTrainer`; the default on both) or
 //! the candle-autograd model (`VisionTransformer` + `rdrop_core::Trainer`, the reference, and
-//! the path for reduced precision on CPU). All write the same checkpoints.
+//! the path for reduced precision on CPU). All write the same checkpoints. In a data-parallel
+//! run every trainer all-reduces through the rank's collective.
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::Tensor;
+use rdrop_core::dist::Collective;
 use rdrop_core::{
     CoreError, FlatRDropModel, FlatTrainer, StepStats, TrainConfig, TrainState, Trainer,
 };
@@ -27,19 +31,27 @@ pub fn use_explicit(
 }
 
 enum Inner {
-    Autograd(Trainer),
+    Autograd {
+        trainer: Trainer,
+        /// The other ranks of a data-parallel run.
+        collective: Option<Arc<dyn Collective>>,
+    },
     #[cfg(feature = "cuda")]
     Cuda {
         engine: Box<CudaEngine>,
         trainer: CudaTrainer,
         /// Whether `model` holds the engine's current parameters.
         synced: bool,
+        /// The other ranks of a data-parallel run.
+        collective: Option<Arc<dyn Collective>>,
     },
     Explicit {
         engine: Box<Engine>,
         trainer: FlatTrainer,
         /// Whether `model` holds the engine's current parameters.
         synced: bool,
+        /// The other ranks of a data-parallel run.
+        collective: Option<Arc<dyn Collective>>,
     },
 }
 
@@ -50,14 +62,15 @@ pub struct Learner {
 }
 
 impl Learner {
-    /// A learner at update 0.
+    /// A learner at update 0; with a `collective`, one rank of a data-parallel run.
     pub fn new(
         model: VisionTransformer,
         tcfg: TrainConfig,
         explicit: bool,
+        collective: Option<Arc<dyn Collective>>,
     ) -> anyhow::Result<Self> {
         if explicit && model.device().is_cuda() {
-            let (inner, model) = cuda_inner(model, tcfg, None)?;
+            let (inner, model) = cuda_inner(model, tcfg, None, collective)?;
             return Ok(Self { model, inner });
         }
         let inner = if explicit {
@@ -68,11 +81,14 @@ impl Learner {
                 engine: Box::new(engine),
                 trainer,
                 synced: true,
+                collective,
             }
         } else {
-            Inner::Autograd(
-                Trainer::new(tcfg, model.named_vars()).context("setting up the trainer")?,
-            )
+            Inner::Autograd {
+                trainer: Trainer::new(tcfg, model.named_vars())
+                    .context("setting up the trainer")?,
+                collective,
+            }
         };
         Ok(Self { model, inner })
     }
@@ -83,9 +99,10 @@ impl Learner {
         tcfg: TrainConfig,
         state: &TrainState,
         explicit: bool,
+        collective: Option<Arc<dyn Collective>>,
     ) -> anyhow::Result<Self> {
         if explicit && model.device().is_cuda() {
-            let (inner, model) = cuda_inner(model, tcfg, Some(state))?;
+            let (inner, model) = cuda_inner(model, tcfg, Some(state), collective)?;
             return Ok(Self { model, inner });
         }
         let inner = if explicit {
@@ -98,9 +115,13 @@ impl Learner {
                 engine: Box::new(engine),
                 trainer,
                 synced: true,
+                collective,
             }
         } else {
-            Inner::Autograd(Trainer::restore(tcfg, &model, state).context("restoring the trainer")?)
+            Inner::Autograd {
+                trainer: Trainer::restore(tcfg, &model, state).context("restoring the trainer")?,
+                collective,
+            }
         };
         Ok(Self { model, inner })
     }
@@ -113,7 +134,7 @@ impl Learner {
     /// `explicit` or `autograd`.
     pub fn engine_name(&self) -> &'static str {
         match self.inner {
-            Inner::Autograd(_) => "autograd",
+            Inner::Autograd { .. } => "autograd",
             Inner::Explicit { .. } => "explicit",
             #[cfg(feature = "cuda")]
             Inner::Cuda { .. } => "explicit",
@@ -123,23 +144,37 @@ impl Learner {
     /// One update over `batches` (see `rdrop_core::Trainer::update`).
     pub fn update(&mut self, batches: &[(Tensor, Tensor)]) -> Result<StepStats, CoreError> {
         match &mut self.inner {
-            Inner::Autograd(t) => t.update(&self.model, batches),
+            Inner::Autograd {
+                trainer,
+                collective,
+            } => match collective {
+                Some(c) => trainer.update_distributed(&self.model, batches, c.as_ref()),
+                None => trainer.update(&self.model, batches),
+            },
             Inner::Explicit {
                 engine,
                 trainer,
                 synced,
+                collective,
             } => {
                 *synced = false;
-                trainer.update(engine.as_mut(), batches)
+                match collective {
+                    Some(c) => trainer.update_distributed(engine.as_mut(), batches, c.as_ref()),
+                    None => trainer.update(engine.as_mut(), batches),
+                }
             }
             #[cfg(feature = "cuda")]
             Inner::Cuda {
                 engine,
                 trainer,
                 synced,
+                collective,
             } => {
                 *synced = false;
-                trainer.update(engine.as_mut(), batches)
+                match collective {
+                    Some(c) => trainer.update_distributed(engine.as_mut(), batches, c.as_ref()),
+                    None => trainer.update(engine.as_mut(), batches),
+                }
             }
         }
     }
@@ -147,7 +182,7 @@ impl Learner {
     /// Bytes of the explicit engine's activation plan (`None` for autograd).
     pub fn plan_bytes(&self) -> Option<usize> {
         match &self.inner {
-            Inner::Autograd(_) => None,
+            Inner::Autograd { .. } => None,
             Inner::Explicit { engine, .. } => Some(engine.plan_bytes()),
             #[cfg(feature = "cuda")]
             Inner::Cuda { engine, .. } => Some(engine.plan_bytes()),
@@ -178,7 +213,7 @@ impl Learner {
     /// Updates completed.
     pub fn step(&self) -> u64 {
         match &self.inner {
-            Inner::Autograd(t) => t.step(),
+            Inner::Autograd { trainer, .. } => trainer.step(),
             Inner::Explicit { trainer, .. } => trainer.step(),
             #[cfg(feature = "cuda")]
             Inner::Cuda { trainer, .. } => trainer.step(),
@@ -188,7 +223,7 @@ impl Learner {
     /// The current loss scale (1 unless f16 on the autograd path).
     pub fn loss_scale(&self) -> f64 {
         match &self.inner {
-            Inner::Autograd(t) => t.loss_scale(),
+            Inner::Autograd { trainer, .. } => trainer.loss_scale(),
             Inner::Explicit { .. } => 1.0,
             #[cfg(feature = "cuda")]
             Inner::Cuda { trainer, .. } => trainer.loss_scale(),
@@ -198,7 +233,7 @@ impl Learner {
     /// The checkpointable state at data position (`epoch`, `index`).
     pub fn state(&self, epoch: u64, index: u64) -> anyhow::Result<TrainState> {
         Ok(match &self.inner {
-            Inner::Autograd(t) => t.state(&self.model, epoch, index),
+            Inner::Autograd { trainer, .. } => trainer.state(&self.model, epoch, index),
             Inner::Explicit {
                 engine, trainer, ..
             } => trainer.state(engine.as_ref(), epoch, index)?,
@@ -212,7 +247,7 @@ impl Learner {
     /// Eval-mode logits `(B, classes)` in f32 for images `x`.
     pub fn logits(&mut self, x: &Tensor) -> anyhow::Result<Tensor> {
         Ok(match &mut self.inner {
-            Inner::Autograd(_) => self.model.forward_t(x, false)?,
+            Inner::Autograd { .. } => self.model.forward_t(x, false)?,
             Inner::Explicit { engine, .. } => engine.forward_eval(x)?,
             #[cfg(feature = "cuda")]
             Inner::Cuda { engine, .. } => engine.forward_eval(x)?,
@@ -245,6 +280,7 @@ fn cuda_inner(
     model: VisionTransformer,
     tcfg: TrainConfig,
     state: Option<&TrainState>,
+    collective: Option<Arc<dyn Collective>>,
 ) -> anyhow::Result<(Inner, VisionTransformer)> {
     let mut engine =
         CudaEngine::from_model(&model, tcfg.precision).context("building the CUDA engine")?;
@@ -272,6 +308,7 @@ fn cuda_inner(
             engine: Box::new(engine),
             trainer,
             synced: true,
+            collective,
         },
         host,
     ))
@@ -283,6 +320,7 @@ fn cuda_inner(
     _model: VisionTransformer,
     _tcfg: TrainConfig,
     _state: Option<&TrainState>,
+    _collective: Option<Arc<dyn Collective>>,
 ) -> anyhow::Result<(Inner, VisionTransformer)> {
     anyhow::bail!("this rdrop was built without CUDA (cargo feature `cuda`)")
 }

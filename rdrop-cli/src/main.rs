@@ -13,12 +13,15 @@ mod config;
 mod device;
 mod evaluate;
 mod hub;
+mod launch;
 mod learner;
 mod metrics;
 mod progress;
 mod setup;
 mod signals;
+mod stream;
 mod test_hooks;
+mod world;
 
 /// Fine-tune Vision Transformers with R-Drop (regularized dropout).
 ///
@@ -66,6 +69,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", error_chain(&err));
+            if let Some(f) = err.downcast_ref::<launch::RanksFailed>() {
+                return ExitCode::from(f.exit_code());
+            }
+            if launch::is_peer_death(&err) {
+                return ExitCode::from(launch::PEER_DIED_EXIT);
+            }
             match err.downcast_ref::<cmd::Interrupted>() {
                 Some(_) => ExitCode::from(130),
                 None => ExitCode::FAILURE,

@@ -10,6 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Debug)]
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// Print anything at all.
+    show: bool,
     total: u64,
     last_log: Instant,
     every: Duration,
@@ -20,9 +22,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar when stderr is a terminal, else log lines at most every 5 s (and at the end).
-    pub fn new(start_step: u64, total: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    /// A bar when stderr is a terminal, else log lines at most every 5 s (and at the end);
+    /// nothing at all unless `show` (the ranks other than 0 of a data-parallel run).
+    pub fn new(start_step: u64, total: u64, show: bool) -> Self {
+        let bar = (show && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::new(total);
             let style = ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}",
@@ -35,6 +38,7 @@ impl Progress {
         });
         Self {
             bar,
+            show,
             total,
             last_log: Instant::now() - Duration::from_secs(3600),
             every: Duration::from_secs(5),
@@ -54,6 +58,7 @@ impl Progress {
                 b.set_position(step);
                 b.set_message(msg);
             }
+            None if !self.show => {}
             None => {
                 if self.last_log.elapsed() >= self.every || step == self.total {
                     self.last_log = Instant::now();
@@ -95,6 +100,7 @@ impl Progress {
     pub fn println(&self, s: &str) {
         match &self.bar {
             Some(b) => b.println(s),
+            None if !self.show => {}
             None => eprintln!("{s}"),
         }
     }

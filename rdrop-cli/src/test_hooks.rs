@@ -7,6 +7,9 @@
 //!   the process there and check that the previous checkpoint stays usable.
 //! - `RDROP_TEST_STEP_DELAY_MS=N` sleeps after each update, so that a test can interrupt a
 //!   tiny run at a step of its choosing.
+//! - `RDROP_TEST_CPU_RANKS=1` lets several ranks (`--nproc-per-node N`) run on the CPU with
+//!   the TCP rendezvous as their collective, so that CI tests the data-parallel path without
+//!   GPUs or NCCL.
 
 #[cfg(any(debug_assertions, feature = "test-hooks"))]
 fn env_u64(name: &str) -> Option<u64> {
@@ -30,4 +33,13 @@ pub fn after_update() {
     if let Some(ms) = env_u64("RDROP_TEST_STEP_DELAY_MS") {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// Whether ranks may run on the CPU (`RDROP_TEST_CPU_RANKS=1`); always false in release builds.
+pub fn cpu_ranks() -> bool {
+    #[cfg(any(debug_assertions, feature = "test-hooks"))]
+    if env_u64("RDROP_TEST_CPU_RANKS") == Some(1) {
+        return true;
+    }
+    false
 }

@@ -317,7 +317,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         sync_timing: true,
         ..TrainConfig::default()
     };
-    let mut trainer = Learner::new(model, tcfg, explicit)?;
+    let mut trainer = Learner::new(model, tcfg, explicit, None)?;
     let s = vc.image_size;
     let x =
         Tensor::randn(0f32, 1f32, (a.micro_batch, 3, s, s), &Device::Cpu)?.to_device(&device)?;

@@ -15,8 +15,12 @@ pub struct Args {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     pub json: bool,
+    /// Continue on N ranks on this node, one per GPU (any N that divides the batch into
+    /// micro-batches: the data order stays the same). Not needed under torchrun or srun.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    crate::cmd::train::resume_run(&args.out, args.threads, args.json)
+    crate::cmd::train::resume_run(&args.out, args.threads, args.json, args.nproc_per_node)
 }

@@ -14,16 +14,22 @@
 //! state: optimiser, loss scaler, data position, dropout RNG), `best/`, `final/` and
 //! `curves.png`. Checkpoints are atomic ([`rdrop_core::atomic`]); `--resume OUT` (or
 //! `rdrop resume OUT`) continues from the newest one, bit-identically on CPU in f32.
+//!
+//! Data parallel ([`crate::world`]): `--nproc-per-node N` starts N ranks ([`crate::launch`]),
+//! or torchrun / Slurm did. Every rank runs this loop on its share of each global batch
+//! ([`crate::stream`]) and the trainer all-reduces; rank 0 alone writes the run folder and
+//! prints, the others wait for it at a barrier after each write.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use rdrop_core::atomic::{clean_stale, write_dir};
 use rdrop_core::run_folder::{prune, step_name};
 use rdrop_core::{CoreError, RunFolder, StepStats, TrainState};
-use rdrop_data::{EpochIter, Loader};
+use rdrop_data::Loader;
 use rdrop_vit::{save_hf, VisionTransformer};
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +42,9 @@ use crate::metrics::{EvalLine, MetricLine, MetricsWriter, TrainLine};
 use crate::progress::Progress;
 use crate::setup;
 use crate::signals::{self, StopFlag};
+use crate::stream::{Position, Share, Stream};
 use crate::test_hooks;
+use crate::world::{self, Role, World};
 
 /// Train a ViT with R-Drop.
 ///
@@ -50,6 +58,10 @@ use crate::test_hooks;
 ///   rdrop train --data cifar-100-python.tar.gz --dry-run   # print the resolved config.toml
 ///
 ///   rdrop train --resume runs/demo-20260101-120000 # continue an interrupted run
+///
+///   rdrop train --preset vit-b16-cifar100 --data cifar-100-python.tar.gz --nproc-per-node 8
+///
+///   torchrun --no-python --nproc-per-node 8 rdrop train ...   # or srun rdrop train ...
 ///
 /// Ctrl-C (or SIGTERM) finishes the current update, writes a checkpoint and exits with code
 /// 130; a second Ctrl-C exits at once.
@@ -75,6 +87,10 @@ pub struct Args {
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     pub json: bool,
+    /// Start N ranks on this node, one per GPU (data parallel through NCCL; batch_size =
+    /// N × micro_batch × accumulation). Not needed under torchrun or Slurm's srun.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
     #[command(flatten)]
     pub flags: config::Overrides,
 }
@@ -98,6 +114,10 @@ pub struct Summary {
     pub best_step: u64,
     /// Wall time of this invocation in seconds (data loading and model set-up included).
     pub wall_s: f64,
+    /// Ranks that trained (1 without a launcher).
+    pub world_size: usize,
+    /// What carried the reductions: `nccl`, `tcp` (CPU ranks) or `none` (no launcher).
+    pub collective: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -108,44 +128,96 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        return resume_run(dir, args.flags.threads, args.json);
+        return resume_run(dir, args.flags.threads, args.json, args.nproc_per_node);
     }
     let cfg = config::resolve(args.preset.as_deref(), args.config.as_deref(), &args.flags)?;
     if args.dry_run {
-        return dry_run(&cfg);
+        return dry_run(&cfg, args.nproc_per_node);
     }
     cfg.validate()?;
+    let role = world::role(args.nproc_per_node)?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| config::default_out_dir(&cfg.preset));
     let run_dir = RunFolder::new(&out);
-    if run_dir.metrics().exists() || run_dir.checkpoints().exists() {
-        anyhow::bail!(
-            "{} already holds a run; continue it with `rdrop resume {}` or choose another --out",
-            out.display(),
-            out.display()
-        );
+    let spec = match role {
+        Role::Launch(n) => {
+            world::check(&cfg, n, n, true)?;
+            check_new_folder(&run_dir)?;
+            // The ranks must agree on the folder: name the default one for them.
+            let extra = match args.out {
+                None => vec!["--out".into(), out.into_os_string()],
+                Some(_) => Vec::new(),
+            };
+            return crate::launch::launch(n, &extra);
+        }
+        Role::Rank(spec) => spec,
+    };
+    world::check(&cfg, spec.world_size, spec.local_world_size, true)?;
+    let world = World::join(spec, &cfg)?;
+    if world.is_lead() {
+        check_new_folder(&run_dir)?;
     }
     let start = Start::Fresh {
         required_model: args.flags.model.clone(),
     };
-    let summary = train(cfg, run_dir, start, signals::install())?;
-    report(&summary, args.json)
+    let summary = train(cfg, run_dir, start, signals::install(), &world)?;
+    finish(world, &summary, args.json)
 }
 
-/// `--dry-run`: the resolved `config.toml` on stdout; settings checked, nothing opened.
-fn dry_run(cfg: &RunConfig) -> anyhow::Result<()> {
+/// Refuses to start a run in a folder that holds one.
+fn check_new_folder(run_dir: &RunFolder) -> anyhow::Result<()> {
+    if run_dir.metrics().exists() || run_dir.checkpoints().exists() {
+        let out = run_dir.root.display();
+        anyhow::bail!(
+            "{out} already holds a run; continue it with `rdrop resume {out}` or choose another --out"
+        );
+    }
+    Ok(())
+}
+
+/// After a finished run: goodbye to the other ranks, rank 0's report.
+fn finish(world: World, summary: &Summary, json: bool) -> anyhow::Result<()> {
+    let lead = world.is_lead();
+    world.finish()?;
+    if lead {
+        report(summary, json)?;
+    }
+    Ok(())
+}
+
+/// `--dry-run`: the resolved `config.toml` on stdout; settings checked, nothing opened. With
+/// `--nproc-per-node N`, the world on stderr (checked except for this machine's GPUs).
+fn dry_run(cfg: &RunConfig, nproc_per_node: Option<usize>) -> anyhow::Result<()> {
     cfg.validate_settings()?;
+    let n = nproc_per_node.unwrap_or(1).max(1);
+    world::check(cfg, n, n, false)?;
     print!("{}", cfg.to_toml()?);
+    if n > 1 {
+        let accum = cfg.batch_size / (n * cfg.micro_batch);
+        eprintln!(
+            "world: {n} ranks on this node (--nproc-per-node {n}; cuda:0..cuda:{}): each takes              {} images of every global batch of {} ({n} ranks × micro-batch {} × accumulation {accum})",
+            n - 1,
+            cfg.batch_size / n,
+            cfg.batch_size,
+            cfg.micro_batch
+        );
+    }
     if cfg.data.is_none() {
         eprintln!("note: no --data yet; a real run needs one");
     }
     Ok(())
 }
 
-/// `rdrop resume OUT` / `rdrop train --resume OUT`.
-pub fn resume_run(dir: &Path, threads: Option<usize>, json: bool) -> anyhow::Result<()> {
+/// `rdrop resume OUT` / `rdrop train --resume OUT`, on `nproc_per_node` ranks (or those a
+/// launcher started): any number that divides the batch, with the same data order.
+pub fn resume_run(
+    dir: &Path,
+    threads: Option<usize>,
+    json: bool,
+    nproc_per_node: Option<usize>,
+) -> anyhow::Result<()> {
     let run_dir = RunFolder::new(dir);
     let cfg_path = run_dir.config();
     anyhow::ensure!(
@@ -159,21 +231,36 @@ pub fn resume_run(dir: &Path, threads: Option<usize>, json: bool) -> anyhow::Res
         cfg.threads = threads;
     }
     cfg.validate()?;
-    clean_stale(&run_dir.checkpoints())?;
+    let spec = match world::role(nproc_per_node)? {
+        Role::Launch(n) => {
+            world::check(&cfg, n, n, true)?;
+            return crate::launch::launch(n, &[]);
+        }
+        Role::Rank(spec) => spec,
+    };
+    world::check(&cfg, spec.world_size, spec.local_world_size, true)?;
+    let world = World::join(spec, &cfg)?;
+    if world.is_lead() {
+        clean_stale(&run_dir.checkpoints())?;
+    }
+    // Nothing is written before every rank has chosen its checkpoint.
+    world.barrier()?;
     let start = match run_dir.steps().pop() {
         Some((_, ck)) => Start::Resume(ck),
         None => {
-            eprintln!(
-                "no checkpoint in {} yet: starting over from step 0 with its config.toml",
-                dir.display()
-            );
+            if world.is_lead() {
+                eprintln!(
+                    "no checkpoint in {} yet: starting over from step 0 with its config.toml",
+                    dir.display()
+                );
+            }
             Start::Fresh {
                 required_model: None,
             }
         }
     };
-    let summary = train(cfg, run_dir, start, signals::install())?;
-    report(&summary, json)
+    let summary = train(cfg, run_dir, start, signals::install(), &world)?;
+    finish(world, &summary, json)
 }
 
 fn report(s: &Summary, json: bool) -> anyhow::Result<()> {
@@ -204,51 +291,70 @@ pub enum Start {
     Resume(PathBuf),
 }
 
-/// Runs (or resumes) the training described by `cfg` in `dir`.
+/// Runs (or resumes) the training described by `cfg` in `dir`, as one rank of `world`.
 pub fn train(
     cfg: RunConfig,
     dir: RunFolder,
     start: Start,
     stop: StopFlag,
+    world: &World,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
+    let lead = world.is_lead();
     set_threads(cfg.threads)?;
     let data_name = cfg.data.clone().unwrap_or_default();
     let data = setup::open_data(&data_name)?;
     let classes = setup::num_classes(&data);
     let class_names = (!data.fine_label_names.is_empty()).then(|| data.fine_label_names.clone());
-    let device = cfg.device.open()?;
-    std::fs::create_dir_all(&dir.root)
-        .with_context(|| format!("cannot create {}", dir.root.display()))?;
+    let device = world::device(&cfg, &world.spec).open()?;
+    if lead {
+        std::fs::create_dir_all(&dir.root)
+            .with_context(|| format!("cannot create {}", dir.root.display()))?;
+    }
     let Session {
         mut learner,
         position,
         mut best,
         mut metrics,
-    } = self::start(&cfg, &dir, start, classes, &device)?;
+    } = self::start(&cfg, &dir, start, classes, &device, world)?;
     let (train_loader, test_loader) = setup::loaders(&cfg, data)?;
-    announce(
-        &cfg,
-        &dir,
-        &learner,
-        &data_name,
-        &train_loader,
-        &test_loader,
-        classes,
-    );
+    let share = Share {
+        world: world.size(),
+        rank: world.rank(),
+        accumulation: cfg.accumulation() / world.size(),
+    };
+    if lead {
+        announce(
+            &cfg,
+            &dir,
+            &learner,
+            &data_name,
+            &train_loader,
+            &test_loader,
+            classes,
+        );
+        if world.collective().is_some() {
+            eprintln!(
+                "data parallel: {}; each rank takes {} × {} images of every update",
+                world.describe(),
+                share.accumulation,
+                cfg.micro_batch
+            );
+        }
+    }
     let checkpoints = Checkpoints {
         dir: dir.clone(),
         keep_last: cfg.keep_last,
         class_names,
     };
 
-    let mut stream = Stream::new(&train_loader, position);
-    let mut progress = Progress::new(learner.step(), cfg.steps);
+    let mut stream = Stream::new(Arc::new(train_loader), position, share)?;
+    let mut progress = Progress::new(learner.step(), cfg.steps, lead);
     let mut last_eval: Option<EvalResult> = None;
     while learner.step() < cfg.steps {
-        // One update: `accumulation` micro-batches, two passes each, one optimiser step.
+        // One update: this rank's micro-batches, two passes each, one optimiser step.
         let t0 = Instant::now();
-        let batches = stream.next_update(cfg.accumulation(), &device)?;
+        let batches = stream.next_update(&device)?;
         let stats = match learner.update(&batches) {
             Ok(s) => s,
             Err(e) => {
@@ -256,7 +362,9 @@ pub fn train(
                 return Err(update_error(e, learner.step() + 1, &dir));
             }
         };
-        log_update(&mut metrics, &mut progress, &stats, stream.pos.epoch, t0)?;
+        if let Some(m) = metrics.as_mut() {
+            log_update(m, &mut progress, &stats, stream.pos.epoch, t0)?;
+        }
         if stats.skipped {
             progress.println(&format!(
                 "step {}: f16 overflow, update skipped ({} so far); loss scale now {}",
@@ -270,37 +378,52 @@ pub fn train(
         let step = stats.step;
         let last = step == cfg.steps;
         if last || due(step, cfg.eval_every) {
-            let e = evaluate(|x| learner.logits(x), &test_loader, &device)?;
-            log_eval(&mut metrics, &mut progress, step, stream.pos.epoch, &e)?;
+            let e = evaluate(|x| learner.logits(x), &test_loader, &device, world)?;
+            if let Some(m) = metrics.as_mut() {
+                log_eval(m, &mut progress, step, stream.pos.epoch, &e)?;
+            }
             if e.top1 > best.top1 || best.step == 0 {
                 best = Best { top1: e.top1, step };
-                checkpoints.save_best(learner.model()?, step, &e)?;
+                if lead {
+                    checkpoints.save_best(learner.model()?, step, &e)?;
+                }
+                world.barrier()?;
             }
             last_eval = Some(e);
         }
-        if stop.is_set() {
-            let ck = checkpoints.save(&mut learner, stream.pos, best, &mut metrics)?;
-            progress.finish();
-            let _ = crate::cmd::plot::plot_run(&dir, &dir.curves());
-            eprintln!("checkpoint written: {}", ck.display());
+        // Every rank stops at the same update when any of them was interrupted.
+        if world.any(stop.is_set())? {
+            if let Some(m) = metrics.as_mut() {
+                let ck = checkpoints.save(&mut learner, stream.pos, best, m)?;
+                progress.finish();
+                let _ = crate::cmd::plot::plot_run(&dir, &dir.curves());
+                eprintln!("checkpoint written: {}", ck.display());
+            }
+            world.barrier()?;
             return Err(Interrupted {
                 resume_hint: format!("rdrop resume {}", dir.root.display()),
             }
             .into());
         }
         if last || due(step, cfg.save_every) {
-            checkpoints.save(&mut learner, stream.pos, best, &mut metrics)?;
+            if let Some(m) = metrics.as_mut() {
+                checkpoints.save(&mut learner, stream.pos, best, m)?;
+            }
+            world.barrier()?;
         }
     }
     progress.finish();
 
-    checkpoints.save_final(learner.model()?)?;
-    if let Err(e) = crate::cmd::plot::plot_run(&dir, &dir.curves()) {
-        eprintln!("warning: could not draw curves.png: {e:#}");
+    if lead {
+        checkpoints.save_final(learner.model()?)?;
+        if let Err(e) = crate::cmd::plot::plot_run(&dir, &dir.curves()) {
+            eprintln!("warning: could not draw curves.png: {e:#}");
+        }
     }
+    world.barrier()?;
     let e = match last_eval {
         Some(e) => e,
-        None => evaluate(|x| learner.logits(x), &test_loader, &device)?,
+        None => evaluate(|x| learner.logits(x), &test_loader, &device, world)?,
     };
     Ok(Summary {
         out: dir.root.display().to_string(),
@@ -311,6 +434,8 @@ pub fn train(
         best_top1: best.top1,
         best_step: best.step,
         wall_s: started.elapsed().as_secs_f64(),
+        world_size: world.size(),
+        collective: world.collective_name().into(),
     })
 }
 
@@ -319,12 +444,13 @@ fn due(step: u64, every: u64) -> bool {
     every > 0 && step.is_multiple_of(every)
 }
 
-/// What the loop starts from: model and trainer, data position, best evaluation, metrics file.
+/// What the loop starts from: model and trainer, data position, best evaluation, metrics file
+/// (rank 0's: the others write nothing).
 struct Session {
     learner: Learner,
     position: Position,
     best: Best,
-    metrics: MetricsWriter,
+    metrics: Option<MetricsWriter>,
 }
 
 /// A fresh session (writing `config.toml` and a new `metrics.jsonl`), or one restored from a
@@ -336,33 +462,54 @@ fn start(
     start: Start,
     classes: usize,
     device: &Device,
+    world: &World,
 ) -> anyhow::Result<Session> {
-    let tcfg = setup::train_config(cfg);
+    let mut tcfg = setup::train_config(cfg);
+    // Each rank accumulates its share of the update's micro-batches.
+    tcfg.accum_steps = cfg.accumulation() / world.size();
     let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.precision)?;
+    let lead = world.is_lead();
     match start {
         Start::Fresh { required_model } => {
+            if let (Some(spec), true) = (&cfg.weights, world.size() > 1) {
+                // One download into the shared cache; the other ranks then read it.
+                if lead {
+                    crate::hub::prefetch(spec)?;
+                }
+                world.barrier()?;
+            }
             let model = setup::initial_model(cfg, classes, required_model.as_deref(), device)?;
-            let learner = Learner::new(model, tcfg, explicit)?;
-            // The resolved configuration, before step 0 (`--dry-run` prints the same text).
-            rdrop_core::atomic::write_bytes(&dir.config(), cfg.to_toml()?.as_bytes())?;
+            let learner = Learner::new(model, tcfg, explicit, world.collective())?;
+            let metrics = if lead {
+                // The resolved configuration, before step 0 (`--dry-run` prints the same text).
+                rdrop_core::atomic::write_bytes(&dir.config(), cfg.to_toml()?.as_bytes())?;
+                Some(MetricsWriter::create(&dir.metrics())?)
+            } else {
+                None
+            };
             Ok(Session {
                 learner,
                 position: Position::default(),
                 best: Best::default(),
-                metrics: MetricsWriter::create(&dir.metrics())?,
+                metrics,
             })
         }
         Start::Resume(ck) => {
             let model = setup::checkpoint_model(cfg, &ck, device)?;
             let state = TrainState::load(&ck)
                 .with_context(|| format!("loading the training state of {}", ck.display()))?;
-            let learner = Learner::restore(model, tcfg, &state, explicit)?;
-            eprintln!(
-                "resuming {} from {} (step {})",
-                dir.root.display(),
-                ck.display(),
-                state.step
-            );
+            let learner = Learner::restore(model, tcfg, &state, explicit, world.collective())?;
+            let metrics = if lead {
+                eprintln!(
+                    "resuming {} from {} (step {})",
+                    dir.root.display(),
+                    ck.display(),
+                    state.step
+                );
+                Some(MetricsWriter::resume(&dir.metrics(), state.step)?)
+            } else {
+                None
+            };
             Ok(Session {
                 learner,
                 position: Position {
@@ -370,7 +517,7 @@ fn start(
                     index: state.batch_index as usize,
                 },
                 best: serde_json::from_value(state.extra.clone()).unwrap_or_default(),
-                metrics: MetricsWriter::resume(&dir.metrics(), state.step)?,
+                metrics,
             })
         }
     }
@@ -472,65 +619,6 @@ fn log_eval(
     }))?;
     progress.eval(step, e.top1, e.top5, e.loss);
     Ok(())
-}
-
-/// Where the loader is: the next micro-batch to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Position {
-    epoch: u64,
-    index: usize,
-}
-
-/// Micro-batches in order across epochs, from any position.
-struct Stream<'a> {
-    loader: &'a Loader,
-    pos: Position,
-    iter: Option<EpochIter>,
-}
-
-impl<'a> Stream<'a> {
-    fn new(loader: &'a Loader, pos: Position) -> Self {
-        Self {
-            loader,
-            pos,
-            iter: None,
-        }
-    }
-
-    /// The `n` micro-batches of the next update, as `(images, labels)` tensors on `device`.
-    fn next_update(&mut self, n: usize, device: &Device) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
-        (0..n)
-            .map(|_| Ok(self.next()?.to_tensors(DType::F32, device)?))
-            .collect()
-    }
-
-    fn next(&mut self) -> anyhow::Result<rdrop_data::Batch> {
-        loop {
-            if self.pos.index >= self.loader.batches_per_epoch() {
-                self.pos = Position {
-                    epoch: self.pos.epoch + 1,
-                    index: 0,
-                };
-                self.iter = None;
-            }
-            let it = self
-                .iter
-                .get_or_insert_with(|| self.loader.epoch(self.pos.epoch, self.pos.index));
-            match it.next() {
-                Some(b) => {
-                    self.pos.index += 1;
-                    return b.with_context(|| {
-                        format!(
-                            "reading training batch {} of epoch {}",
-                            self.pos.index - 1,
-                            self.pos.epoch
-                        )
-                    });
-                }
-                None => self.pos.index = usize::MAX,
-            }
-        }
-    }
 }
 
 /// Best evaluation so far (kept in the training state's `extra`).
