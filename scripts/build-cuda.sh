@@ -9,7 +9,8 @@
 #
 # usage: scripts/build-cuda.sh [--build]   release `rdrop` with --features cuda, stripped,
 #                                          into dist/cuda/rdrop (default), and the CUDA test
-#                                          binaries (tests/cuda*.rs) into dist/cuda/tests/
+#                                          binaries (rdrop-vit tests/cuda.rs, rdrop-kernels
+#                                          tests/cuda_kernels.rs) into dist/cuda/tests/
 #                                          (+ dist/cuda-pack/{rdrop.gz,cuda-tests.tar.gz}: carry
 #                                          dist/cuda-pack to a GPU machine)
 #        scripts/build-cuda.sh --check     cargo clippy -D warnings (cargo check if clippy is
@@ -175,12 +176,11 @@ build)
     rm -rf "$DIST/tests" && mkdir -p "$DIST/tests"
     "$PY" - "$TARGET/cuda-tests.jsonl" "$DIST/tests" <<'PYEOF'
 import json, shutil, sys
-# the integration test targets whose name starts with "cuda" (tests/cuda*.rs)
 for line in open(sys.argv[1]):
     m = json.loads(line) if line.startswith("{") else {}
     t = m.get("target", {})
     if m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"] \
-            and t.get("name", "").startswith("cuda"):
+            and t.get("name") in ("cuda", "cuda_kernels"):  # the GPU tests (cuda_twin is CPU-only)
         pkg = m["package_id"].split("#")[0].rstrip("/").split("/")[-1]
         shutil.copy(m["executable"], f"{sys.argv[2]}/{pkg}-{t['name']}")
 PYEOF

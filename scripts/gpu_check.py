@@ -332,8 +332,9 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             folder = self.tmp / "tests"
         ok, passed, failed = True, 0, 0
         for b in sorted(folder.iterdir()):
-            r = run([b, "--ignored", "--test-threads", "1"], self.budget.box(150), self.env,
-                    keep_output=True)
+            # RDROP_REPO: where the fixtures are here (the binaries were built elsewhere)
+            r = run([b, "--ignored", "--test-threads", "1"], self.budget.box(150),
+                    dict(self.env, RDROP_REPO=str(REPO)), keep_output=True)
             out = r.pop("stdout", "")
             tests = dict(re.findall(r"^test (\S+) \.\.\. (ok|FAILED|ignored)", out, re.M))
             m = re.search(r"test result: \w+\. (\d+) passed; (\d+) failed", out)

@@ -14,10 +14,14 @@ use candle_core::{DType, Device, Tensor};
 use rdrop_vit::model::cross_entropy;
 use rdrop_vit::{load_model, LoadOptions};
 
+/// A fixture file. The test binary is carried to a GPU machine where the repository sits
+/// elsewhere: `RDROP_REPO` (set by scripts/gpu_check.py) names its root there.
 fn fx(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
+    let crate_dir = match std::env::var_os("RDROP_REPO") {
+        Some(repo) => Path::new(&repo).join("rdrop-vit"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    };
+    crate_dir.join("tests/fixtures").join(p)
 }
 
 fn gpu() -> Device {
