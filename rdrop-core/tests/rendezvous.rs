@@ -178,6 +178,13 @@ fn child_entry() {
             println!("JOINED");
             std::thread::sleep(Duration::from_secs(60));
         }
+        "barrier-then-died" => {
+            let g = Group::join(&s, timeout).unwrap();
+            match g.barrier() {
+                Err(DistError::PeerDied { rank: 0, .. }) => println!("RANK 0 GONE"),
+                other => panic!("expected rank 0's death, got {other:?}"),
+            }
+        }
         "expect-refused" => match Group::join(&s, timeout) {
             Err(e @ DistError::Refused { .. }) => println!("REFUSED {e}"),
             other => panic!("expected Refused, got {other:?}"),
@@ -448,4 +455,28 @@ fn heartbeats_keep_an_idle_group_alive() {
     };
     let e = Group::join_with(&spec(0, 2, port), &bad).unwrap_err();
     assert!(matches!(e, DistError::Unsupported(_)), "{e:?}");
+}
+
+/// Ranks whose calls differ (a bug in the caller) get an error naming both calls, not a hang
+/// or a wrong sum.
+#[test]
+fn different_calls_are_a_protocol_error() {
+    let port = free_port();
+    let child = spawn("barrier-then-died", 1, 2, port, 10_000);
+    let e = bounded(Duration::from_secs(15), move || {
+        let g = Group::join(&spec(0, 2, port), Duration::from_secs(10)).unwrap();
+        let mut v = [1.0f64; 3];
+        g.all_reduce_f64(&mut v).unwrap_err()
+        // `g` is dropped without a goodbye: rank 1 learns that rank 0 is gone.
+    });
+    match &e {
+        DistError::Protocol { rank: 0, msg } => {
+            assert!(
+                msg.contains("all_reduce_f64") && msg.contains("barrier"),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(finished(child).contains("RANK 0 GONE"));
 }
