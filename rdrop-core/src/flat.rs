@@ -23,10 +23,10 @@ use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, sum_squares, AdamWHy
 
 use crate::dist::Collective;
 use crate::error::{CoreError, Result};
-use crate::loss::LossMode;
 use crate::optim::{OptimConfig, OptimizerKind, OptimizerState, WeightDecayScope};
 use crate::rng::RngState;
 use crate::schedule::lr_lambda;
+use crate::split::UpdateSplit;
 use crate::state::TrainState;
 use crate::trainer::{check_finite, Precision, StepStats, TrainConfig};
 
@@ -544,40 +544,23 @@ impl FlatTrainer {
         micro_batches: &[(Tensor, Tensor)],
         collective: Option<&dyn Collective>,
     ) -> Result<StepStats> {
-        if micro_batches.len() != self.cfg.accum_steps {
-            return Err(CoreError::Config(format!(
-                "update got {} micro-batches, accum_steps is {}",
-                micro_batches.len(),
-                self.cfg.accum_steps
-            )));
-        }
-        let local: usize = micro_batches
-            .iter()
-            .map(|(x, _)| x.dim(0))
-            .sum::<candle_core::Result<usize>>()?;
-        if local == 0 {
-            return Err(CoreError::Config("update got no samples".into()));
-        }
-        let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
-        let total = local * world;
+        let split = UpdateSplit::new(
+            micro_batches,
+            self.cfg.accum_steps,
+            self.cfg.loss.mode,
+            collective,
+        )?;
         let k = self.step + 1;
         model.zero_grads();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
-        let mut first = rank * local;
-        for (x, y) in micro_batches {
-            let m = x.dim(0)?;
-            let w = match self.cfg.loss.mode {
-                LossMode::Mean => m as f64 / total as f64,
-                LossMode::Reference => 1.0 / (micro_batches.len() * world) as f64,
-            };
+        for ((x, y), &(first, w)) in micro_batches.iter().zip(&split.micro) {
             let l = model.accumulate(x, y, k, first, &self.cfg.loss, w)?;
             loss += w * l.loss;
             ce += w * l.ce;
             kl += w * l.kl;
             fwd += l.forward_s;
             bwd += l.backward_s;
-            first += m;
         }
         let t1 = Instant::now();
         let (params, grads) = model.params_and_grads();
@@ -585,16 +568,7 @@ impl FlatTrainer {
         // that a one-rank launch exercises the distributed path.
         if let Some(c) = collective {
             c.all_reduce_sum(grads)?;
-            let mut v = [loss, ce, kl, local as f64];
-            c.all_reduce_f64(&mut v)?;
-            [loss, ce, kl] = [v[0], v[1], v[2]];
-            if v[3] != total as f64 {
-                return Err(CoreError::Config(format!(
-                    "the ranks hold {} samples in all, rank {rank} expected {world} × {local}: \
-                     every rank must get an equal share of the global batch",
-                    v[3]
-                )));
-            }
+            [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
         }
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
         let grad_norm = sum_squares(grads).sqrt();
@@ -616,7 +590,7 @@ impl FlatTrainer {
             skipped: false,
             skipped_total: 0,
             micro_batches: micro_batches.len(),
-            samples: total,
+            samples: split.total,
             forward_s: fwd,
             backward_s: bwd,
             optimizer_s: t1.elapsed().as_secs_f64(),

@@ -31,6 +31,7 @@ pub mod rng;
 pub mod run_folder;
 pub mod scaler;
 pub mod schedule;
+pub mod split;
 pub mod state;
 pub mod trainer;
 
@@ -46,5 +47,6 @@ pub use rng::{DropoutContext, DropoutRng, RngState, RowKey};
 pub use run_folder::RunFolder;
 pub use scaler::{LossScaler, ScalerConfig, ScalerState};
 pub use schedule::{lr_lambda, DecayKind, ScheduleConfig};
+pub use split::UpdateSplit;
 pub use state::TrainState;
 pub use trainer::{Precision, StepStats, TrainConfig, Trainer};

@@ -36,12 +36,13 @@ use serde::{Deserialize, Serialize};
 use crate::clip::clip_grad_norm;
 use crate::dist::Collective;
 use crate::error::{CoreError, Result};
-use crate::loss::{rdrop_loss, LossConfig, LossMode};
+use crate::loss::{rdrop_loss, LossConfig};
 use crate::model::RDropModel;
 use crate::optim::{OptimConfig, Optimizer};
 use crate::passes::{two_pass_logits, TwoPass};
 use crate::scaler::{LossScaler, ScalerConfig};
 use crate::schedule::{lr_lambda, ScheduleConfig};
+use crate::split::UpdateSplit;
 use crate::state::TrainState;
 
 /// Forward precision (master weights and optimiser stay f32).
@@ -385,29 +386,15 @@ impl Trainer {
         micro_batches: &[(Tensor, Tensor)],
         collective: Option<&dyn Collective>,
     ) -> Result<StepStats> {
-        if micro_batches.len() != self.cfg.accum_steps {
-            return Err(CoreError::Config(format!(
-                "update got {} micro-batches, accum_steps is {}",
-                micro_batches.len(),
-                self.cfg.accum_steps
-            )));
-        }
-        let local: usize = micro_batches
-            .iter()
-            .map(|(x, _)| x.dim(0))
-            .sum::<candle_core::Result<usize>>()?;
-        if local == 0 {
-            return Err(CoreError::Config("update got no samples".into()));
-        }
-        let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
-        let total = local * world;
+        let split = UpdateSplit::new(
+            micro_batches,
+            self.cfg.accum_steps,
+            self.cfg.loss.mode,
+            collective,
+        )?;
         self.pending = None;
-        self.sample_base = rank * local;
-        for (x, y) in micro_batches {
-            let w = match self.cfg.loss.mode {
-                LossMode::Mean => x.dim(0)? as f64 / total as f64,
-                LossMode::Reference => 1.0 / (micro_batches.len() * world) as f64,
-            };
+        self.sample_base = split.rank * split.local;
+        for ((x, y), &(_, w)) in micro_batches.iter().zip(&split.micro) {
             if let Err(e) = self.accumulate(model, x, y, w) {
                 self.pending = None;
                 self.sample_base = 0;
@@ -416,7 +403,7 @@ impl Trainer {
         }
         self.sample_base = 0;
         if let Some(c) = collective {
-            if let Err(e) = self.reduce_pending(c, local, total) {
+            if let Err(e) = self.reduce_pending(c, &split) {
                 self.pending = None;
                 return Err(e);
             }
@@ -425,7 +412,7 @@ impl Trainer {
     }
 
     /// Sums the pending gradients and statistics over the ranks.
-    fn reduce_pending(&mut self, c: &dyn Collective, local: usize, total: usize) -> Result<()> {
+    fn reduce_pending(&mut self, c: &dyn Collective, split: &UpdateSplit) -> Result<()> {
         let Some(pend) = self.pending.as_mut() else {
             return Err(CoreError::Config("no pending update to reduce".into()));
         };
@@ -435,21 +422,11 @@ impl Trainer {
         };
         let dev = loss.device().clone();
         let host = Tensor::stack(&[loss, ce, kl], 0)?.to_vec1::<f32>()?;
-        let mut v = [host[0] as f64, host[1] as f64, host[2] as f64, local as f64];
-        c.all_reduce_f64(&mut v)?;
-        if v[3] != total as f64 {
-            return Err(CoreError::Config(format!(
-                "the ranks hold {} samples in all, rank {} expected {} × {local}: every rank \
-                 must get an equal share of the global batch",
-                v[3],
-                c.rank(),
-                c.world_size()
-            )));
-        }
+        let v = split.reduce_stats(c, [host[0] as f64, host[1] as f64, host[2] as f64])?;
         pend.loss = Some(Tensor::new(v[0] as f32, &dev)?);
         pend.ce = Some(Tensor::new(v[1] as f32, &dev)?);
         pend.kl = Some(Tensor::new(v[2] as f32, &dev)?);
-        pend.samples = total;
+        pend.samples = split.total;
         Ok(())
     }
 

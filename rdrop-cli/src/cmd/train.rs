@@ -162,8 +162,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let start = Start::Fresh {
         required_model: args.flags.model.clone(),
     };
-    let summary = train(cfg, run_dir, start, signals::install(), &world)?;
-    finish(world, &summary, args.json)
+    let run = train(cfg, run_dir, start, signals::install(), &world);
+    end_rank(world, run, args.json)
 }
 
 /// Refuses to start a run in a folder that holds one.
@@ -175,6 +175,24 @@ fn check_new_folder(run_dir: &RunFolder) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The end of a rank's run. A finished run: goodbye to the other ranks and rank 0's report.
+/// An interrupt (every rank stopped at the same update, after the checkpoint's barrier): a
+/// goodbye too, so that the ranks leaving together are not taken for deaths (a rank still
+/// leaving the barrier would otherwise see rank 0's connection close and exit as if it had
+/// died). Any other error: no goodbye, the others learn that this rank died.
+fn end_rank(world: World, run: anyhow::Result<Summary>, json: bool) -> anyhow::Result<()> {
+    match run {
+        Ok(summary) => finish(world, &summary, json),
+        Err(e) if e.is::<Interrupted>() => {
+            if let Err(f) = world.finish() {
+                eprintln!("note: {f:#}");
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// After a finished run: goodbye to the other ranks, rank 0's report.
@@ -259,8 +277,8 @@ pub fn resume_run(
             }
         }
     };
-    let summary = train(cfg, run_dir, start, signals::install(), &world)?;
-    finish(world, &summary, json)
+    let run = train(cfg, run_dir, start, signals::install(), &world);
+    end_rank(world, run, json)
 }
 
 fn report(s: &Summary, json: bool) -> anyhow::Result<()> {

@@ -16,8 +16,8 @@ use candle_core::Tensor;
 use rdrop_core::dist::Collective;
 use rdrop_core::trainer::check_finite;
 use rdrop_core::{
-    lr_lambda, CoreError, FlatLayout, FlatOptimizer, LossMode, LossScaler, Precision, StepStats,
-    TrainConfig, TrainState,
+    lr_lambda, CoreError, FlatLayout, FlatOptimizer, LossScaler, Precision, StepStats, TrainConfig,
+    TrainState, UpdateSplit,
 };
 
 use super::engine::CudaEngine;
@@ -158,35 +158,19 @@ impl CudaTrainer {
         micro_batches: &[(Tensor, Tensor)],
         collective: Option<&dyn Collective>,
     ) -> rdrop_core::Result<StepStats> {
-        if micro_batches.len() != self.cfg.accum_steps {
-            return Err(CoreError::Config(format!(
-                "update got {} micro-batches, accum_steps is {}",
-                micro_batches.len(),
-                self.cfg.accum_steps
-            )));
-        }
-        let local: usize = micro_batches
-            .iter()
-            .map(|(x, _)| x.dim(0))
-            .sum::<candle_core::Result<usize>>()?;
-        if local == 0 {
-            return Err(CoreError::Config("update got no samples".into()));
-        }
-        let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
-        let total = local * world;
+        let split = UpdateSplit::new(
+            micro_batches,
+            self.cfg.accum_steps,
+            self.cfg.loss.mode,
+            collective,
+        )?;
         let k = self.step + 1;
         let scale = self.scaler.scale();
         engine.set_sync_timing(self.cfg.sync_timing);
         engine.zero_grads().map_err(core)?;
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
-        let mut first = rank * local;
-        for (x, y) in micro_batches {
-            let m = x.dim(0)?;
-            let w = match self.cfg.loss.mode {
-                LossMode::Mean => m as f64 / total as f64,
-                LossMode::Reference => 1.0 / (micro_batches.len() * world) as f64,
-            };
+        for ((x, y), &(first, w)) in micro_batches.iter().zip(&split.micro) {
             let l = engine
                 .accumulate(x, y, k, first, &self.cfg.loss, w * scale)
                 .map_err(core)?;
@@ -195,22 +179,12 @@ impl CudaTrainer {
             kl += w * l.kl;
             fwd += l.forward_s;
             bwd += l.backward_s;
-            first += m;
         }
         if let Some(c) = collective {
             let (ptr, len) = engine.grads_device_ptr();
             let stream = engine.stream().cu_stream() as usize as u64;
             c.all_reduce_sum_device(ptr, len, stream)?;
-            let mut v = [loss, ce, kl, local as f64];
-            c.all_reduce_f64(&mut v)?;
-            [loss, ce, kl] = [v[0], v[1], v[2]];
-            if v[3] != total as f64 {
-                return Err(CoreError::Config(format!(
-                    "the ranks hold {} samples in all, rank {rank} expected {world} × {local}: \
-                     every rank must get an equal share of the global batch",
-                    v[3]
-                )));
-            }
+            [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
         }
         let t1 = Instant::now();
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
@@ -247,7 +221,7 @@ impl CudaTrainer {
             skipped,
             skipped_total: self.scaler.skipped(),
             micro_batches: micro_batches.len(),
-            samples: total,
+            samples: split.total,
             forward_s: fwd,
             backward_s: bwd,
             optimizer_s: t1.elapsed().as_secs_f64(),
