@@ -33,6 +33,24 @@ pub use kind::EngineKind;
 use params::Offsets;
 use plan::Plan;
 
+/// The batch size of images `x (B, C, S, S)` for an engine of `cfg` (both engines): an error
+/// naming the shape when it does not match the model, or when the batch is empty.
+pub(crate) fn check_images(cfg: &ViTConfig, x: &Tensor) -> Result<usize> {
+    let (b, c, h, w) = x.dims4()?;
+    let s = cfg.image_size;
+    if c != cfg.num_channels || h != s || w != s {
+        return Err(VitError::Config(format!(
+            "input of shape {:?} does not match the model ({} channels, {s}×{s} pixels)",
+            x.dims(),
+            cfg.num_channels
+        )));
+    }
+    if b == 0 {
+        return Err(VitError::Config("an empty batch of images".into()));
+    }
+    Ok(b)
+}
+
 /// The explicit engine of one ViT: parameters and gradients in flat buffers.
 #[derive(Debug)]
 pub struct Engine {
@@ -135,16 +153,7 @@ impl Engine {
     }
 
     fn check_images(&self, x: &Tensor) -> Result<usize> {
-        let (b, c, h, w) = x.dims4()?;
-        let s = self.cfg.image_size;
-        if c != self.cfg.num_channels || h != s || w != s {
-            return Err(VitError::Config(format!(
-                "input of shape {:?} does not match the model ({} channels, {s}×{s} pixels)",
-                x.dims(),
-                self.cfg.num_channels
-            )));
-        }
-        Ok(b)
+        check_images(&self.cfg, x)
     }
 
     /// Logits `(B, classes)` of images `x (B, C, S, S)` in eval mode (no dropout). Uses an

@@ -478,19 +478,7 @@ impl CudaEngine {
     }
 
     fn check_images(&self, x: &Tensor) -> Result<usize> {
-        let (b, c, h, w) = x.dims4()?;
-        let s = self.cfg.image_size;
-        if c != self.cfg.num_channels || h != s || w != s {
-            return Err(VitError::Config(format!(
-                "input of shape {:?} does not match the model ({} channels, {s}×{s} pixels)",
-                x.dims(),
-                self.cfg.num_channels
-            )));
-        }
-        if b == 0 {
-            return Err(VitError::Config("an empty batch of images".into()));
-        }
-        Ok(b)
+        crate::engine::check_images(&self.cfg, x)
     }
 
     fn pixels(&self) -> usize {
