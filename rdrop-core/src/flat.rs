@@ -201,6 +201,97 @@ pub trait FlatRDropModel {
     ) -> Result<MicroLoss>;
     /// The dropout generator's state (saved in checkpoints).
     fn rng_state(&self) -> RngState;
+
+    /// Offsets of the gradient buffer at which the backward has finished everything above,
+    /// in the order it reaches them (strictly descending, the last one 0): the places a
+    /// gradient bucket may close ([`crate::dist::bucket`]). Default `[0]`: the buffer is final
+    /// only when the backward ends.
+    fn grad_ready_cuts(&self) -> Vec<usize> {
+        vec![0]
+    }
+
+    /// [`FlatRDropModel::accumulate`], handing each bucket `grads[cuts_i .. cuts_{i−1})` to
+    /// `ready` as soon as the backward has written its last value (`cuts`: a subset of
+    /// [`FlatRDropModel::grad_ready_cuts`] ending at 0, see [`crate::dist::bucket_cuts`]),
+    /// while the backward goes on below it. Nothing is handed when it fails before the
+    /// backward. The default runs the whole backward first, then hands the buckets in order.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_overlapped<'g>(
+        &'g mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &crate::loss::LossConfig,
+        weight: f64,
+        cuts: &[usize],
+        ready: &mut dyn FnMut(&'g mut [f32]),
+    ) -> Result<MicroLoss> {
+        let l = self.accumulate(x, y, update, first_sample, loss, weight)?;
+        let (_, mut rest) = self.params_and_grads();
+        for &c in cuts {
+            let c = c.min(rest.len());
+            let (lo, hi) = rest.split_at_mut(c);
+            ready(hi);
+            rest = lo;
+        }
+        Ok(l)
+    }
+}
+
+/// The last micro-batch of a data-parallel update with its gradients summed bucket by bucket
+/// while its backward runs: a scoped thread makes the collective calls (every rank the same
+/// buckets in the same order) on the slices the model hands over.
+#[allow(clippy::too_many_arguments)]
+fn accumulate_reducing<M: FlatRDropModel + ?Sized>(
+    model: &mut M,
+    collective: &dyn Collective,
+    cuts: &[usize],
+    x: &Tensor,
+    y: &Tensor,
+    update: u64,
+    first_sample: usize,
+    loss: &crate::loss::LossConfig,
+    weight: f64,
+) -> Result<MicroLoss> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<&mut [f32]>();
+        let comm = s.spawn(move || -> Result<usize> {
+            let mut n = 0;
+            for bucket in rx {
+                collective.all_reduce_sum(bucket)?;
+                n += 1;
+            }
+            Ok(n)
+        });
+        let out = model.accumulate_overlapped(
+            x,
+            y,
+            update,
+            first_sample,
+            loss,
+            weight,
+            cuts,
+            // A failed reduction ends the thread: later sends fail, and its error is
+            // reported below.
+            &mut |bucket| {
+                let _ = tx.send(bucket);
+            },
+        );
+        drop(tx);
+        let reduced = comm.join().map_err(|_| {
+            CoreError::Config("the thread summing the gradient buckets panicked".into())
+        })?;
+        let out = out?;
+        let n = reduced?;
+        if n != cuts.len() {
+            return Err(CoreError::Config(format!(
+                "the backward handed {n} gradient buckets of {}",
+                cuts.len()
+            )));
+        }
+        Ok(out)
+    })
 }
 
 /// SGD-momentum / AdamW over a flat buffer, PyTorch semantics (as [`crate::Optimizer`]).
@@ -523,6 +614,8 @@ impl FlatTrainer {
     /// G   = Σ_ranks Σ_j ∇(w_j · L_j)                       (collective.all_reduce_sum)
     /// (loss, ce, kl, n) summed over ranks                  (collective.all_reduce_f64)
     /// ```
+    /// With `grad_bucket_mb > 0` the sum of `G` runs in buckets during the last micro-batch's
+    /// backward ([`crate::dist::bucket`]), on a second thread, overlapped with it.
     /// then the norm, clip and step of [`FlatTrainer::update`] on the summed `G`, identical on
     /// every rank. So `N` ranks at accumulation `A` compute the single-process update at
     /// accumulation `N·A` over the same samples (the same up to float summation order; in
@@ -551,11 +644,26 @@ impl FlatTrainer {
             collective,
         )?;
         let k = self.step + 1;
+        // Buckets (data parallel with grad_bucket_mb > 0): reduced during the last backward.
+        let cuts = match collective {
+            Some(_) if self.cfg.grad_bucket_mb > 0.0 => Some(crate::dist::bucket_cuts(
+                &model.grad_ready_cuts(),
+                model.layout().len(),
+                crate::dist::cap_elements(self.cfg.grad_bucket_mb),
+            )),
+            _ => None,
+        };
         model.zero_grads();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
-        for ((x, y), &(first, w)) in micro_batches.iter().zip(&split.micro) {
-            let l = model.accumulate(x, y, k, first, &self.cfg.loss, w)?;
+        let last = micro_batches.len().saturating_sub(1);
+        for (j, ((x, y), &(first, w))) in micro_batches.iter().zip(&split.micro).enumerate() {
+            let l = match (collective, &cuts) {
+                (Some(c), Some(cuts)) if j == last => {
+                    accumulate_reducing(model, c, cuts, x, y, k, first, &self.cfg.loss, w)?
+                }
+                _ => model.accumulate(x, y, k, first, &self.cfg.loss, w)?,
+            };
             loss += w * l.loss;
             ce += w * l.ce;
             kl += w * l.kl;
@@ -567,7 +675,9 @@ impl FlatTrainer {
         // With a collective the reductions run even for a world of one (identities then), so
         // that a one-rank launch exercises the distributed path.
         if let Some(c) = collective {
-            c.all_reduce_sum(grads)?;
+            if cuts.is_none() {
+                c.all_reduce_sum(grads)?;
+            }
             [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
         }
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);

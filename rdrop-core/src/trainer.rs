@@ -108,6 +108,11 @@ pub struct TrainConfig {
     /// Synchronise the device after each phase so that `forward_s`/`backward_s`/`optimizer_s`
     /// are true device times (benchmarks); off by default (costs throughput on CUDA).
     pub sync_timing: bool,
+    /// Data parallel, explicit engines: the gradients are summed over the ranks in buckets of
+    /// at least this many MiB (whole blocks), each as soon as the last micro-batch's backward
+    /// has finished it, overlapped with the rest of the backward ([`crate::dist::bucket`]).
+    /// `0`: one all-reduce of the whole buffer after the backward. Default 25 (PyTorch DDP's).
+    pub grad_bucket_mb: f64,
 }
 
 impl Default for TrainConfig {
@@ -123,6 +128,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             scaler: ScalerConfig::default(),
             sync_timing: false,
+            grad_bucket_mb: 25.0,
         }
     }
 }
@@ -149,6 +155,12 @@ impl TrainConfig {
             return Err(CoreError::Config(format!(
                 "alpha must be finite and ≥ 0, got {}",
                 self.loss.alpha
+            )));
+        }
+        if !(self.grad_bucket_mb.is_finite() && self.grad_bucket_mb >= 0.0) {
+            return Err(CoreError::Config(format!(
+                "grad_bucket_mb must be a number ≥ 0 (0: no buckets), got {}",
+                self.grad_bucket_mb
             )));
         }
         if self.schedule.total_steps == 0 {

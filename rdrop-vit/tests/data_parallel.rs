@@ -12,6 +12,10 @@
 //! `A` = 1 and 2, `mean` and `reference`; the two ranks' parameters are bit-identical. A
 //! control shows the tolerance is tight: giving the ranks each other's halves (so each sample
 //! gets another sample's masks) moves the parameters by far more than 1e-6.
+//!
+//! The gradients are summed in buckets during the last backward (one per block here): the
+//! result is the one all-reduce after the backward to the bit, whatever the bucket size, each
+//! bucket is handed over final, and the sums really overlap the backward.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -89,6 +93,9 @@ fn train_cfg(mode: LossMode, accum: usize) -> TrainConfig {
         },
         clip_norm: Some(1.0),
         accum_steps: accum,
+        // A bucket per block (the tiny ViT's blocks are ~34 KB): the overlapped path with
+        // every cut in use.
+        grad_bucket_mb: 1e-9,
         ..TrainConfig::default()
     }
 }
@@ -430,4 +437,218 @@ fn autograd_two_ranks_equal_one_process_mean_accum_1() {
 #[test]
 fn autograd_two_ranks_equal_one_process_reference_accum_2() {
     check_autograd(LossMode::Reference, 2);
+}
+
+/// Buckets change when the sums run, not what they are: every bucket size gives the
+/// parameters of one all-reduce after the backward, to the bit (the in-process collective sums
+/// each element in rank order, as TCP does).
+#[test]
+fn buckets_are_bit_identical_to_one_all_reduce() {
+    let cfg = vit();
+    let m = model(&cfg);
+    let data = batches(&cfg);
+    let with = |mb: f64| TrainConfig {
+        grad_bucket_mb: mb,
+        ..train_cfg(LossMode::Mean, 2)
+    };
+    let flat = ranks(&m, &data, with(0.0), |r| r);
+    // 1e-9: 4 buckets (head, block 1, block 0, embeddings); 0.01 MiB: 3 (the head joins
+    // block 1); 25: 1 (after the backward).
+    for mb in [1e-9, 0.01, 25.0] {
+        let got = ranks(&m, &data, with(mb), |r| r);
+        assert_eq!(got[0].0, flat[0].0, "bucket {mb} MiB: parameters differ");
+        for (a, b) in got[0].1.iter().zip(&flat[0].1) {
+            assert_eq!((a.loss, a.grad_norm), (b.loss, b.grad_norm), "{mb} MiB");
+        }
+    }
+}
+
+/// Each bucket the engine hands over is final (equal, to the bit, to the gradients once the
+/// whole backward is done), the buckets come from the end of the buffer down and tile it
+/// once, and a weight adds the same gradients as `accumulate`.
+#[test]
+fn buckets_are_handed_over_final_in_backward_order() {
+    let cfg = vit();
+    let m = model(&cfg);
+    let data = batches(&cfg);
+    let (x, y) = (&data[0].0, &data[0].1);
+    let loss = train_cfg(LossMode::Mean, 1).loss;
+    let mut plain = Engine::from_model(&m).unwrap();
+    plain.zero_grads();
+    plain.accumulate(x, y, 1, 0, &loss, 0.5).unwrap();
+    let want = plain.params_and_grads().1.to_vec();
+    assert!(want.iter().all(|g| g.is_finite()));
+
+    let mut engine = Engine::from_model(&m).unwrap();
+    let ready = engine.grad_ready_cuts();
+    let n = engine.layout().len();
+    assert_eq!(ready.len(), cfg.num_layers + 2, "{ready:?}");
+    let cuts = rdrop_core::dist::bucket_cuts(&ready, n, 0);
+    assert_eq!(cuts, ready);
+    engine.zero_grads();
+    let mut handed: Vec<(usize, Vec<f32>)> = Vec::new();
+    let base = engine.params_and_grads().1.as_ptr() as usize;
+    engine
+        .accumulate_overlapped(x, y, 1, 0, &loss, 0.5, &cuts, &mut |g| {
+            let start = (g.as_ptr() as usize - base) / std::mem::size_of::<f32>();
+            handed.push((start, g.to_vec()));
+        })
+        .unwrap();
+    let got = engine.params_and_grads().1.to_vec();
+    assert_eq!(
+        got, want,
+        "the overlapped backward computes other gradients"
+    );
+    let mut end = n;
+    for ((start, values), cut) in handed.iter().zip(&cuts) {
+        assert_eq!(*start, *cut);
+        assert_eq!(start + values.len(), end, "buckets must tile the buffer");
+        assert_eq!(
+            values[..],
+            want[*start..end],
+            "bucket [{start}, {end}) changed after it was handed over"
+        );
+        assert!(
+            values.iter().any(|&g| g != 0.0),
+            "bucket [{start}, {end}) is all zero"
+        );
+        end = *start;
+    }
+    assert_eq!((handed.len(), end), (cuts.len(), 0));
+}
+
+/// The engine, counting the buckets it has handed over so far.
+struct Counting<'a> {
+    inner: &'a mut Engine,
+    handed: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl FlatRDropModel for Counting<'_> {
+    fn layout(&self) -> &rdrop_core::FlatLayout {
+        self.inner.layout()
+    }
+    fn params_and_grads(&mut self) -> (&mut [f32], &mut [f32]) {
+        self.inner.params_and_grads()
+    }
+    fn zero_grads(&mut self) {
+        FlatRDropModel::zero_grads(self.inner)
+    }
+    fn accumulate(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &LossConfig,
+        weight: f64,
+    ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
+        self.inner
+            .accumulate(x, y, update, first_sample, loss, weight)
+    }
+    fn rng_state(&self) -> rdrop_core::RngState {
+        self.inner.rng_state()
+    }
+    fn grad_ready_cuts(&self) -> Vec<usize> {
+        self.inner.grad_ready_cuts()
+    }
+    fn accumulate_overlapped<'g>(
+        &'g mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &LossConfig,
+        weight: f64,
+        cuts: &[usize],
+        ready: &mut dyn FnMut(&'g mut [f32]),
+    ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
+        let handed = self.handed;
+        self.inner
+            .accumulate_overlapped(x, y, update, first_sample, loss, weight, cuts, &mut |g| {
+                handed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                ready(g);
+            })
+    }
+}
+
+/// A world of one whose first gradient all-reduce returns only once the backward has handed
+/// over every bucket: an update can finish only if the backward runs on while the first
+/// bucket's sum is in flight (a reduction made inside the backward would wait for ever; the
+/// gate gives up after 60 s and the update fails).
+struct Gate<'a> {
+    handed: &'a std::sync::atomic::AtomicUsize,
+    buckets: usize,
+    calls: std::sync::Mutex<Vec<(usize, usize)>>,
+}
+
+impl rdrop_core::dist::Collective for Gate<'_> {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), rdrop_core::dist::DistError> {
+        let mut calls = self.calls.lock().unwrap();
+        let seen = self.handed.load(std::sync::atomic::Ordering::SeqCst);
+        if calls.is_empty() {
+            let t0 = std::time::Instant::now();
+            while self.handed.load(std::sync::atomic::Ordering::SeqCst) < self.buckets {
+                if t0.elapsed() > std::time::Duration::from_secs(60) {
+                    return Err(rdrop_core::dist::DistError::Unsupported(
+                        "the backward stopped while the first bucket was being summed".into(),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        calls.push((seen, buf.len()));
+        Ok(())
+    }
+    fn all_reduce_f64(&self, _v: &mut [f64]) -> Result<(), rdrop_core::dist::DistError> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), rdrop_core::dist::DistError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn bucket_sums_overlap_the_backward() {
+    let cfg = vit();
+    let m = model(&cfg);
+    let data = batches(&cfg);
+    let tcfg = train_cfg(LossMode::Mean, 2);
+    let plain = one_process(&m, &data[..1], tcfg);
+    let mut engine = Engine::from_model(&m).unwrap();
+    let handed = std::sync::atomic::AtomicUsize::new(0);
+    let buckets = cfg.num_layers + 2;
+    let gate = Gate {
+        handed: &handed,
+        buckets,
+        calls: Default::default(),
+    };
+    let mut trainer = FlatTrainer::new(tcfg, engine.layout().clone()).unwrap();
+    let mut model = Counting {
+        inner: &mut engine,
+        handed: &handed,
+    };
+    let mbs = micro_batches(&data[0], 0..GLOBAL_BATCH, 2);
+    let got = trainer.update_distributed(&mut model, &mbs, &gate).unwrap();
+    let calls = gate.calls.into_inner().unwrap();
+    // The first sum started once the first bucket was handed over, and returned only once the
+    // backward had handed over the rest.
+    assert_eq!(calls.len(), buckets, "{calls:?}");
+    assert!(calls[0].0 >= 1, "{calls:?}");
+    assert_eq!(
+        calls.iter().map(|c| c.1).sum::<usize>(),
+        engine.layout().len()
+    );
+    // Only the last micro-batch's backward hands buckets over.
+    assert_eq!(handed.into_inner(), buckets);
+    assert_eq!(
+        (got.loss, got.grad_norm),
+        (plain.1[0].loss, plain.1[0].grad_norm)
+    );
+    assert_eq!(engine.params(), &plain.0[..]);
 }

@@ -102,6 +102,8 @@ fn train_cfg(accum: usize) -> TrainConfig {
         },
         clip_norm: Some(1.0),
         accum_steps: accum,
+        // A bucket per block: the sums run over TCP from a second thread during the backward.
+        grad_bucket_mb: 1e-9,
         ..TrainConfig::default()
     }
 }

@@ -26,6 +26,7 @@
 //! A failed call ([`DistError::PeerDied`] and the rest) leaves the job unusable: report it and
 //! exit; the last checkpoint resumes on any world size that divides the batch.
 
+pub mod bucket;
 pub mod collective;
 pub mod env;
 pub mod error;
@@ -35,6 +36,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod shard;
 
+pub use bucket::{bucket_cuts, buckets, cap_elements};
 pub use collective::Collective;
 pub use env::{expand_hostlist, LaunchSource, WorldSpec, PORT_OVERRIDE};
 pub use error::DistError;

@@ -31,15 +31,48 @@ fn hidden_p(cfg: &ViTConfig, masks: &Masks) -> f32 {
     }
 }
 
-/// Backward of the forward that filled `plan` (same `masks`), adding into `grads`.
-pub(crate) fn backward(
+/// The offsets at which [`backward`] has finished every gradient above, in order: the final
+/// LayerNorm (classifier and final LayerNorm done), each block's first tensor from the last
+/// block down, then 0 (`rdrop_core::FlatRDropModel::grad_ready_cuts`).
+pub(crate) fn ready_cuts(off: &Offsets) -> Vec<usize> {
+    let mut v = vec![off.lnf_w];
+    v.extend(off.layers.iter().rev().map(|o| o.ln1_w));
+    v.push(0);
+    v
+}
+
+/// Hands `g[at..]` to `ready` when `at` is the next of `cuts`, keeping `g[..at]`: the backward
+/// never writes above `at` again.
+fn release<'g>(
+    g: &mut &'g mut [f32],
+    at: usize,
+    cuts: &mut &[usize],
+    ready: &mut dyn FnMut(&'g mut [f32]),
+) {
+    if cuts.first() == Some(&at) && at <= g.len() {
+        let (lo, hi) = std::mem::take(g).split_at_mut(at);
+        *g = lo;
+        *cuts = &cuts[1..];
+        ready(hi);
+    }
+}
+
+/// Backward of the forward that filled `plan` (same `masks`), adding into `grads`. Each time it
+/// passes one of `cuts` (a subset of [`ready_cuts`], in its order) it hands the finished
+/// gradients above it, `grads[cut .. previous cut)`, to `ready` (data parallel: the all-reduce
+/// of that bucket overlaps the rest of the backward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<'g>(
     cfg: &ViTConfig,
     p: &[f32],
-    grads: &mut [f32],
+    grads: &'g mut [f32],
     off: &Offsets,
     plan: &mut Plan,
     masks: &Masks,
+    mut cuts: &[usize],
+    ready: &mut dyn FnMut(&'g mut [f32]),
 ) {
+    let mut grads = grads;
     let rows = plan.rows;
     let (t, d, m, c) = (
         cfg.num_tokens(),
@@ -86,6 +119,7 @@ pub(crate) fn backward(
             plan.dres[bi * td..bi * td + d].copy_from_slice(row);
         }
     }
+    release(&mut grads, off.lnf_w, &mut cuts, ready);
 
     for l in (0..cfg.num_layers).rev() {
         let o = &off.layers[l];
@@ -211,6 +245,7 @@ pub(crate) fn backward(
             &p[o.ln1_w..o.ln1_w + d],
             d,
         );
+        release(&mut grads, o.ln1_w, &mut cuts, ready);
     }
 
     // Embeddings: x0 = drop([cls; tok] + pos).
@@ -256,4 +291,5 @@ pub(crate) fn backward(
         cpp,
         d,
     );
+    release(&mut grads, 0, &mut cuts, ready);
 }

@@ -233,6 +233,8 @@ impl Engine {
             &self.off,
             plan,
             &masks,
+            &[],
+            &mut |_| {},
         );
         Ok(())
     }
@@ -264,6 +266,28 @@ impl FlatRDropModel for Engine {
         first_sample: usize,
         loss: &LossConfig,
         weight: f64,
+    ) -> rdrop_core::Result<MicroLoss> {
+        self.accumulate_overlapped(x, y, update, first_sample, loss, weight, &[], &mut |_| {})
+    }
+
+    fn rng_state(&self) -> RngState {
+        self.rng.clone()
+    }
+
+    fn grad_ready_cuts(&self) -> Vec<usize> {
+        backward::ready_cuts(&self.off)
+    }
+
+    fn accumulate_overlapped<'g>(
+        &'g mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &LossConfig,
+        weight: f64,
+        cuts: &[usize],
+        ready: &mut dyn FnMut(&'g mut [f32]),
     ) -> rdrop_core::Result<MicroLoss> {
         let m = self.check_images(x).map_err(core_err)?;
         if y.dims() != [m] {
@@ -314,7 +338,7 @@ impl FlatRDropModel for Engine {
         .and_then(|r| r)
         .map_err(core_err)?;
         let t1 = std::time::Instant::now();
-        backward::backward(cfg, params, &mut self.grads, off, plan, &masks);
+        backward::backward(cfg, params, &mut self.grads, off, plan, &masks, cuts, ready);
         Ok(MicroLoss {
             loss: v.loss,
             ce: v.ce,
@@ -322,10 +346,6 @@ impl FlatRDropModel for Engine {
             forward_s: (t1 - t0).as_secs_f64(),
             backward_s: t1.elapsed().as_secs_f64(),
         })
-    }
-
-    fn rng_state(&self) -> RngState {
-        self.rng.clone()
     }
 }
 
