@@ -360,8 +360,14 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             port = so.getsockname()[1]
         env1 = dict(self.env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist = run(self.rdrop(*base, "--out", self.tmp / "dp-nccl"), self.budget.box(120), env1)
-        s["plain"], s["world1"] = plain, dist
+        # Gradient buckets of one block each (summed on the NCCL stream during the backward),
+        # and the single all-reduce after the backward (--grad-bucket-mb 0): both must give
+        # the plain run's losses.
+        dist = run(self.rdrop(*base, "--grad-bucket-mb", "1e-6", "--out", self.tmp / "dp-nccl"),
+                   self.budget.box(120), env1)
+        flat = run(self.rdrop(*base, "--grad-bucket-mb", "0", "--out", self.tmp / "dp-nccl-flat"),
+                   self.budget.box(120), env1)
+        s["plain"], s["world1"], s["world1_one_all_reduce"] = plain, dist, flat
         s["world_size"] = pick(dist.get("json"), r"world_size", r"world")
         s["collective"] = (dist.get("json") or {}).get("collective")
 
@@ -373,18 +379,22 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             return [(r.get("step"), r.get("loss")) for r in rows if r.get("kind") == "train"]
 
         a, b = losses(self.tmp / "dp-plain"), losses(self.tmp / "dp-nccl")
-        if not a or not b:
-            s["error"] = s.get("error") or "a run wrote no train losses (see plain / world1)"
+        c = losses(self.tmp / "dp-nccl-flat")
+        if not a or not b or not c:
+            s["error"] = s.get("error") or "a run wrote no train losses (see plain / world1*)"
             s["pass"] = False
             return
         diff = max((abs(x[1] - y[1]) for x, y in zip(a, b)), default=None)
+        diff_flat = max((abs(x[1] - y[1]) for x, y in zip(a, c)), default=None)
         s["updates_compared"], s["max_abs_loss_diff"] = min(len(a), len(b)), diff
+        s["max_abs_loss_diff_one_all_reduce"] = diff_flat
         s["tolerance"] = 1e-6
         # the second run must say it ran distributed (a binary that ignored the variables
         # would compare a plain run with itself)
-        s["pass"] = bool(len(a) == len(b) and diff is not None and diff <= 1e-6
-                         and plain.get("rc") == 0 and dist.get("rc") == 0 and s["world_size"] == 1
-                         and (self.dry or s["collective"] == "nccl"))
+        s["pass"] = bool(len(a) == len(b) == len(c) and diff is not None and diff <= 1e-6
+                         and diff_flat is not None and diff_flat <= 1e-6
+                         and plain.get("rc") == 0 and dist.get("rc") == 0 and flat.get("rc") == 0
+                         and s["world_size"] == 1 and (self.dry or s["collective"] == "nccl"))
 
     # -- memcheck ---------------------------------------------------------------------------------
     def memcheck_part(self, s):

@@ -285,6 +285,10 @@ pub struct RunConfig {
     pub engine: EngineKind,
     /// Initial dynamic loss scale (f16 only).
     pub loss_scale: f64,
+    /// Data parallel (explicit engine): the gradients are summed over the ranks in buckets of
+    /// at least this many MiB of whole blocks, each as soon as the last backward has finished
+    /// it, overlapped with the rest; 0 = one all-reduce after the backward.
+    pub grad_bucket_mb: f64,
     /// Device.
     pub device: DeviceSpec,
     /// Seed of data order, augmentation, initialisation and dropout.
@@ -336,6 +340,7 @@ impl Default for RunConfig {
             precision: Precision::Bf16,
             engine: EngineKind::Auto,
             loss_scale: 1_048_576.0,
+            grad_bucket_mb: 25.0,
             device: DeviceSpec::Cuda(0),
             seed: 42,
             eval_every: 100,
@@ -662,6 +667,11 @@ pub struct Overrides {
     /// device and precision) or `auto` (explicit on CPU in f32, else autograd).
     #[arg(long, value_enum)]
     pub engine: Option<EngineKind>,
+    /// Data parallel: sum the gradients over the ranks in buckets of at least this many MiB
+    /// (whole blocks), each as soon as the backward has finished it, overlapped with the rest
+    /// of the backward; 0 = one all-reduce after the backward. Default 25.
+    #[arg(long, value_name = "MIB")]
+    pub grad_bucket_mb: Option<f64>,
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceSpec>,
@@ -706,6 +716,7 @@ impl Overrides {
             optimizer,
             precision,
             engine,
+            grad_bucket_mb,
             device,
             seed,
             eval_every,

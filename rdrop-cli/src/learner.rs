@@ -179,6 +179,29 @@ impl Learner {
         }
     }
 
+    /// The gradient buckets of a data-parallel update at `bucket_mb` MiB (element counts, in
+    /// the order they are summed during the backward); `None` when the gradients are summed in
+    /// one all-reduce after the backward (the autograd engine, or `bucket_mb` 0).
+    pub fn grad_buckets(&self, bucket_mb: f64) -> Option<Vec<usize>> {
+        let cap = rdrop_core::dist::cap_elements(bucket_mb);
+        let (ready, len) = match &self.inner {
+            Inner::Autograd { .. } => return None,
+            Inner::Explicit { engine, .. } => (engine.grad_ready_cuts(), engine.layout().len()),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { engine, .. } => (engine.grad_ready_cuts(), engine.layout().len()),
+        };
+        if cap == 0 {
+            return None;
+        }
+        let cuts = rdrop_core::dist::bucket_cuts(&ready, len, cap);
+        Some(
+            rdrop_core::dist::buckets(&cuts, len)
+                .iter()
+                .map(|r| r.len())
+                .collect(),
+        )
+    }
+
     /// Bytes of the explicit engine's activation plan (`None` for autograd).
     pub fn plan_bytes(&self) -> Option<usize> {
         match &self.inner {

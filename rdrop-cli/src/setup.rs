@@ -72,6 +72,7 @@ pub fn train_config(c: &RunConfig) -> TrainConfig {
             ..ScalerConfig::default()
         },
         sync_timing: false,
+        grad_bucket_mb: c.grad_bucket_mb,
     }
 }
 

@@ -308,8 +308,9 @@ impl World {
     pub fn describe(&self) -> String {
         let s = &self.spec;
         format!(
-            "{} ranks ({} on this node, started as {} does), rank {} on this process",
+            "{} rank{} ({} on this node, started as {} does), rank {} on this process",
             s.world_size,
+            if s.world_size == 1 { "" } else { "s" },
             s.local_world_size,
             launcher_name(s.source),
             s.rank

@@ -210,6 +210,9 @@ fn two_ranks_give_the_one_process_run() {
             s(&out),
             "--nproc-per-node",
             "2",
+            // A bucket per block: the sums run over TCP while the backward goes on.
+            "--grad-bucket-mb",
+            "1e-6",
             "--json",
         ],
         true,
@@ -220,6 +223,7 @@ fn two_ranks_give_the_one_process_run() {
     );
     // Only rank 0 reports: one summary line; progress and evals only from rank 0.
     assert_eq!(stdout.lines().count(), 1, "stdout:\n{stdout}");
+    assert!(stderr.contains("gradients summed in 3 buckets"), "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["steps"], STEPS as u64);
     assert!(

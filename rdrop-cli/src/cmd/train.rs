@@ -228,6 +228,31 @@ fn dry_run(cfg: &RunConfig, nproc_per_node: Option<usize>) -> anyhow::Result<()>
     Ok(())
 }
 
+/// How the gradients are summed over the ranks, for the run's header.
+fn describe_buckets(buckets: Option<Vec<usize>>) -> String {
+    let size = |n: usize| {
+        let kib = n as f64 * 4.0 / 1024.0;
+        if kib < 1024.0 {
+            format!("{kib:.1} KiB")
+        } else {
+            format!("{:.1} MiB", kib / 1024.0)
+        }
+    };
+    match buckets {
+        Some(b) if b.len() > 1 => format!(
+            "gradients summed in {} buckets ({} to {}) during the backward",
+            b.len(),
+            size(b.iter().copied().min().unwrap_or(0)),
+            size(b.iter().copied().max().unwrap_or(0))
+        ),
+        Some(b) => format!(
+            "gradients summed in one bucket of {} at the end of the backward",
+            size(b.iter().sum())
+        ),
+        None => "gradients summed in one all-reduce after the backward".into(),
+    }
+}
+
 /// `rdrop resume OUT` / `rdrop train --resume OUT`, on `nproc_per_node` ranks (or those a
 /// launcher started): any number that divides the batch, with the same data order.
 pub fn resume_run(
@@ -353,10 +378,11 @@ pub fn train(
         );
         if world.collective().is_some() {
             eprintln!(
-                "data parallel: {}; each rank takes {} × {} images of every update",
+                "data parallel: {}; each rank takes {} × {} images of every update; {}",
                 world.describe(),
                 share.accumulation,
-                cfg.micro_batch
+                cfg.micro_batch,
+                describe_buckets(learner.grad_buckets(cfg.grad_bucket_mb))
             );
         }
     }

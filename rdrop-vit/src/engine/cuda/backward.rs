@@ -78,14 +78,41 @@ fn linear_bwd<T: Compute + GemmType>(
     Ok(())
 }
 
-/// Backward of the forward that filled `plan` (same masks), adding into `grads`.
+/// Called with each finished bucket of the gradient buffer (element range), after the kernels
+/// that wrote its last values were enqueued on the engine's stream (data parallel: record an
+/// event there and sum the range on another stream once it fires).
+pub type BucketReady<'a> =
+    dyn FnMut(std::ops::Range<usize>) -> std::result::Result<(), rdrop_core::CoreError> + 'a;
+
+/// Hands `[at, end)` to `ready` when `at` is the next of `cuts`: nothing enqueued later
+/// writes there.
+fn release(
+    at: usize,
+    end: &mut usize,
+    cuts: &mut &[usize],
+    ready: &mut BucketReady<'_>,
+) -> Result<()> {
+    if cuts.first() == Some(&at) && at <= *end {
+        ready(at..*end)?;
+        *end = at;
+        *cuts = &cuts[1..];
+    }
+    Ok(())
+}
+
+/// Backward of the forward that filled `plan` (same masks), adding into `grads`. Passing each
+/// of `cuts` (a subset of the CPU engine's `ready_cuts`, in its order) it hands the finished
+/// range above it to `ready`, as the CPU backward does.
 pub(crate) fn backward<T: Compute + GemmType>(
     c: &mut Ctx<'_, T>,
     off: &Offsets,
     plan: &mut DevicePlan<T>,
     grads: &mut CudaSlice<f32>,
+    mut cuts: &[usize],
+    ready: &mut BucketReady<'_>,
 ) -> Result<()> {
     let cfg = c.cfg;
+    let mut end = off.head_b + cfg.num_classes;
     let rows = c.rows;
     let (t, d, m, h, classes) = (
         cfg.num_tokens(),
@@ -170,6 +197,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
         )?)
     })?;
     k.cls_scatter_grad(dres, &*dcls, rows, t, d)?;
+    release(off.lnf_w, &mut end, &mut cuts, ready)?;
 
     for l in (0..cfg.num_layers).rev() {
         let o_ = &off.layers[l];
@@ -324,6 +352,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
                 true,
             )?)
         })?;
+        release(o_.ln1_w, &mut end, &mut cuts, ready)?;
     }
 
     // Embeddings: x0 = drop([cls; tok] + pos); tok = patches·Wᵀ + b.
@@ -355,5 +384,5 @@ pub(crate) fn backward<T: Compute + GemmType>(
         cpp,
         d,
     )?;
-    Ok(())
+    release(0, &mut end, &mut cuts, ready)
 }

@@ -16,7 +16,7 @@ use rdrop_kernels::dropout::RowKey;
 use rdrop_kernels::loss::{LossConfig as KLoss, Reduction};
 use rdrop_kernels::optim::{AdamWHyper, SgdHyper};
 
-use super::backward::backward;
+use super::backward::{backward, BucketReady};
 use super::forward::{forward, Ctx};
 use super::gemm::{Gemm, GemmType};
 use super::plan::device::DevicePlan;
@@ -173,7 +173,14 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
         forward(&mut c, off, plan, images, duplicate)
     }
 
-    fn run_backward(&mut self, cfg: &ViTConfig, off: &Offsets, masks: &Masks) -> Result<()> {
+    fn run_backward(
+        &mut self,
+        cfg: &ViTConfig,
+        off: &Offsets,
+        masks: &Masks,
+        cuts: &[usize],
+        ready: &mut BucketReady<'_>,
+    ) -> Result<()> {
         let Dev {
             k,
             gemm,
@@ -195,7 +202,7 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
             masks,
             rows: plan.spec.rows,
         };
-        backward(&mut c, off, plan, grads)
+        backward(&mut c, off, plan, grads, cuts, ready)
     }
 
     fn logits_host(&self, rows: usize, classes: usize) -> Result<Vec<f32>> {
@@ -566,7 +573,7 @@ impl CudaEngine {
             stream
                 .memcpy_htod(&host, &mut plan.dlogits.slice_mut(..b * classes))
                 .map_err(drv("uploading dlogits"))?;
-            d.run_backward(cfg, off, &masks)
+            d.run_backward(cfg, off, &masks, &[], &mut |_| Ok(()))
         })
     }
 
@@ -587,6 +594,33 @@ impl CudaEngine {
         first_sample: usize,
         loss: &LossConfig,
         weight: f64,
+    ) -> Result<MicroLoss> {
+        self.accumulate_overlapped(x, y, update, first_sample, loss, weight, &[], &mut |_| {
+            Ok(())
+        })
+    }
+
+    /// The offsets of the gradient buffer at which the backward has finished everything above
+    /// (`rdrop_core::FlatRDropModel::grad_ready_cuts`; the CPU engine's, the same layout).
+    pub fn grad_ready_cuts(&self) -> Vec<usize> {
+        crate::engine::backward::ready_cuts(&self.off)
+    }
+
+    /// [`CudaEngine::accumulate`], calling `ready` with each bucket `[cuts_i, cuts_{i−1})` of
+    /// the gradient buffer as soon as the kernels writing its last values are enqueued on
+    /// [`CudaEngine::stream`] (`cuts`: from `rdrop_core::dist::bucket_cuts` over
+    /// [`CudaEngine::grad_ready_cuts`]); `ready` orders its own work after them (an event).
+    #[allow(clippy::too_many_arguments)]
+    pub fn accumulate_overlapped(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        loss: &LossConfig,
+        weight: f64,
+        cuts: &[usize],
+        ready: &mut BucketReady<'_>,
     ) -> Result<MicroLoss> {
         let m = self.check_images(x)?;
         if y.dims() != [m] {
@@ -677,7 +711,7 @@ impl CudaEngine {
                 stream.synchronize().map_err(drv("synchronising"))?;
             }
             let t1 = std::time::Instant::now();
-            d.run_backward(cfg, off, &masks)?;
+            d.run_backward(cfg, off, &masks, cuts, ready)?;
             let vals = {
                 let plan = d.plan_mut()?;
                 stream

@@ -27,6 +27,8 @@ pub mod plan;
 mod trainer;
 
 #[cfg(feature = "cuda")]
+pub use backward::BucketReady;
+#[cfg(feature = "cuda")]
 pub use engine::CudaEngine;
 pub use plan::{plan_bytes, PlanSpec};
 #[cfg(feature = "cuda")]

@@ -2,6 +2,9 @@
 //! ```text
 //! G = 0;  for each micro-batch j:  G += ∇(w_j · s · L_j)   (s: the f16 loss scale, else 1)
 //! [G ← Σ_ranks G]                                          (data parallel: NCCL, in place)
+//!   buckets (grad_bucket_mb > 0): during the last backward, for each finished bucket b:
+//!     event e_b on the compute stream; comm stream waits e_b; ncclAllReduce(b) on comm;
+//!   then the compute stream waits for the comm stream (norm, step, next zeroing after it)
 //! G ← G / s;  total = √(Σ G²)                              (f64 partials, fixed order)
 //! f16: overflow (total not finite) → skip, scale ← scale/2 (rdrop_core::LossScaler)
 //! coef = min(1, max_norm / (total + 1e-6));  θ = optimiser(θ, coef · G, lr_k)  (+ θ_T copy)
@@ -10,9 +13,11 @@
 //! [`rdrop_core::FlatOptimizer`] (its `parts`), so they are exactly its format and a run moves
 //! between the CPU and CUDA engines.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use cudarc::driver::CudaStream;
 use rdrop_core::dist::Collective;
 use rdrop_core::trainer::check_finite;
 use rdrop_core::{
@@ -38,6 +43,8 @@ pub struct CudaTrainer {
     opt: FlatOptimizer,
     scaler: LossScaler,
     step: u64,
+    /// The stream the gradient buckets are summed on (data parallel; made on first use).
+    comm: Option<Arc<CudaStream>>,
 }
 
 impl CudaTrainer {
@@ -49,6 +56,7 @@ impl CudaTrainer {
             scaler: LossScaler::new(cfg.scaler, cfg.precision == Precision::F16),
             cfg,
             step: 0,
+            comm: None,
         })
     }
 
@@ -149,6 +157,69 @@ impl CudaTrainer {
         self.update_with(engine, micro_batches, Some(collective))
     }
 
+    /// The last micro-batch of a data-parallel update, its gradient buckets summed by NCCL on
+    /// the comm stream while the backward goes on (see the module doc). Whatever happens, the
+    /// compute stream then waits for every sum enqueued.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_reducing(
+        &mut self,
+        engine: &mut CudaEngine,
+        c: &dyn Collective,
+        cuts: &[usize],
+        x: &Tensor,
+        y: &Tensor,
+        update: u64,
+        first_sample: usize,
+        weight: f64,
+    ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
+        let compute = engine.stream();
+        let drv = |what: &str, e: cudarc::driver::DriverError| {
+            CoreError::Config(format!("gradient buckets: {what}: {e}"))
+        };
+        let comm = match &self.comm {
+            Some(s) => s.clone(),
+            None => {
+                let s = compute
+                    .fork()
+                    .map_err(|e| drv("creating the NCCL stream", e))?;
+                self.comm = Some(s.clone());
+                s
+            }
+        };
+        let (base, len) = engine.grads_device_ptr();
+        let comm_handle = comm.cu_stream() as usize as u64;
+        let out = engine.accumulate_overlapped(
+            x,
+            y,
+            update,
+            first_sample,
+            &self.cfg.loss,
+            weight,
+            cuts,
+            &mut |r| {
+                if r.end > len {
+                    return Err(CoreError::Config(format!(
+                        "gradient bucket {r:?} outside the {len} gradients"
+                    )));
+                }
+                let done = compute
+                    .record_event(None)
+                    .map_err(|e| drv("recording an event", e))?;
+                comm.wait(&done)
+                    .map_err(|e| drv("waiting for the backward", e))?;
+                let ptr = base + (r.start * std::mem::size_of::<f32>()) as u64;
+                c.all_reduce_sum_device(ptr, r.len(), comm_handle)?;
+                Ok(())
+            },
+        );
+        let joined = compute
+            .join(&comm)
+            .map_err(|e| drv("waiting for the sums", e));
+        let out = out.map_err(core)?;
+        joined?;
+        Ok(out)
+    }
+
     /// Errors: [`CoreError::NonFinite`] when the loss or the norm is not finite outside f16
     /// (the parameters are left unchanged); in f16 such an update is skipped and the scale
     /// backs off (every rank sees the same summed gradients, so all skip together).
@@ -166,14 +237,28 @@ impl CudaTrainer {
         )?;
         let k = self.step + 1;
         let scale = self.scaler.scale();
+        let cuts = match collective {
+            Some(_) if self.cfg.grad_bucket_mb > 0.0 => Some(rdrop_core::dist::bucket_cuts(
+                &engine.grad_ready_cuts(),
+                engine.layout().len(),
+                rdrop_core::dist::cap_elements(self.cfg.grad_bucket_mb),
+            )),
+            _ => None,
+        };
         engine.set_sync_timing(self.cfg.sync_timing);
         engine.zero_grads().map_err(core)?;
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
-        for ((x, y), &(first, w)) in micro_batches.iter().zip(&split.micro) {
-            let l = engine
-                .accumulate(x, y, k, first, &self.cfg.loss, w * scale)
-                .map_err(core)?;
+        let last = micro_batches.len().saturating_sub(1);
+        for (j, ((x, y), &(first, w))) in micro_batches.iter().zip(&split.micro).enumerate() {
+            let l = match (collective, &cuts) {
+                (Some(c), Some(cuts)) if j == last => {
+                    self.accumulate_reducing(engine, c, cuts, x, y, k, first, w * scale)?
+                }
+                _ => engine
+                    .accumulate(x, y, k, first, &self.cfg.loss, w * scale)
+                    .map_err(core)?,
+            };
             loss += w * l.loss;
             ce += w * l.ce;
             kl += w * l.kl;
@@ -181,9 +266,11 @@ impl CudaTrainer {
             bwd += l.backward_s;
         }
         if let Some(c) = collective {
-            let (ptr, len) = engine.grads_device_ptr();
-            let stream = engine.stream().cu_stream() as usize as u64;
-            c.all_reduce_sum_device(ptr, len, stream)?;
+            if cuts.is_none() {
+                let (ptr, len) = engine.grads_device_ptr();
+                let stream = engine.stream().cu_stream() as usize as u64;
+                c.all_reduce_sum_device(ptr, len, stream)?;
+            }
             [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
         }
         let t1 = Instant::now();
