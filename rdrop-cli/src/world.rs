@@ -109,23 +109,33 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
                  scripts/build-cuda.sh)"
             );
         }
-        let gpus = gpu_count()?;
-        anyhow::ensure!(
-            gpus >= local || (gpus == 1 && bound_to_one_gpu()),
-            "{local} ranks on this node but {gpus} GPU(s) visible (one rank per GPU; \
-             CUDA_VISIBLE_DEVICES={}): start at most {gpus} ranks per node",
-            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
-        );
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        enough_gpus(local, gpu_count()?, visible.as_deref())?;
     }
     Ok(())
+}
+
+/// One GPU per rank: `local` ranks on this node need `gpus ≥ local` visible GPUs, unless the
+/// launcher bound each process to its own GPU (`visible`, `CUDA_VISIBLE_DEVICES`, names one).
+fn enough_gpus(local: usize, gpus: usize, visible: Option<&str>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        gpus >= local || (gpus == 1 && names_one_gpu(visible)),
+        "{local} ranks on this node but {gpus} GPU(s) visible (one rank per GPU; \
+         CUDA_VISIBLE_DEVICES={}): start at most {gpus} ranks per node",
+        visible.unwrap_or("unset")
+    );
+    Ok(())
+}
+
+/// `CUDA_VISIBLE_DEVICES` names a single device.
+fn names_one_gpu(visible: Option<&str>) -> bool {
+    visible.is_some_and(|v| !v.trim().is_empty() && !v.contains(','))
 }
 
 /// The launcher gave this process one GPU (`CUDA_VISIBLE_DEVICES` names a single device, as
 /// Slurm's `--gpus-per-task=1` does): the rank uses `cuda:0`, whatever its local rank.
 fn bound_to_one_gpu() -> bool {
-    std::env::var("CUDA_VISIBLE_DEVICES")
-        .map(|v| !v.trim().is_empty() && !v.contains(','))
-        .unwrap_or(false)
+    names_one_gpu(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref())
 }
 
 /// GPUs the driver shows this process.
@@ -427,5 +437,29 @@ mod tests {
         assert_eq!(device(&c, &WorldSpec::single()), DeviceSpec::Cuda(0));
         c.device = DeviceSpec::Cpu;
         assert_eq!(device(&c, &torchrun(1, 2)), DeviceSpec::Cpu);
+    }
+
+    #[test]
+    fn fewer_gpus_than_local_ranks_are_refused() {
+        // 8 ranks on a node with 4 GPUs: refused, saying how many and what is visible.
+        let e = enough_gpus(8, 4, Some("0,1,2,3")).unwrap_err().to_string();
+        assert!(
+            e.contains("8 ranks on this node but 4 GPU(s) visible"),
+            "{e}"
+        );
+        assert!(e.contains("CUDA_VISIBLE_DEVICES=0,1,2,3"), "{e}");
+        assert!(e.contains("at most 4 ranks per node"), "{e}");
+        let e = enough_gpus(2, 0, None).unwrap_err().to_string();
+        assert!(
+            e.contains("0 GPU(s) visible") && e.contains("=unset"),
+            "{e}"
+        );
+        // Enough GPUs, or each process bound to its own GPU by the launcher (srun
+        // --gpus-per-task 1): fine.
+        enough_gpus(4, 4, None).unwrap();
+        enough_gpus(2, 8, Some("")).unwrap();
+        enough_gpus(4, 1, Some("3")).unwrap();
+        assert!(enough_gpus(4, 1, Some(" ")).is_err());
+        assert!(enough_gpus(4, 2, Some("2,3")).is_err());
     }
 }
