@@ -669,7 +669,8 @@ pub struct Overrides {
     pub engine: Option<EngineKind>,
     /// Data parallel: sum the gradients over the ranks in buckets of at least this many MiB
     /// (whole blocks), each as soon as the backward has finished it, overlapped with the rest
-    /// of the backward; 0 = one all-reduce after the backward. Default 25.
+    /// of the backward; 0 = one all-reduce after the backward. Default 25. Every rank must use
+    /// the same value (launchers pass every rank the same command line).
     #[arg(long, value_name = "MIB")]
     pub grad_bucket_mb: Option<f64>,
     /// cpu, cuda or cuda:N.

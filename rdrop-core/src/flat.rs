@@ -279,10 +279,13 @@ fn accumulate_reducing<M: FlatRDropModel + ?Sized>(
             },
         );
         drop(tx);
+        let t = Instant::now();
         let reduced = comm.join().map_err(|_| {
             CoreError::Config("the thread summing the gradient buckets panicked".into())
         })?;
-        let out = out?;
+        let mut out = out?;
+        // The sums still running when the backward ends: the part not overlapped.
+        out.backward_s += t.elapsed().as_secs_f64();
         let n = reduced?;
         if n != cuts.len() {
             return Err(CoreError::Config(format!(
@@ -614,14 +617,15 @@ impl FlatTrainer {
     /// G   = Σ_ranks Σ_j ∇(w_j · L_j)                       (collective.all_reduce_sum)
     /// (loss, ce, kl, n) summed over ranks                  (collective.all_reduce_f64)
     /// ```
-    /// With `grad_bucket_mb > 0` the sum of `G` runs in buckets during the last micro-batch's
-    /// backward ([`crate::dist::bucket`]), on a second thread, overlapped with it.
     /// then the norm, clip and step of [`FlatTrainer::update`] on the summed `G`, identical on
     /// every rank. So `N` ranks at accumulation `A` compute the single-process update at
     /// accumulation `N·A` over the same samples (the same up to float summation order; in
-    /// `mean` mode also the update at accumulation `A`). `StepStats::samples` is `B`;
-    /// `optimizer_s` includes the reductions. With a world of one it computes
-    /// [`FlatTrainer::update`] (the reductions still run).
+    /// `mean` mode also the update at accumulation `A`). `StepStats::samples` is `B`.
+    /// With `grad_bucket_mb > 0` (the same on every rank) the sum of `G` runs in buckets during
+    /// the last micro-batch's backward ([`crate::dist::bucket`]), on a second thread,
+    /// overlapped with it; the wait for the last bucket counts in `backward_s`. With
+    /// `grad_bucket_mb = 0` it runs after the backward and counts in `optimizer_s`. With a
+    /// world of one it computes [`FlatTrainer::update`] (the reductions still run).
     pub fn update_distributed<M: FlatRDropModel + ?Sized>(
         &mut self,
         model: &mut M,

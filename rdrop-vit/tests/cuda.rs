@@ -492,12 +492,16 @@ fn cuda_plan_allocates_its_formula() {
 // ------------------------------------------------------------------ gradient buckets
 
 /// A world of one whose device all-reduce (the identity for one rank) records the ranges it
-/// is given, in call order.
-#[derive(Default)]
+/// is given, in call order, and copies each range, on the stream it is given, into the same
+/// place of a snapshot buffer (`snap`, the gradients' twin at `base`): a sum enqueued before
+/// the backward's last write into its range would show as a stale copy.
 struct Recorder {
     calls: std::sync::Mutex<Vec<(u64, usize)>>,
+    base: u64,
+    snap: u64,
 }
 
+#[allow(unsafe_code)] // the snapshot copy (SAFETY note there)
 impl rdrop_core::dist::Collective for Recorder {
     fn rank(&self) -> usize {
         0
@@ -512,9 +516,21 @@ impl rdrop_core::dist::Collective for Recorder {
         &self,
         ptr: u64,
         len: usize,
-        _stream: u64,
+        stream: u64,
     ) -> Result<(), rdrop_core::dist::DistError> {
         self.calls.lock().unwrap().push((ptr, len));
+        assert!(ptr >= self.base);
+        // SAFETY: the trainer passes a range of the gradient buffer at `base`; `snap` has as
+        // many floats at the same offsets, and outlives the update (joined before it returns).
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                self.snap + (ptr - self.base),
+                ptr,
+                len * 4,
+                stream as usize as cudarc::driver::sys::CUstream,
+            )
+            .unwrap();
+        }
         Ok(())
     }
     fn all_reduce_f64(&self, _v: &mut [f64]) -> Result<(), rdrop_core::dist::DistError> {
@@ -533,7 +549,7 @@ impl rdrop_core::dist::Collective for Recorder {
 /// bucket tiling the buffer.
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
-#[allow(unsafe_code)] // one raw device-to-device copy on the side stream (SAFETY note there)
+#[allow(unsafe_code)] // raw device-to-device copies on the side stream (SAFETY notes there)
 fn cuda_gradient_buckets_are_final_when_handed_over() {
     let dev = gpu();
     let cfg = small_cfg();
@@ -622,12 +638,30 @@ fn cuda_gradient_buckets_are_final_when_handed_over() {
     let sa = ta.update(&mut a, &data).unwrap();
     let mut b = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
     let mut tb = CudaTrainer::new(tcfg, b.layout().clone()).unwrap();
-    let rec = Recorder::default();
+    let mut snap = b.stream().alloc_zeros::<f32>(n).unwrap();
+    let snap_ptr = {
+        use cudarc::driver::DevicePtrMut;
+        let stream = b.stream();
+        let (p, _rec) = snap.device_ptr_mut(&stream);
+        p
+    };
+    let (gbase, _) = b.grads_device_ptr();
+    let rec = Recorder {
+        calls: Default::default(),
+        base: gbase,
+        snap: snap_ptr,
+    };
     let sb = tb.update_distributed(&mut b, &data, &rec).unwrap();
     assert_eq!((sa.loss, sa.grad_norm), (sb.loss, sb.grad_norm));
     assert_eq!(a.params().unwrap(), b.params().unwrap());
+    // What each "sum" saw is the final gradients: no bucket was summed before its last write.
+    let seen = b.stream().clone_dtoh(&snap).unwrap();
+    assert_eq!(
+        seen,
+        b.grads().unwrap(),
+        "a bucket was summed before the backward finished it"
+    );
     let calls = rec.calls.into_inner().unwrap();
-    let (gbase, _) = b.grads_device_ptr();
     let mut end = n;
     for &(ptr, len) in &calls {
         let start = ((ptr - gbase) / 4) as usize;

@@ -112,6 +112,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
     ready: &mut BucketReady<'_>,
 ) -> Result<()> {
     let cfg = c.cfg;
+    // The buffer's end: the classifier's bias is the layout's last tensor (engine::params).
     let mut end = off.head_b + cfg.num_classes;
     let rows = c.rows;
     let (t, d, m, h, classes) = (
@@ -384,5 +385,14 @@ pub(crate) fn backward<T: Compute + GemmType>(
         cpp,
         d,
     )?;
-    release(0, &mut end, &mut cuts, ready)
+    release(0, &mut end, &mut cuts, ready)?;
+    // A cut never reached would leave its bucket unsummed on this rank: the ranks would
+    // diverge silently.
+    if !cuts.is_empty() {
+        return Err(VitError::cuda(
+            "CUDA backward",
+            format!("gradient bucket cuts {cuts:?} are not block boundaries"),
+        ));
+    }
+    Ok(())
 }

@@ -438,7 +438,8 @@ impl CudaEngine {
     }
 
     /// The flat f32 gradient buffer's device address and length, for an all-reduce between
-    /// the backward and the update (NCCL on [`CudaEngine::stream`]).
+    /// the backward and the update (NCCL, on [`CudaEngine::stream`] or on another stream
+    /// ordered after the backward's writes and joined before the update).
     pub fn grads_device_ptr(&self) -> (u64, usize) {
         with_dev!(&self.dev, d => {
             let (p, _record) = d.grads.device_ptr(&d.stream);

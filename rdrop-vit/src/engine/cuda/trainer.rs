@@ -172,19 +172,26 @@ impl CudaTrainer {
         first_sample: usize,
         weight: f64,
     ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
+        // The events, the waits, the NCCL calls and the join all run on this host thread: the
+        // engine's stream is candle's per-thread stream, a different stream on another thread.
         let compute = engine.stream();
         let drv = |what: &str, e: cudarc::driver::DriverError| {
             CoreError::Config(format!("gradient buckets: {what}: {e}"))
         };
         let comm = match &self.comm {
-            Some(s) => s.clone(),
-            None => {
-                let s = compute
-                    .fork()
-                    .map_err(|e| drv("creating the NCCL stream", e))?;
+            Some(s) if Arc::ptr_eq(s.context(), compute.context()) => s.clone(),
+            _ => {
+                let s =
+                    new_side_stream(&compute).map_err(|e| drv("creating the NCCL stream", e))?;
                 self.comm = Some(s.clone());
                 s
             }
+        };
+        // Whatever happens below (an error, a panic), the compute stream waits for every sum
+        // enqueued before anything reuses the gradients.
+        let _join = JoinOnDrop {
+            compute: &compute,
+            comm: &comm,
         };
         let (base, len) = engine.grads_device_ptr();
         let comm_handle = comm.cu_stream() as usize as u64;
@@ -219,7 +226,40 @@ impl CudaTrainer {
         joined?;
         Ok(out)
     }
+}
 
+/// Makes `compute` wait for `comm` when dropped.
+struct JoinOnDrop<'a> {
+    compute: &'a CudaStream,
+    comm: &'a CudaStream,
+}
+
+impl Drop for JoinOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.compute.join(self.comm);
+    }
+}
+
+/// A second stream of `compute`'s context, for the gradient sums. cudarc's automatic
+/// cross-stream tracking (an event recorded and waited for at every use of every buffer)
+/// switches on for the whole context once it has two streams; candle's single per-thread
+/// stream never needed it, and the sums are ordered by hand (an event per bucket, a join at
+/// the end), so it is switched back off rather than taxing every kernel launch.
+#[allow(unsafe_code)]
+fn new_side_stream(
+    compute: &Arc<CudaStream>,
+) -> Result<Arc<CudaStream>, cudarc::driver::DriverError> {
+    let s = compute.fork()?;
+    // SAFETY: cudarc's requirement when tracking is off is that the program orders uses of a
+    // buffer across streams itself. Only the gradient sums run on the side stream, each after
+    // an event recorded on the compute stream when the backward has written its bucket, and
+    // the compute stream joins the side stream before the gradients are read or written again
+    // (`JoinOnDrop` even on errors); no buffer is allocated or freed on the side stream.
+    unsafe { compute.context().disable_event_tracking() };
+    Ok(s)
+}
+
+impl CudaTrainer {
     /// Errors: [`CoreError::NonFinite`] when the loss or the norm is not finite outside f16
     /// (the parameters are left unchanged); in f16 such an update is skipped and the scale
     /// backs off (every rank sees the same summed gradients, so all skip together).
