@@ -92,7 +92,21 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
             )
         },
     )?;
-    if cfg.device == DeviceSpec::Cpu && !cpu_ranks_allowed() {
+    check_ranks(cfg.device, world, local, hardware)
+}
+
+/// The part of [`check`] that does not depend on the batch (also `rdrop eval`'s): several
+/// ranks run on GPUs only, on a CUDA build with a GPU per local rank.
+pub fn check_ranks(
+    device: DeviceSpec,
+    world: usize,
+    local: usize,
+    hardware: bool,
+) -> anyhow::Result<()> {
+    if world <= 1 {
+        return Ok(());
+    }
+    if device == DeviceSpec::Cpu && !cpu_ranks_allowed() {
         anyhow::bail!(
             "--device cpu with {world} ranks: data parallel runs on GPUs through NCCL, one rank \
              per GPU; use --device cuda, or one process (no --nproc-per-node) on the CPU"
@@ -101,7 +115,7 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
     if !hardware {
         return Ok(());
     }
-    if cfg.device != DeviceSpec::Cpu {
+    if device != DeviceSpec::Cpu {
         if !cfg!(feature = "cuda") {
             anyhow::bail!(
                 "{world} ranks requested, but data parallel runs on GPUs through NCCL; this \
@@ -154,7 +168,12 @@ fn gpu_count() -> anyhow::Result<usize> {
 /// The device rank `spec` trains on: `cuda:LOCAL_RANK` for a CUDA run of several ranks
 /// (`cuda:0` when the launcher bound one GPU to the process), else the configured one.
 pub fn device(cfg: &RunConfig, spec: &WorldSpec) -> DeviceSpec {
-    match cfg.device {
+    rank_device(cfg.device, spec)
+}
+
+/// [`device`] for a configured device `d`.
+pub fn rank_device(d: DeviceSpec, spec: &WorldSpec) -> DeviceSpec {
+    match d {
         DeviceSpec::Cuda(_) if spec.is_distributed() => {
             if bound_to_one_gpu() {
                 DeviceSpec::Cuda(0)
@@ -230,12 +249,18 @@ impl World {
     /// group of one opens no socket; NCCL makes a communicator of one rank), so that the
     /// distributed path runs on a single GPU; without a launcher there is no collective.
     pub fn join(spec: WorldSpec, cfg: &RunConfig) -> anyhow::Result<Self> {
+        let d = device(cfg, &spec);
+        Self::join_on(spec, d)
+    }
+
+    /// [`World::join`] for a rank on device `d` (from [`rank_device`]).
+    pub fn join_on(spec: WorldSpec, d: DeviceSpec) -> anyhow::Result<Self> {
         if spec.source == LaunchSource::Single {
             return Ok(Self { spec, link: None });
         }
         let group = Group::join(&spec, rendezvous_timeout()?)
             .context("joining the other ranks (RDROP_RENDEZVOUS_TIMEOUT_S: how long to wait)")?;
-        let link = match device(cfg, &spec) {
+        let link = match d {
             DeviceSpec::Cpu => Link::Tcp(Arc::new(group)),
             DeviceSpec::Cuda(ordinal) => nccl(group, ordinal)?,
         };

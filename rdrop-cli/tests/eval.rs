@@ -73,3 +73,80 @@ fn an_untrained_head_is_refused_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing") && err.contains("zero"), "{err}");
 }
+
+/// Data parallel eval on CPU ranks (the test hook): 2 and 3 ranks (the 5 test batches split
+/// 3 + 2 and 2 + 2 + 1) give transformers' metrics, with one line of output from rank 0.
+#[test]
+fn ranks_split_the_test_batches_and_give_the_same_metrics() {
+    let fx = root().join("rdrop-cli/tests/fixtures/eval-digits");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let one = eval(&root().join("scripts/fixtures/gpu-check-vit"), &[]);
+    assert!(one.status.success());
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    for n in ["2", "3"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rdrop"))
+            .arg("eval")
+            .arg("--weights")
+            .arg(root().join("scripts/fixtures/gpu-check-vit"))
+            .arg("--data")
+            .arg(root().join("rdrop-cli/assets/digits-demo.tar.gz"))
+            .args(["--batch-size", "64", "--json", "--threads", "1"])
+            .args(["--nproc-per-node", n])
+            .env("RDROP_TEST_CPU_RANKS", "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{n} ranks: {stderr}");
+        assert_eq!(stdout.lines().count(), 1, "{n} ranks: {stdout}");
+        let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(got["n"], want["n"], "{n} ranks");
+        for k in ["top1", "top5"] {
+            let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
+            assert!(
+                (g - w).abs() < 1e-6,
+                "{n} ranks: {k} {g} vs transformers {w}"
+            );
+            assert_eq!(got[k], one[k], "{n} ranks: {k} differs from one process");
+        }
+        let (g, w) = (
+            got["loss"].as_f64().unwrap(),
+            want["loss"].as_f64().unwrap(),
+        );
+        assert!((g - w).abs() < 1e-4, "{n} ranks: loss {g} vs {w}");
+        // The loss sums differ only in the order of the additions.
+        let l1 = one["loss"].as_f64().unwrap();
+        assert!(
+            (g - l1).abs() <= 1e-9 * l1.abs().max(1.0),
+            "{n} ranks: loss {g} vs {l1}"
+        );
+    }
+}
+
+/// Several ranks on the CPU without the test hook, and --dump-logits with ranks, are refused.
+#[test]
+fn eval_ranks_refusals_say_why() {
+    let out = eval(
+        &root().join("scripts/fixtures/gpu-check-vit"),
+        &["--nproc-per-node", "2", "--device", "cpu"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device cpu with 2 ranks"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_rdrop"))
+        .arg("eval")
+        .arg("--weights")
+        .arg(root().join("scripts/fixtures/gpu-check-vit"))
+        .arg("--data")
+        .arg(root().join("rdrop-cli/assets/digits-demo.tar.gz"))
+        .args(["--nproc-per-node", "2", "--dump-logits", "/tmp/never.npy"])
+        .env("RDROP_TEST_CPU_RANKS", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dump-logits"), "{err}");
+}

@@ -14,6 +14,7 @@ use rdrop_vit::{load_model, HeadStatus, LoadOptions};
 use crate::device::ComputeArgs;
 use crate::evaluate::Accumulator;
 use crate::learner::Predictor;
+use crate::world::{self, Role, World};
 
 /// Evaluate weights on the test split of a CIFAR dataset.
 ///
@@ -23,6 +24,9 @@ use crate::learner::Predictor;
 /// folder written by `rdrop train` (final/, else best/, else the newest checkpoint).
 /// The classifier must have been trained for this dataset's classes: a new (zero) head is
 /// refused.
+///
+/// Data parallel: `--nproc-per-node N` (or started by torchrun / srun) splits the test batches
+/// over the ranks, one GPU each, and sums their counts; rank 0 prints the result.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Weights: HF folder / hub repo id / timm .safetensors / Google .npz / run or checkpoint folder.
@@ -59,11 +63,52 @@ pub struct Args {
     /// For comparing devices and precisions (scripts/gpu-check.sh).
     #[arg(long, value_name = "FILE", hide = true)]
     pub dump_logits: Option<PathBuf>,
+    /// Start N ranks on this node, one per GPU (cuda:0..N-1), each evaluating a contiguous
+    /// share of the test batches; their counts are summed. Not needed under torchrun or srun.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let device = args.compute.open()?;
+    let spec = match world::role(args.nproc_per_node)? {
+        Role::Launch(n) => {
+            world::check_ranks(args.compute.device, n, n, true)?;
+            anyhow::ensure!(
+                args.dump_logits.is_none(),
+                "--dump-logits writes every image's logits from one process: drop --nproc-per-node"
+            );
+            return crate::launch::launch(n, &[]);
+        }
+        Role::Rank(spec) => spec,
+    };
+    world::check_ranks(
+        args.compute.device,
+        spec.world_size,
+        spec.local_world_size,
+        true,
+    )?;
+    anyhow::ensure!(
+        args.dump_logits.is_none() || spec.world_size == 1,
+        "--dump-logits writes every image's logits from one process: run it without ranks"
+    );
+    let on = world::rank_device(args.compute.device, &spec);
+    let world = World::join_on(spec, on)?;
+    let compute = ComputeArgs {
+        device: on,
+        ..args.compute.clone()
+    };
+    let res = evaluate(&args, &compute, &world);
+    match res {
+        Ok(()) => world.finish(),
+        // Leaving without a goodbye: the other ranks stop, naming this one.
+        Err(e) => Err(e),
+    }
+}
+
+fn evaluate(args: &Args, compute: &ComputeArgs, world: &World) -> anyhow::Result<()> {
+    let lead = world.is_lead();
+    let device = compute.open()?;
     let data = Cifar::open(&args.data)
         .with_context(|| format!("reading dataset {}", args.data.display()))?;
     let classes = if data.fine_label_names.is_empty() {
@@ -80,11 +125,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device: device.clone(),
         ..Default::default()
     };
-    crate::hub::prefetch(&args.weights)?;
+    // One download into the shared cache; the other ranks then read it.
+    if lead {
+        crate::hub::prefetch(&args.weights)?;
+    }
+    world.barrier()?;
     let mut loaded = load_model(&args.weights, &opts)
         .with_context(|| format!("loading weights `{}`", args.weights))?;
-    if !args.json {
+    if !args.json && lead {
         eprint!("{}", loaded.report);
+        if world.collective().is_some() {
+            eprintln!(
+                "data parallel: {}; each rank evaluates its share of the test batches",
+                world.describe()
+            );
+        }
     }
     if let HeadStatus::New(why) = &loaded.report.head {
         anyhow::bail!(
@@ -101,11 +156,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.weights
         );
     }
-    loaded
-        .model
-        .set_compute_dtype(args.compute.precision.dtype())?;
+    loaded.model.set_compute_dtype(compute.precision.dtype())?;
     let size = loaded.config.image_size;
-    let mut model = Predictor::new(loaded.model, args.compute.explicit()?)?;
+    let mut model = Predictor::new(loaded.model, compute.explicit()?)?;
     let mut split = data.test;
     if let Some(n) = args.limit {
         anyhow::ensure!(n > 0, "--limit must be at least 1");
@@ -114,8 +167,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let total = split.len();
     let loader = Loader::new(Arc::new(split), LoaderConfig::test(size, args.batch_size))
         .context("building the test loader")?;
-    let pb = if args.json {
+    // This rank's contiguous share of the batches (all of them for one process).
+    let mine = rdrop_core::dist::shard(loader.batches_per_epoch(), world.size(), world.rank());
+    let pb = if args.json || !lead {
         ProgressBar::hidden()
+    } else if world.size() > 1 {
+        // Rank 0's share.
+        ProgressBar::new((mine.len() * args.batch_size).min(total) as u64)
     } else {
         ProgressBar::new(total as u64)
     };
@@ -126,7 +184,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let mut acc = Accumulator::default();
     let (mut dumped, mut dumped_rows) = (Vec::<f32>::new(), 0usize);
-    for batch in loader.epoch(0, 0) {
+    for batch in loader.epoch(0, mine.start).take(mine.len()) {
         let batch = batch.context("reading a test batch")?;
         let (x, _) = batch.to_tensors(DType::F32, &device)?;
         let logits = model.logits(&x)?.to_vec2::<f32>()?;
@@ -138,7 +196,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pb.inc(batch.len() as u64);
     }
     pb.finish_and_clear();
+    acc.reduce(world)?;
     let r = acc.result();
+    if !lead {
+        return Ok(());
+    }
     if let Some(path) = &args.dump_logits {
         let cols = dumped.len() / dumped_rows.max(1);
         candle_core::Tensor::from_vec(dumped, (dumped_rows, cols), &candle_core::Device::Cpu)
