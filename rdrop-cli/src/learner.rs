@@ -183,17 +183,13 @@ impl Learner {
     /// the order they are summed during the backward); `None` when the gradients are summed in
     /// one all-reduce after the backward (the autograd engine, or `bucket_mb` 0).
     pub fn grad_buckets(&self, bucket_mb: f64) -> Option<Vec<usize>> {
-        let cap = rdrop_core::dist::cap_elements(bucket_mb);
         let (ready, len) = match &self.inner {
             Inner::Autograd { .. } => return None,
             Inner::Explicit { engine, .. } => (engine.grad_ready_cuts(), engine.layout().len()),
             #[cfg(feature = "cuda")]
             Inner::Cuda { engine, .. } => (engine.grad_ready_cuts(), engine.layout().len()),
         };
-        if cap == 0 {
-            return None;
-        }
-        let cuts = rdrop_core::dist::bucket_cuts(&ready, len, cap);
+        let cuts = rdrop_core::dist::cuts_for(bucket_mb, &ready, len)?;
         Some(
             rdrop_core::dist::buckets(&cuts, len)
                 .iter()

@@ -13,16 +13,24 @@ fn root() -> PathBuf {
 }
 
 fn eval(weights: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_rdrop"))
-        .arg("eval")
+    eval_ranks(weights, extra, false)
+}
+
+/// `rdrop eval` of `weights` on the digits; `cpu_ranks`: with the test hook that lets ranks run
+/// on the CPU.
+fn eval_ranks(weights: &Path, extra: &[&str], cpu_ranks: bool) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rdrop"));
+    cmd.arg("eval")
         .arg("--weights")
         .arg(weights)
         .arg("--data")
         .arg(root().join("rdrop-cli/assets/digits-demo.tar.gz"))
-        .args(["--batch-size", "64", "--json", "--threads", "2"])
-        .args(extra)
-        .output()
-        .unwrap()
+        .args(["--batch-size", "64", "--json", "--threads", "1"])
+        .args(extra);
+    if cpu_ranks {
+        cmd.env("RDROP_TEST_CPU_RANKS", "1");
+    }
+    cmd.output().unwrap()
 }
 
 #[test]
@@ -85,17 +93,8 @@ fn ranks_split_the_test_batches_and_give_the_same_metrics() {
     assert!(one.status.success());
     let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
     for n in ["2", "3"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_rdrop"))
-            .arg("eval")
-            .arg("--weights")
-            .arg(root().join("scripts/fixtures/gpu-check-vit"))
-            .arg("--data")
-            .arg(root().join("rdrop-cli/assets/digits-demo.tar.gz"))
-            .args(["--batch-size", "64", "--json", "--threads", "1"])
-            .args(["--nproc-per-node", n])
-            .env("RDROP_TEST_CPU_RANKS", "1")
-            .output()
-            .unwrap();
+        let weights = root().join("scripts/fixtures/gpu-check-vit");
+        let out = eval_ranks(&weights, &["--nproc-per-node", n], true);
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
@@ -136,16 +135,11 @@ fn eval_ranks_refusals_say_why() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--device cpu with 2 ranks"), "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_rdrop"))
-        .arg("eval")
-        .arg("--weights")
-        .arg(root().join("scripts/fixtures/gpu-check-vit"))
-        .arg("--data")
-        .arg(root().join("rdrop-cli/assets/digits-demo.tar.gz"))
-        .args(["--nproc-per-node", "2", "--dump-logits", "/tmp/never.npy"])
-        .env("RDROP_TEST_CPU_RANKS", "1")
-        .output()
-        .unwrap();
+    let out = eval_ranks(
+        &root().join("scripts/fixtures/gpu-check-vit"),
+        &["--nproc-per-node", "2", "--dump-logits", "/tmp/never.npy"],
+        true,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--dump-logits"), "{err}");

@@ -649,14 +649,10 @@ impl FlatTrainer {
         )?;
         let k = self.step + 1;
         // Buckets (data parallel with grad_bucket_mb > 0): reduced during the last backward.
-        let cuts = match collective {
-            Some(_) if self.cfg.grad_bucket_mb > 0.0 => Some(crate::dist::bucket_cuts(
-                &model.grad_ready_cuts(),
-                model.layout().len(),
-                crate::dist::cap_elements(self.cfg.grad_bucket_mb),
-            )),
-            _ => None,
-        };
+        let cuts = collective.and_then(|_| {
+            let ready = model.grad_ready_cuts();
+            crate::dist::cuts_for(self.cfg.grad_bucket_mb, &ready, model.layout().len())
+        });
         model.zero_grads();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);

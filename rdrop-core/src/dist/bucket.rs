@@ -41,6 +41,15 @@ pub fn bucket_cuts(ready: &[usize], len: usize, cap: usize) -> Vec<usize> {
     out
 }
 
+/// The bucket cuts at `mb` MiB ([`bucket_cuts`] with [`cap_elements`]); `None` when `mb` is
+/// not a positive number: one all-reduce after the backward, no buckets.
+pub fn cuts_for(mb: f64, ready: &[usize], len: usize) -> Option<Vec<usize>> {
+    match cap_elements(mb) {
+        0 => None,
+        cap => Some(bucket_cuts(ready, len, cap)),
+    }
+}
+
 /// The buckets `[cuts_i, cuts_{i−1})` in the order they are reduced (see [`bucket_cuts`]).
 pub fn buckets(cuts: &[usize], len: usize) -> Vec<Range<usize>> {
     let mut prev = len;
@@ -122,5 +131,8 @@ mod tests {
         assert_eq!(cap_elements(1.0), 262_144);
         assert_eq!(cap_elements(25.0), 6_553_600);
         assert_eq!(cap_elements(1e-9), 1);
+        assert_eq!(cuts_for(0.0, &[60, 0], 100), None);
+        assert_eq!(cuts_for(1e-9, &[60, 0], 100), Some(vec![60, 0]));
+        assert_eq!(cuts_for(25.0, &[60, 0], 100), Some(vec![0]));
     }
 }

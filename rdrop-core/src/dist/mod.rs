@@ -36,7 +36,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod shard;
 
-pub use bucket::{bucket_cuts, buckets, cap_elements};
+pub use bucket::{bucket_cuts, buckets, cap_elements, cuts_for};
 pub use collective::Collective;
 pub use env::{expand_hostlist, LaunchSource, WorldSpec, PORT_OVERRIDE};
 pub use error::DistError;

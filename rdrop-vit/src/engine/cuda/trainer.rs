@@ -277,14 +277,10 @@ impl CudaTrainer {
         )?;
         let k = self.step + 1;
         let scale = self.scaler.scale();
-        let cuts = match collective {
-            Some(_) if self.cfg.grad_bucket_mb > 0.0 => Some(rdrop_core::dist::bucket_cuts(
-                &engine.grad_ready_cuts(),
-                engine.layout().len(),
-                rdrop_core::dist::cap_elements(self.cfg.grad_bucket_mb),
-            )),
-            _ => None,
-        };
+        let cuts = collective.and_then(|_| {
+            let ready = engine.grad_ready_cuts();
+            rdrop_core::dist::cuts_for(self.cfg.grad_bucket_mb, &ready, engine.layout().len())
+        });
         engine.set_sync_timing(self.cfg.sync_timing);
         engine.zero_grads().map_err(core)?;
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
