@@ -18,15 +18,14 @@
 //!   timeout with an error naming the address and the missing rank;
 //! - the refusals, without the hook.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+mod common;
+use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rdrop");
 const STEPS: usize = 12;
 
 /// 12 updates of 64 images = 4 micro-batches of 16 (one process) or 2 per rank (two ranks);
@@ -54,85 +53,12 @@ eval_batch_size = 50
 save_every = 2
 keep_last = 10
 threads = 1
-[vit]
-image_size = 16
-patch_size = 4
-hidden_size = 32
-num_layers = 1
-num_heads = 2
-mlp_dim = 64
-num_classes = 10
-dropout = 0.1
-"#,
+"#
+        .to_owned()
+            + TINY_VIT,
     )
     .unwrap();
     p
-}
-
-/// The binary with the CPU-ranks hook on (`cpu_ranks`) or off.
-fn rdrop(args: &[&str], cpu_ranks: bool) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_remove("RDROP_TEST_STALL_CHECKPOINT")
-        .env_remove("RDROP_TEST_STEP_DELAY_MS")
-        .env_remove("RDROP_TEST_CPU_RANKS");
-    for v in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "RDROP_RENDEZVOUS_TIMEOUT_S",
-        "RDROP_MASTER_PORT",
-        "TORCHELASTIC_USE_AGENT_STORE",
-    ] {
-        c.env_remove(v);
-    }
-    if cpu_ranks {
-        c.env("RDROP_TEST_CPU_RANKS", "1");
-    }
-    c
-}
-
-fn run_ok(args: &[&str], cpu_ranks: bool) -> Output {
-    let out = rdrop(args, cpu_ranks).output().unwrap();
-    assert!(
-        out.status.success(),
-        "rdrop {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn load_weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
-    let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    t.into_iter()
-        .map(|(k, v): (String, Tensor)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect()
-}
-
-fn load_metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn train_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .map(|t| {
-            t.lines()
-                .filter(|l| l.contains("\"kind\":\"train\""))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {

@@ -15,14 +15,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+mod common;
+use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_rdrop");
-const STEPS: u64 = 16;
+fn rdrop(args: &[&str]) -> Command {
+    common::rdrop(args, false)
+}
+
+fn run_ok(args: &[&str]) -> Output {
+    common::run_ok(args, false)
+}
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../rdrop-vit/tests/fixtures")
+    vit_fixtures()
 }
+
+/// A checkpoint's weights as bit patterns (bit-identical means equal here, NaN and -0 too).
+fn load_weights(dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    common::load_weights(dir)
+        .into_iter()
+        .map(|(k, v)| (k, v.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+const STEPS: u64 = 16;
 
 /// A tiny run: 16 updates of 2 × 16 images at 16 px, eval every 4, checkpoint every 2.
 fn tiny_config(dir: &Path) -> PathBuf {
@@ -41,42 +57,12 @@ eval_batch_size = 100
 save_every = 2
 keep_last = 3
 threads = 2
-[vit]
-image_size = 16
-patch_size = 4
-hidden_size = 32
-num_layers = 1
-num_heads = 2
-mlp_dim = 64
-num_classes = 10
-dropout = 0.1
-"#,
+"#
+        .to_owned()
+            + TINY_VIT,
     )
     .unwrap();
     p
-}
-
-fn rdrop(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_remove("RDROP_TEST_STALL_CHECKPOINT")
-        .env_remove("RDROP_TEST_STEP_DELAY_MS");
-    c
-}
-
-fn run_ok(args: &[&str]) -> Output {
-    let out = rdrop(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "rdrop {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A pseudo-random number from the clock (printed, so a failure can be reproduced).
@@ -86,46 +72,6 @@ fn random_in(lo: u64, hi: u64) -> u64 {
         .unwrap()
         .subsec_nanos() as u64;
     lo + n % (hi - lo + 1)
-}
-
-fn load_weights(dir: &Path) -> BTreeMap<String, Vec<u32>> {
-    let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-    t.into_iter()
-        .map(|(k, v): (String, Tensor)| {
-            let bits = v
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
-            (k, bits)
-        })
-        .collect()
-}
-
-/// metrics.jsonl without the wall-clock field.
-fn load_metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("images_per_s");
-            v
-        })
-        .collect()
-}
-
-fn train_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .map(|t| {
-            t.lines()
-                .filter(|l| l.contains("\"kind\":\"train\""))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 fn assert_same_run(a: &Path, b: &Path) {
@@ -466,7 +412,8 @@ fn nan_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     );
     // The last good checkpoint is whole: weights load and are finite; the state loads.
     let ck = out.join(format!("checkpoints/step-{}", step - 1));
-    let w = candle_core::safetensors::load(ck.join("model.safetensors"), &Device::Cpu).unwrap();
+    let w = candle_core::safetensors::load(ck.join("model.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
     for (k, t) in w {
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "{k} not finite");
