@@ -556,6 +556,11 @@ impl RunConfig {
         anyhow::ensure!(self.keep_last > 0, "keep-last must be at least 1");
         check_precision(self.precision, &self.device)?;
         crate::learner::use_explicit(self.engine, &self.device, self.precision)?;
+        // rdrop-core's own checks of the update (clipping, bucket size, loss scale, …), before
+        // anything is created rather than when the trainer is built.
+        crate::setup::train_config(self)
+            .validate()
+            .context("invalid training configuration")?;
         Ok(())
     }
 }

@@ -495,6 +495,17 @@ fn cli_errors_are_clear_and_never_panic() {
             ],
             "multiple of the micro-batch",
         ),
+        (
+            vec![
+                "train".into(),
+                "--preset".into(),
+                "demo".into(),
+                "--grad-bucket-mb=-1".into(),
+                "--out".into(),
+                dir.path().join("neg-bucket").display().to_string(),
+            ],
+            "grad_bucket_mb must be a number ≥ 0",
+        ),
     ];
     for (args, want) in cases {
         let out = Command::new(BIN).args(&args).output().unwrap();
@@ -503,6 +514,8 @@ fn cli_errors_are_clear_and_never_panic() {
         assert!(err.contains(want), "{args:?}: expected `{want}` in:\n{err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+    // A configuration refused by the trainer's checks leaves no run folder behind.
+    assert!(!dir.path().join("neg-bucket").exists());
 }
 
 #[test]
