@@ -253,29 +253,33 @@ fn a_launched_world_of_one_takes_the_distributed_path() {
     );
 }
 
+/// `rdrop train --nproc-per-node 2` of `cfg` into `out`, 200 ms an update (time to interrupt
+/// it), its stderr piped.
+fn slow_two_ranks(cfg: &Path, out: &Path) -> std::process::Child {
+    let args = [
+        "train",
+        "--config",
+        s(cfg),
+        "--out",
+        s(out),
+        "--nproc-per-node",
+        "2",
+    ];
+    rdrop(&args, true)
+        .env("RDROP_TEST_STEP_DELAY_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
     let reference = reference_run();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path());
     let out = dir.path().join("dp");
-    let mut launcher = rdrop(
-        &[
-            "train",
-            "--config",
-            s(&cfg),
-            "--out",
-            s(&out),
-            "--nproc-per-node",
-            "2",
-        ],
-        true,
-    )
-    .env("RDROP_TEST_STEP_DELAY_MS", "200")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut launcher = slow_two_ranks(&cfg, &out);
     // The launcher names each rank's pid; keep reading its stderr on a thread.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = launcher.stderr.take().unwrap();
@@ -371,23 +375,7 @@ fn ctrl_c_to_the_launcher_checkpoints_every_rank_and_two_ranks_resume() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path());
     let out = dir.path().join("dp");
-    let mut launcher = rdrop(
-        &[
-            "train",
-            "--config",
-            s(&cfg),
-            "--out",
-            s(&out),
-            "--nproc-per-node",
-            "2",
-        ],
-        true,
-    )
-    .env("RDROP_TEST_STEP_DELAY_MS", "200")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let mut launcher = slow_two_ranks(&cfg, &out);
     let t0 = Instant::now();
     while train_lines(&out) < 3 {
         assert!(t0.elapsed() < Duration::from_secs(120), "no progress");

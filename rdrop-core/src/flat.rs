@@ -13,7 +13,8 @@
 //! coef  = min(1, max_norm / (total + 1e-6))                  (torch clip_grad_norm_)
 //! θ     = optimiser(θ, coef · G, lr = base_lr · lr_lambda(k)) (one pass per decay segment)
 //! ```
-//! The steady-state update allocates nothing.
+//! The steady-state update of one process allocates nothing (a data-parallel one allocates
+//! its bucket list, a channel and the thread that sums the buckets, once per update).
 
 use std::collections::BTreeMap;
 use std::time::Instant;

@@ -21,10 +21,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rdrop_core::dist::{shard, LocalCollective};
 use rdrop_core::{
-    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, OptimConfig, ScheduleConfig,
-    StepStats, TrainConfig,
+    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, StepStats, TrainConfig,
 };
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
+
+mod common;
+use common::micro_batches;
+
+fn train_cfg(mode: LossMode, accum: usize) -> TrainConfig {
+    common::train_cfg(mode, accum, 0.1, 1e-4)
+}
 
 const GLOBAL_BATCH: usize = 8;
 const UPDATES: usize = 3;
@@ -70,50 +76,6 @@ fn batches(cfg: &ViTConfig) -> Vec<(Tensor, Tensor)> {
                 .map(|i| ((i * 3 + u) % cfg.num_classes) as u32)
                 .collect();
             (x, Tensor::new(y, &Device::Cpu).unwrap())
-        })
-        .collect()
-}
-
-fn train_cfg(mode: LossMode, accum: usize) -> TrainConfig {
-    TrainConfig {
-        loss: LossConfig {
-            alpha: 1.0,
-            mode,
-            label_smoothing: 0.1,
-        },
-        optim: OptimConfig {
-            lr: 0.05,
-            weight_decay: 1e-4,
-            ..OptimConfig::default()
-        },
-        schedule: ScheduleConfig {
-            warmup_steps: 0,
-            total_steps: 10,
-            ..ScheduleConfig::default()
-        },
-        clip_norm: Some(1.0),
-        accum_steps: accum,
-        // A bucket per block (the tiny ViT's blocks are ~34 KB): the overlapped path with
-        // every cut in use.
-        grad_bucket_mb: 1e-9,
-        ..TrainConfig::default()
-    }
-}
-
-/// Rows `range` of a global batch cut into `accum` micro-batches, in order.
-fn micro_batches(
-    (x, y): &(Tensor, Tensor),
-    range: std::ops::Range<usize>,
-    accum: usize,
-) -> Vec<(Tensor, Tensor)> {
-    let m = range.len() / accum;
-    (0..accum)
-        .map(|j| {
-            let start = range.start + j * m;
-            (
-                x.narrow(0, start, m).unwrap(),
-                y.narrow(0, start, m).unwrap(),
-            )
         })
         .collect()
 }

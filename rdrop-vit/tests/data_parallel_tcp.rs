@@ -13,10 +13,21 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rdrop_core::dist::{shard, Group, LaunchSource, WorldSpec};
 use rdrop_core::{
-    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, OptimConfig, ScheduleConfig,
-    StepStats, TrainConfig,
+    DropoutRng, FlatRDropModel, FlatTrainer, LossMode, OptimConfig, StepStats, TrainConfig,
 };
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
+
+mod common;
+use common::micro_batches;
+
+fn train_cfg(accum: usize) -> TrainConfig {
+    common::train_cfg(
+        LossMode::Mean,
+        accum,
+        0.0,
+        OptimConfig::default().weight_decay,
+    )
+}
 
 const ROLE: &str = "RDROP_DP_TCP_ROLE";
 const GLOBAL_BATCH: usize = 8;
@@ -80,47 +91,6 @@ fn data(cfg: &ViTConfig) -> Vec<(Tensor, Tensor)> {
                 .map(|i| ((i * 3 + u) % cfg.num_classes) as u32)
                 .collect();
             (x, Tensor::new(y, &Device::Cpu).unwrap())
-        })
-        .collect()
-}
-
-fn train_cfg(accum: usize) -> TrainConfig {
-    TrainConfig {
-        loss: LossConfig {
-            alpha: 1.0,
-            mode: LossMode::Mean,
-            label_smoothing: 0.0,
-        },
-        optim: OptimConfig {
-            lr: 0.05,
-            ..OptimConfig::default()
-        },
-        schedule: ScheduleConfig {
-            warmup_steps: 0,
-            total_steps: 10,
-            ..ScheduleConfig::default()
-        },
-        clip_norm: Some(1.0),
-        accum_steps: accum,
-        // A bucket per block: the sums run over TCP from a second thread during the backward.
-        grad_bucket_mb: 1e-9,
-        ..TrainConfig::default()
-    }
-}
-
-fn micro_batches(
-    (x, y): &(Tensor, Tensor),
-    range: std::ops::Range<usize>,
-    accum: usize,
-) -> Vec<(Tensor, Tensor)> {
-    let m = range.len() / accum;
-    (0..accum)
-        .map(|j| {
-            let start = range.start + j * m;
-            (
-                x.narrow(0, start, m).unwrap(),
-                y.narrow(0, start, m).unwrap(),
-            )
         })
         .collect()
 }
