@@ -50,7 +50,12 @@ impl Params<'_> {
         let init = if self.init { init } else { InitKind::Zeros };
         match init {
             InitKind::Zeros => {}
-            InitKind::Ones => var.set(&Tensor::ones(shape, DType::F32, t.device())?)?,
+            // Made on the host and copied: `Tensor::ones` on CUDA launches candle's fill
+            // kernel, which the explicit engine's path must not need.
+            InitKind::Ones => {
+                let n: usize = shape.iter().product();
+                var.set(&Tensor::from_vec(vec![1f32; n], shape, t.device())?)?
+            }
             InitKind::Normal(std) => {
                 let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                     (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
