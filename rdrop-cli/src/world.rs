@@ -216,8 +216,9 @@ pub struct World {
 /// The collective of a rank: the TCP group itself (CPU ranks, test hook) or NCCL over it.
 enum Link {
     Tcp(Arc<Group>),
+    /// The communicator and the device it is bound to (held open with it).
     #[cfg(feature = "cuda")]
-    Nccl(Arc<rdrop_core::dist::NcclCollective>),
+    Nccl(Arc<rdrop_core::dist::NcclCollective>, candle_core::Device),
 }
 
 impl Link {
@@ -225,7 +226,7 @@ impl Link {
         match self {
             Link::Tcp(g) => g.clone(),
             #[cfg(feature = "cuda")]
-            Link::Nccl(n) => n.clone(),
+            Link::Nccl(n, _) => n.clone(),
         }
     }
 
@@ -234,7 +235,8 @@ impl Link {
         match self {
             Link::Tcp(g) => g.finish(),
             #[cfg(feature = "cuda")]
-            Link::Nccl(n) => match Arc::try_unwrap(n) {
+            // the device is dropped after the communicator is destroyed
+            Link::Nccl(n, _device) => match Arc::try_unwrap(n) {
                 Ok(n) => n.finish(),
                 Err(n) => n.group().finish(),
             },
@@ -335,7 +337,7 @@ impl World {
             None => "none",
             Some(Link::Tcp(_)) => "tcp",
             #[cfg(feature = "cuda")]
-            Some(Link::Nccl(_)) => "nccl",
+            Some(Link::Nccl(..)) => "nccl",
         }
     }
 
@@ -359,12 +361,15 @@ impl World {
 #[cfg(feature = "cuda")]
 fn nccl(group: Group, ordinal: usize) -> anyhow::Result<Link> {
     let rank = group.rank();
-    DeviceSpec::Cuda(ordinal).open()?;
+    // The device stays open as long as the communicator: dropping it would release the
+    // device's primary context (destroying it when nothing else holds it) right before NCCL
+    // binds to the current context.
+    let device = DeviceSpec::Cuda(ordinal).open()?;
     let lib =
         rdrop_core::dist::Nccl::load().with_context(|| format!("rank {rank}: loading NCCL"))?;
     let c = rdrop_core::dist::NcclCollective::init(group, Arc::new(lib))
         .with_context(|| format!("rank {rank}: setting up NCCL on cuda:{ordinal}"))?;
-    Ok(Link::Nccl(Arc::new(c)))
+    Ok(Link::Nccl(Arc::new(c), device))
 }
 
 #[cfg(not(feature = "cuda"))]
