@@ -94,7 +94,7 @@ fn rows_keys(b: usize) -> Vec<RowKey> {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn dropout_rows_masks_and_residual_bitwise() {
     let (s, k) = setup();
     let mut r = Rng(1);
@@ -167,7 +167,7 @@ fn dropout_rows_masks_and_residual_bitwise() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn gelu_dropout_forward_backward_bitwise() {
     let (s, k) = setup();
     let mut r = Rng(2);
@@ -234,7 +234,7 @@ fn gelu_dropout_forward_backward_bitwise() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn layernorm_forward_backward_bitwise() {
     let (s, k) = setup();
     let mut r = Rng(3);
@@ -302,7 +302,7 @@ fn layernorm_forward_backward_bitwise() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn softmax_dropout_forward_backward() {
     let (s, k) = setup();
     let mut r = Rng(4);
@@ -424,7 +424,7 @@ fn softmax_dropout_forward_backward() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn embeddings_im2col_layouts_and_class_tokens() {
     let (s, k) = setup();
     let mut r = Rng(5);
@@ -570,7 +570,7 @@ fn embeddings_im2col_layouts_and_class_tokens() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn bias_grad_casts_and_loss() {
     let (s, k) = setup();
     let mut r = Rng(6);
@@ -664,7 +664,7 @@ fn bias_grad_casts_and_loss() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn update_norm_clip_sgd_adamw() {
     let (s, k) = setup();
     let mut r = Rng(7);
@@ -776,7 +776,7 @@ fn update_norm_clip_sgd_adamw() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn wrong_lengths_are_errors_not_launches() {
     let (s, k) = setup();
     let x = s.alloc_zeros::<f32>(10).unwrap();

@@ -63,8 +63,8 @@ fn io(dev: &Device) -> HashMap<String, Tensor> {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
-fn cuda_f32_bf16_f16_logits_and_gradients() {
+#[ignore = "needs a GPU and candle's CUDA kernels (the autograd model): scripts/gpu-check.sh runs it; the emulator (scripts/gpu-emu-check.sh) skips `autograd` tests"]
+fn cuda_autograd_f32_bf16_f16_logits_and_gradients() {
     let dev = gpu();
     let io = io(&dev);
     let want_grads = candle_core::safetensors::load(fx("grads.safetensors"), &Device::Cpu).unwrap();
@@ -105,8 +105,8 @@ fn cuda_f32_bf16_f16_logits_and_gradients() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
-fn cuda_dropout_masks_equal_the_cpu_masks() {
+#[ignore = "needs a GPU and candle's CUDA kernels (the autograd model): scripts/gpu-check.sh runs it; the emulator (scripts/gpu-emu-check.sh) skips `autograd` tests"]
+fn cuda_autograd_dropout_masks_equal_the_cpu_masks() {
     let dev = gpu();
     let opts = LoadOptions {
         device: dev.clone(),
@@ -213,6 +213,18 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// [`rel`] with the scale floored at `floor` (for tensors whose values can be all noise).
+fn rel_floored(a: &[f32], b: &[f32], floor: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
+    let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    if scale == 0.0 {
+        d
+    } else {
+        d / scale
+    }
+}
+
 fn to_vec(t: &Tensor) -> Vec<f32> {
     t.to_device(&Device::Cpu)
         .unwrap()
@@ -263,7 +275,7 @@ fn parity_cfgs() -> Vec<(&'static str, ViTConfig, usize)> {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
     let dev = gpu();
     for (what, cfg, m) in parity_cfgs() {
@@ -316,8 +328,14 @@ fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
             );
         }
         let (gc, gg) = (cpu.grads().to_vec(), cuda.grads().unwrap());
+        // The key bias's gradient is exactly zero in theory (softmax is invariant to a per-row
+        // constant): both engines give rounding noise there, in different orders of summation,
+        // so each tensor's scale is floored at 1e-3 of the model's largest gradient (as the CPU
+        // engine's own test does). Found by the emulated device: without the floor the key bias
+        // showed a "relative error" of 0.65 between two noises of ~1e-9.
+        let global = gc.iter().fold(0f32, |m, v| m.max(v.abs()));
         for v in cpu.layout().views() {
-            let r = rel(&gg[v.range()], &gc[v.range()]);
+            let r = rel_floored(&gg[v.range()], &gc[v.range()], 1e-3 * global);
             assert!(r <= 1e-4, "{what}: {}: gradient relative error {r}", v.name);
         }
         // A label out of range is refused before anything runs: the gradients stay.
@@ -335,7 +353,7 @@ fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn cuda_engine_bf16_f16_logits_within_2e_2_of_the_scale() {
     let dev = gpu();
     for (what, cfg, m) in parity_cfgs() {
@@ -396,7 +414,7 @@ fn batches(cfg: &ViTConfig, step: u64) -> Vec<(Tensor, Tensor)> {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
     let dev = gpu();
     let cfg = small_cfg();
@@ -463,7 +481,7 @@ fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
 }
 
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 fn cuda_plan_allocates_its_formula() {
     let dev = gpu();
     let cfg = small_cfg();
@@ -548,7 +566,7 @@ impl rdrop_core::dist::Collective for Recorder {
 /// world of one gives the plain update's parameters to the bit, with one device all-reduce per
 /// bucket tiling the buffer.
 #[test]
-#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored"]
+#[ignore = "needs a GPU: scripts/gpu-check.sh runs it with --ignored (or the emulator: scripts/gpu-emu-check.sh)"]
 #[allow(unsafe_code)] // raw device-to-device copies on the side stream (SAFETY notes there)
 fn cuda_gradient_buckets_are_final_when_handed_over() {
     let dev = gpu();
