@@ -2,13 +2,20 @@
 //! `__syncthreads`, `__syncwarp` and the shuffles are real barriers (a thread stops there and
 //! the others run) rather than loops that only happen to work.
 //!
-//! x86-64 System V only: [`switch`] saves the callee-saved registers, MXCSR and the x87
-//! control word on the current stack, stores the stack pointer and loads the other one. A new
+//! x86-64 System V only: [`switch`] saves the callee-saved registers on the current stack,
+//! stores the stack pointer and loads the other one. The floating-point control state (MXCSR,
+//! x87 control word) is not switched: no fiber changes it, they all run with the thread's. A new
 //! fiber's stack is laid out so that the first switch to it "returns" into `entry(arg)`.
 #![allow(unsafe_code)]
 
-/// Bytes of a fiber's stack (plus one guard page below it).
-pub const STACK_BYTES: usize = 256 << 10;
+/// log2 of a fiber stack's slot: every stack is one slot of this size, aligned to it, with a
+/// guard page at its low end, so that the kernel modules' memory hooks recognise the calling
+/// thread's own stack by its address alone (`shim/asan_hooks.cpp`, RDEMU_STACK_SLOT_SHIFT).
+pub const SLOT_SHIFT: u32 = 18;
+/// Bytes of a fiber's stack slot.
+pub const SLOT: usize = 1 << SLOT_SHIFT;
+/// Usable bytes of a fiber's stack (the slot less its guard page).
+pub const STACK_BYTES: usize = SLOT - 4096;
 
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
@@ -24,14 +31,8 @@ std::arch::global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "sub rsp, 8",
-    "stmxcsr [rsp]",
-    "fnstcw [rsp + 4]",
     "mov [rdi], rsp",
     "mov rsp, rsi",
-    "ldmxcsr [rsp]",
-    "fldcw [rsp + 4]",
-    "add rsp, 8",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -70,29 +71,38 @@ pub struct Stack {
 unsafe impl Send for Stack {}
 
 impl Stack {
-    /// A new stack of [`STACK_BYTES`].
+    /// A new stack: one [`SLOT`]-aligned slot (guard page at its low end).
     pub fn new() -> Option<Stack> {
-        let len = STACK_BYTES + 4096;
-        // SAFETY: a fresh anonymous mapping; the guard page is made inaccessible below.
-        let p = unsafe {
-            libc::mmap(
+        let len = 2 * SLOT;
+        // SAFETY: a fresh anonymous mapping; the parts outside the aligned slot are unmapped
+        // and its first page made inaccessible below.
+        unsafe {
+            let p = libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
+            );
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            let start = p as usize;
+            let base = (start + SLOT - 1) & !(SLOT - 1);
+            if base > start {
+                libc::munmap(p, base - start);
+            }
+            let end = start + len;
+            if end > base + SLOT {
+                libc::munmap((base + SLOT) as *mut libc::c_void, end - base - SLOT);
+            }
+            libc::mprotect(base as *mut libc::c_void, 4096, libc::PROT_NONE);
+            Some(Stack {
+                base: base as *mut u8,
+                len: SLOT,
+            })
         }
-        // SAFETY: the first page of the mapping just made.
-        unsafe { libc::mprotect(p, 4096, libc::PROT_NONE) };
-        Some(Stack {
-            base: p as *mut u8,
-            len,
-        })
     }
 
     /// The usable range `[lo, hi)`.
@@ -105,11 +115,8 @@ impl Stack {
     pub fn prepare(&self, entry: extern "C" fn(usize), arg: usize) -> usize {
         let (_, hi) = self.range();
         let top = hi & !15;
-        // Frame popped by `rdemu_fiber_switch`: [mxcsr|fpucw], r15, r14, r13, r12, rbx, rbp,
-        // return address. After its `ret`, rsp = top - 8 + 8... chosen so that the `call r13`
-        // in `rdemu_fiber_start` is made with rsp ≡ 0 (mod 16).
-        let words: [usize; 8] = [
-            0x1f80 | (0x037f << 32),     // MXCSR default, x87 control word default
+        // Frame popped by `rdemu_fiber_switch`: r15, r14, r13, r12, rbx, rbp, return address.
+        let words: [usize; 7] = [
             0,                           // r15
             0,                           // r14
             entry as *const () as usize, // r13
@@ -118,6 +125,8 @@ impl Stack {
             0,                           // rbp
             fiber_start_addr(),          // return address
         ];
+        // after the switch pops these 7 words, rsp = top - 16: the `call r13` in
+        // `rdemu_fiber_start` is made with rsp ≡ 0 (mod 16), as the ABI wants
         let sp = top - 16 - words.len() * 8;
         for (i, w) in words.iter().enumerate() {
             // SAFETY: inside the stack's usable range (checked by construction above).

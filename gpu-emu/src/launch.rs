@@ -394,6 +394,14 @@ struct Slot {
     result: u64,
 }
 
+/// A warp operation some lanes wait in.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    kind: i32,
+    mask: u32,
+    arrived: u32,
+}
+
 /// Shadow of one byte of shared memory for the race check.
 #[derive(Debug, Clone, Copy, Default)]
 struct Shadow {
@@ -413,6 +421,9 @@ struct Runner {
     slots: Vec<Slot>,
     sched_sp: usize,
     cur: usize,
+    /// `cur`'s index as a Dim3, and its stack range.
+    cur_tid: Dim3,
+    cur_stack: (u64, u64),
     job: *const Job,
     block_idx: Dim3,
     block_dim: Dim3,
@@ -425,6 +436,12 @@ struct Runner {
     shadow: Vec<Shadow>,
     epoch: u32,
     warp_log: Vec<Vec<u32>>,
+    /// Pending warp operations per warp, lanes exited per warp.
+    groups: Vec<Vec<Group>>,
+    exited_lanes: Vec<u32>,
+    exited: usize,
+    at_barrier: usize,
+    queue: VecDeque<usize>,
     rng: u64,
     memcheck: bool,
 }
@@ -442,6 +459,8 @@ impl Runner {
             slots: Vec::new(),
             sched_sp: 0,
             cur: 0,
+            cur_tid: Dim3::default(),
+            cur_stack: (0, 0),
             job: std::ptr::null(),
             block_idx: Dim3::default(),
             block_dim: Dim3::default(),
@@ -454,6 +473,11 @@ impl Runner {
             shadow: Vec::new(),
             epoch: 0,
             warp_log: Vec::new(),
+            groups: Vec::new(),
+            exited_lanes: Vec::new(),
+            exited: 0,
+            at_barrier: 0,
+            queue: VecDeque::new(),
             rng: 0,
             memcheck: crate::config::get().memcheck,
         }
@@ -472,16 +496,33 @@ impl Runner {
         linear_to_dim(t as u64, self.block_dim)
     }
 
-    fn shuffle_order(&mut self, v: &mut [usize]) {
-        if self.rng == 0 {
-            return;
+    fn next_rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Makes `lanes` (bits of warp `w`) runnable, in a random order in delay mode. They go to
+    /// the front of the queue: a warp runs on through its shuffles before the next warp's
+    /// threads start, so that only a warp's worth of fiber stacks is hot at a time.
+    fn release(&mut self, w: usize, lanes: u32) {
+        let mut v = [0usize; 32];
+        let mut n = 0;
+        for j in 0..32 {
+            if lanes & (1 << j) != 0 {
+                v[n] = w * 32 + j;
+                n += 1;
+            }
         }
-        for i in (1..v.len()).rev() {
-            self.rng ^= self.rng << 13;
-            self.rng ^= self.rng >> 7;
-            self.rng ^= self.rng << 17;
-            let j = (self.rng % (i as u64 + 1)) as usize;
-            v.swap(i, j);
+        if self.rng != 0 {
+            for i in (1..n).rev() {
+                let j = (self.next_rand() % (i as u64 + 1)) as usize;
+                v.swap(i, j);
+            }
+        }
+        for &t in v[..n].iter().rev() {
+            self.queue.push_front(t);
         }
     }
 
@@ -516,8 +557,21 @@ impl Runner {
         self.shadow.clear();
         self.shadow.resize(range.1, Shadow::default());
         self.epoch = 1;
-        self.warp_log.clear();
-        self.warp_log.resize(self.nthreads.div_ceil(32), Vec::new());
+        let warps = self.nthreads.div_ceil(32);
+        self.warp_log.truncate(warps);
+        for w in &mut self.warp_log {
+            w.clear();
+        }
+        self.warp_log.resize(warps, Vec::new());
+        self.groups.truncate(warps);
+        for g in &mut self.groups {
+            g.clear();
+        }
+        self.groups.resize(warps, Vec::new());
+        self.exited_lanes.clear();
+        self.exited_lanes.resize(warps, 0);
+        self.exited = 0;
+        self.at_barrier = 0;
         self.slots.clear();
         self.slots.resize(
             self.nthreads,
@@ -529,13 +583,22 @@ impl Runner {
                 result: 0,
             },
         );
-        let mut runnable: Vec<usize> = (0..self.nthreads).collect();
-        self.shuffle_order(&mut runnable);
+        self.queue.clear();
+        if self.rng == 0 {
+            self.queue.extend(0..self.nthreads);
+        } else {
+            let mut v: Vec<usize> = (0..self.nthreads).collect();
+            for i in (1..v.len()).rev() {
+                let j = (self.next_rand() % (i as u64 + 1)) as usize;
+                v.swap(i, j);
+            }
+            self.queue.extend(v);
+        }
         let me: *mut Runner = self;
         ACTIVE.with(|a| a.set(me));
         let out = loop {
             let mut failed = None;
-            for &t in &runnable {
+            while let Some(t) = self.queue.pop_front() {
                 if let Err(f) = self.resume(t) {
                     failed = Some((f, self.thread_dim(t)));
                     break;
@@ -544,16 +607,24 @@ impl Runner {
             if let Some(f) = failed {
                 break Err(f);
             }
-            if self.slots.iter().all(|s| s.st == St::Exited) {
+            if self.exited == self.nthreads {
                 break Ok(());
             }
-            match self.resolve() {
-                Ok(mut r) => {
-                    self.shuffle_order(&mut r);
-                    runnable = r;
+            if self.at_barrier == self.nthreads - self.exited {
+                // every live thread waits in __syncthreads
+                self.epoch += 1;
+                for l in &mut self.warp_log {
+                    l.clear();
                 }
-                Err((f, t)) => break Err((f, self.thread_dim(t))),
+                self.at_barrier = 0;
+                for t in 0..self.nthreads {
+                    if self.slots[t].st == St::Waiting && self.slots[t].wait == Wait::Block {
+                        self.queue.push_back(t);
+                    }
+                }
+                continue;
             }
+            break Err(self.deadlock());
         };
         ACTIVE.with(|a| a.set(std::ptr::null_mut()));
         // abandoned fibers (after a fault) give their stacks back
@@ -567,14 +638,53 @@ impl Runner {
         out
     }
 
+    fn deadlock(&self) -> (Fault, Dim3) {
+        let live: Vec<usize> = (0..self.nthreads)
+            .filter(|&t| self.slots[t].st != St::Exited)
+            .collect();
+        let first = live.first().copied().unwrap_or(0);
+        let mut what: Vec<String> = Vec::new();
+        for &t in live.iter().take(8) {
+            what.push(format!(
+                "thread {t}: {}",
+                match self.slots[t].wait {
+                    Wait::Block => "__syncthreads".to_string(),
+                    Wait::Warp { kind, mask, .. } => format!("{} mask {mask:#010x}", op_name(kind)),
+                    Wait::None => "nothing".into(),
+                }
+            ));
+        }
+        (
+            Fault::Other(format!(
+                "deadlock: no barrier can complete ({}{}); the lanes of a mask must all reach \
+                 the same warp operation, and every live thread the same __syncthreads",
+                what.join("; "),
+                if live.len() > 8 { "; …" } else { "" }
+            )),
+            self.thread_dim(first),
+        )
+    }
+
     fn resume(&mut self, t: usize) -> Result<(), Fault> {
         self.cur = t;
+        self.cur_tid = if self.block_dim.y == 1 && self.block_dim.z == 1 {
+            Dim3 {
+                x: t as u32,
+                y: 0,
+                z: 0,
+            }
+        } else {
+            self.thread_dim(t)
+        };
         if self.slots[t].st == St::NotStarted {
             let s = self.stack()?;
             let me = self as *mut Runner as usize;
             self.slots[t].sp = self.stacks[s].prepare(thread_entry, me);
             self.slots[t].stack = s;
         }
+        // the stack is one aligned slot (fiber::SLOT): its range follows from any address in it
+        let lo = self.slots[t].sp as u64 & !(crate::fiber::SLOT as u64 - 1);
+        self.cur_stack = (lo + 4096, lo + crate::fiber::SLOT as u64);
         self.slots[t].wait = Wait::None;
         let sp = self.slots[t].sp;
         // SAFETY: `sp` was prepared for, or saved by, this thread's fiber, whose stack is alive.
@@ -614,146 +724,113 @@ impl Runner {
         (self.nthreads - w * 32).min(32)
     }
 
-    /// Completes what can complete once every thread waits or has exited.
-    fn resolve(&mut self) -> Result<Vec<usize>, (Fault, usize)> {
-        let mut released = Vec::new();
-        let warps = self.nthreads.div_ceil(32);
-        for w in 0..warps {
-            let n = self.lanes(w);
-            let mut done = 0u32; // lanes handled in this pass
-            for l in 0..n {
-                let t = w * 32 + l;
-                if done & (1 << l) != 0 {
-                    continue;
+    /// The calling lane arrives in a warp operation: joins (or opens) its group and completes
+    /// it when the last lane of the mask is there.
+    fn arrive(&mut self, kind: i32, mask: u32, wait: Wait) -> Result<(), Fault> {
+        let t = self.cur;
+        let (w, lane) = (t / 32, t % 32);
+        if mask & (1 << lane) == 0 {
+            return Err(Fault::Other(format!(
+                "lane {lane} calls {} with mask {mask:#010x}, which does not include itself",
+                op_name(kind)
+            )));
+        }
+        let n = self.lanes(w);
+        if n < 32 && mask >> n != 0 {
+            return Err(Fault::Other(format!(
+                "{} with mask {mask:#010x} names lanes that do not exist (the block has {} \
+                 threads: its last warp has {n} lanes)",
+                op_name(kind),
+                self.nthreads
+            )));
+        }
+        let exited = self.exited_lanes[w];
+        if kind != SYNCWARP && mask & exited != 0 {
+            return Err(Fault::Other(format!(
+                "lane {lane} waits in {} with mask {mask:#010x}, but lane {} of its mask has \
+                 exited",
+                op_name(kind),
+                (mask & exited).trailing_zeros()
+            )));
+        }
+        let mut gi = None;
+        for (i, g) in self.groups[w].iter().enumerate() {
+            if g.mask & mask == 0 {
+                continue;
+            }
+            if g.mask != mask || g.kind != kind {
+                return Err(Fault::Other(format!(
+                    "lane {lane} waits in {} with mask {mask:#010x} while lanes {:#010x} wait \
+                     in {} with mask {:#010x}: the lanes of a mask must reach the same operation",
+                    op_name(kind),
+                    g.arrived,
+                    op_name(g.kind),
+                    g.mask
+                )));
+            }
+            gi = Some(i);
+        }
+        let gi = match gi {
+            Some(i) => i,
+            None => {
+                self.groups[w].push(Group {
+                    kind,
+                    mask,
+                    arrived: 0,
+                });
+                self.groups[w].len() - 1
+            }
+        };
+        self.slots[t].wait = wait;
+        self.groups[w][gi].arrived |= 1 << lane;
+        self.try_complete(w, gi)
+    }
+
+    /// Completes group `gi` of warp `w` if every lane it waits for is there.
+    fn try_complete(&mut self, w: usize, gi: usize) -> Result<(), Fault> {
+        let g = self.groups[w][gi];
+        let need = if g.kind == SYNCWARP {
+            g.mask & !self.exited_lanes[w]
+        } else {
+            g.mask
+        };
+        if g.arrived & need != need {
+            return Ok(());
+        }
+        self.groups[w].swap_remove(gi);
+        self.complete_warp(w, g.kind, g.mask, g.arrived)?;
+        self.release(w, g.arrived);
+        Ok(())
+    }
+
+    /// Thread `t` exited: pending warp operations naming it fail (shuffles, votes) or may now
+    /// complete (`__syncwarp` excludes exited lanes).
+    fn exited_thread(&mut self, t: usize) -> Result<(), Fault> {
+        let (w, lane) = (t / 32, t % 32);
+        self.exited_lanes[w] |= 1 << lane;
+        self.exited += 1;
+        let mut i = 0;
+        while i < self.groups[w].len() {
+            let g = self.groups[w][i];
+            if g.mask & (1 << lane) != 0 {
+                if g.kind != SYNCWARP {
+                    return Err(Fault::Other(format!(
+                        "lane {lane} exited while lanes {:#010x} wait for it in {} with mask \
+                         {:#010x}",
+                        g.arrived,
+                        op_name(g.kind),
+                        g.mask
+                    )));
                 }
-                let Wait::Warp { kind, mask, .. } = self.slots[t].wait else {
+                let before = self.groups[w].len();
+                self.try_complete(w, i)?;
+                if self.groups[w].len() < before {
                     continue;
-                };
-                if self.slots[t].st != St::Waiting {
-                    continue;
-                }
-                // every lane of the mask must exist and wait here with the same mask
-                let mut members = 0u32;
-                let mut ready = true;
-                for j in 0..32 {
-                    if mask & (1 << j) == 0 {
-                        continue;
-                    }
-                    if j >= n {
-                        return Err((
-                            Fault::Other(format!(
-                                "{} with mask {mask:#010x} names lane {j}, which does not exist \
-                                 (the block has {} threads)",
-                                op_name(kind),
-                                self.nthreads
-                            )),
-                            t,
-                        ));
-                    }
-                    let u = w * 32 + j;
-                    match (self.slots[u].st, self.slots[u].wait) {
-                        (St::Exited, _) if kind == SYNCWARP => {}
-                        (St::Exited, _) => {
-                            return Err((
-                                Fault::Other(format!(
-                                    "lane {l} waits in {} with mask {mask:#010x}, but lane {j} \
-                                     of its mask has exited",
-                                    op_name(kind)
-                                )),
-                                t,
-                            ))
-                        }
-                        (
-                            St::Waiting,
-                            Wait::Warp {
-                                kind: k2, mask: m2, ..
-                            },
-                        ) if k2 == kind && m2 == mask => members |= 1 << j,
-                        (
-                            St::Waiting,
-                            Wait::Warp {
-                                kind: k2, mask: m2, ..
-                            },
-                        ) => {
-                            // a lane of the mask in another warp operation: can it still come?
-                            // Only if its own operation completes first; if that one cannot,
-                            // the deadlock check below reports it. Here: mismatch only when
-                            // both masks contain both lanes.
-                            if m2 & (1 << l) != 0 {
-                                return Err((
-                                    Fault::Other(format!(
-                                        "lane {l} waits in {} with mask {mask:#010x} while lane \
-                                         {j} waits in {} with mask {m2:#010x}: the lanes of a \
-                                         mask must reach the same operation",
-                                        op_name(kind),
-                                        op_name(k2)
-                                    )),
-                                    t,
-                                ));
-                            }
-                            ready = false;
-                        }
-                        (St::Waiting, Wait::Block) => {
-                            return Err((
-                                Fault::Other(format!(
-                                    "lane {l} waits in {} with mask {mask:#010x} while lane {j} \
-                                     of its mask waits in __syncthreads",
-                                    op_name(kind)
-                                )),
-                                t,
-                            ))
-                        }
-                        _ => ready = false,
-                    }
-                }
-                if !ready {
-                    continue;
-                }
-                done |= members;
-                self.complete_warp(w, kind, mask, members)
-                    .map_err(|f| (f, t))?;
-                for j in 0..32 {
-                    if members & (1 << j) != 0 {
-                        released.push(w * 32 + j);
-                    }
                 }
             }
+            i += 1;
         }
-        if !released.is_empty() {
-            return Ok(released);
-        }
-        // block barrier
-        let live: Vec<usize> = (0..self.nthreads)
-            .filter(|&t| self.slots[t].st != St::Exited)
-            .collect();
-        if !live.is_empty() && live.iter().all(|&t| self.slots[t].wait == Wait::Block) {
-            self.epoch += 1;
-            for l in &mut self.warp_log {
-                l.clear();
-            }
-            return Ok(live);
-        }
-        // deadlock
-        let first = live.first().copied().unwrap_or(0);
-        let mut what: Vec<String> = Vec::new();
-        for &t in live.iter().take(8) {
-            what.push(format!(
-                "thread {t}: {}",
-                match self.slots[t].wait {
-                    Wait::Block => "__syncthreads".to_string(),
-                    Wait::Warp { kind, mask, .. } => format!("{} mask {mask:#010x}", op_name(kind)),
-                    Wait::None => "nothing".into(),
-                }
-            ));
-        }
-        Err((
-            Fault::Other(format!(
-                "deadlock: no barrier can complete ({}{})",
-                what.join("; "),
-                if live.len() > 8 { "; …" } else { "" }
-            )),
-            first,
-        ))
+        Ok(())
     }
 
     fn complete_warp(&mut self, w: usize, kind: i32, mask: u32, members: u32) -> Result<(), Fault> {
@@ -839,13 +916,8 @@ impl Runner {
             return;
         }
         // the fiber's own stack (locals, spilled arguments)
-        let t = self.cur;
-        let s = self.slots[t].stack;
-        if s != usize::MAX {
-            let (lo, hi) = self.stacks[s].range();
-            if addr >= lo as u64 && addr + size <= hi as u64 {
-                return;
-            }
+        if addr >= self.cur_stack.0 && addr + size <= self.cur_stack.1 {
+            return;
         }
         if addr >= self.shared.0 as u64 && addr + size <= self.shared.1 as u64 && size > 0 {
             self.check_shared(addr - self.shared.0 as u64, size, write);
@@ -974,6 +1046,9 @@ extern "C" fn thread_entry(arg: usize) {
         let rr = &mut *r;
         let t = rr.cur;
         rr.slots[t].st = St::Exited;
+        if let Err(f) = rr.exited_thread(t) {
+            rr.fault = Some(f);
+        }
         let save: *mut usize = &mut rr.slots[t].sp;
         let sched = rr.sched_sp;
         crate::fiber::switch(save, sched);
@@ -994,7 +1069,7 @@ fn with_runner<R>(f: impl FnOnce(&mut Runner) -> R, default: R) -> R {
 }
 
 extern "C" fn cb_thread_idx() -> Dim3 {
-    with_runner(|r| r.thread_dim(r.cur), Dim3::default())
+    with_runner(|r| r.cur_tid, Dim3::default())
 }
 extern "C" fn cb_block_idx() -> Dim3 {
     with_runner(|r| r.block_idx, Dim3::default())
@@ -1011,76 +1086,64 @@ extern "C" fn cb_syncthreads() {
         |r| {
             let t = r.cur;
             r.slots[t].wait = Wait::Block;
+            r.at_barrier += 1;
             r.block_here();
         },
         (),
     )
 }
 
-fn own_lane_check(r: &mut Runner, kind: i32, mask: u32) {
-    let lane = r.cur % 32;
-    if mask & (1 << lane) == 0 {
-        let f = Fault::Other(format!(
-            "lane {lane} calls {} with mask {mask:#010x}, which does not include itself",
-            op_name(kind)
-        ));
+/// A warp operation from a fiber: arrive, wait until the group completes, return the result.
+fn warp_op(
+    r: &mut Runner,
+    kind: i32,
+    mask: u32,
+    value: u64,
+    size: i32,
+    arg: i32,
+    width: i32,
+) -> u64 {
+    let wait = Wait::Warp {
+        kind,
+        mask,
+        value,
+        size,
+        arg,
+        width,
+    };
+    if let Err(f) = r.arrive(kind, mask, wait) {
         r.fail(f);
     }
+    r.block_here();
+    r.slots[r.cur].result
 }
 
 extern "C" fn cb_syncwarp(mask: u32) {
     with_runner(
         |r| {
-            own_lane_check(r, SYNCWARP, mask);
-            let t = r.cur;
-            r.slots[t].wait = Wait::Warp {
-                kind: SYNCWARP,
-                mask,
-                value: 0,
-                size: 0,
-                arg: 0,
-                width: 32,
-            };
-            r.block_here();
+            warp_op(r, SYNCWARP, mask, 0, 0, 0, 32);
         },
         (),
     )
 }
 extern "C" fn cb_shfl(kind: i32, mask: u32, value: u64, size: i32, arg: i32, width: i32) -> u64 {
     with_runner(
-        |r| {
-            own_lane_check(r, kind, mask);
-            let t = r.cur;
-            r.slots[t].wait = Wait::Warp {
-                kind: kind.clamp(0, 3),
-                mask,
-                value,
-                size,
-                arg,
-                width,
-            };
-            r.block_here();
-            r.slots[t].result
-        },
+        |r| warp_op(r, kind.clamp(0, 3), mask, value, size, arg, width),
         value,
     )
 }
 extern "C" fn cb_vote(kind: i32, mask: u32, pred: i32) -> u32 {
     with_runner(
         |r| {
-            let k = VOTE + kind.clamp(0, 2);
-            own_lane_check(r, k, mask);
-            let t = r.cur;
-            r.slots[t].wait = Wait::Warp {
-                kind: k,
+            warp_op(
+                r,
+                VOTE + kind.clamp(0, 2),
                 mask,
-                value: u64::from(pred != 0),
-                size: 4,
-                arg: 0,
-                width: 32,
-            };
-            r.block_here();
-            r.slots[t].result as u32
+                u64::from(pred != 0),
+                4,
+                0,
+                32,
+            ) as u32
         },
         0,
     )

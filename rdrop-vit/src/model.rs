@@ -351,9 +351,13 @@ impl VisionTransformer {
 
     /// True when every classifier weight and bias is exactly zero (a fresh, untrained head).
     pub fn head_is_zero(&self) -> Result<bool> {
-        let s = (self.head.w.abs()?.sum_all()?.to_scalar::<f32>()?
-            + self.head.b.abs()?.sum_all()?.to_scalar::<f32>()?) as f64;
-        Ok(s == 0.0)
+        // Read on the host: candle's abs/sum would launch its own kernels on a GPU model's
+        // device, which the explicit engine's path must not need (rdrop eval / predict).
+        let zero = |t: &Tensor| -> Result<bool> {
+            let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            Ok(v.iter().all(|&x| x == 0.0))
+        };
+        Ok(zero(&self.head.w)? && zero(&self.head.b)?)
     }
 
     /// Patch tokens: `x (B, C, H, W)` → `(B, g², D)`. A stride = kernel convolution is a

@@ -135,6 +135,15 @@ fn install(dir: &Path) -> Result<bool, String> {
             println!("# no kernel modules: this build of rdrop-gpu-emu has no RDEMU_KERNELS_DIR")
         }
     }
+    // the kernel mutants of the emulator's own tests (RDROP_EMU_KERNELS=DIR/kernels-mutants/NAME:…)
+    if let Some(src) = option_env!("RDEMU_KERNEL_MUTANTS_DIR") {
+        let mutants = dir.join("kernels-mutants");
+        let _ = std::fs::remove_dir_all(&mutants);
+        if Path::new(src).is_dir() {
+            let n = copy_dir(Path::new(src), &mutants)?;
+            println!("# {n} mutant kernel files in {}", mutants.display());
+        }
+    }
     println!("export {}", exports.join(" "));
     Ok(true)
 }
