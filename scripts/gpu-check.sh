@@ -18,18 +18,24 @@
 #
 # Needs the binary and the CUDA test binaries from `scripts/build-cuda.sh`: dist/cuda/, or their
 # gzip'd copies dist/cuda-pack/{rdrop.gz,cuda-tests.tar.gz} (carry dist/cuda-pack to the machine: it fits the 64 MiB the device
-# tool moves, the bare binary does not). usage: bash scripts/gpu-check.sh [--dry-run] [--budget SECONDS] [--with-data]
+# tool moves, the bare binary does not). usage: bash scripts/gpu-check.sh [--dry-run | --emulated] [--budget SECONDS] [--with-data]
 # Environment: RDROP_BIN (default dist/cuda/rdrop), PYTHON (a python with torch; default: the
 # first of python3, /opt/torch/.venv/bin/python3 that imports torch), OUT (output folder).
 # --dry-run: plumbing test on a machine without a GPU: tiny CPU sizes; runs that need a GPU are
 # expected to fail with rdrop's "no GPU" error (the CUDA build starts with the libcuda stub).
+# --emulated: the real CUDA code paths on the emulated GPU of gpu-emu/ (small sizes, no PyTorch,
+# no timings; `summary.emulated_pass`): what scripts/gpu-emu-check.sh runs.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${RDROP_BIN:-$REPO/dist/cuda/rdrop}
 PACK=$REPO/dist/cuda-pack/rdrop.gz
 OUTDIR=${OUT:-.}
 DRY=0
-for a in "$@"; do [[ $a == --dry-run ]] && DRY=1; done
+EMU=0
+for a in "$@"; do
+    [[ $a == --dry-run ]] && DRY=1
+    [[ $a == --emulated ]] && EMU=1
+done
 
 say() { echo "[gpu-check] $*" >&2; }
 mkdir -p "$OUTDIR"
@@ -52,6 +58,27 @@ if [[ -z ${RDROP_BIN:-} && ! -x $BIN && -f $PACK ]]; then
 fi
 say "python: $PY; binary: $BIN"
 [[ -x $BIN ]] || say "warning: $BIN is missing or not executable (build it with scripts/build-cuda.sh)"
+
+if [[ $EMU == 1 ]]; then
+    # --emulated: the binaries run on the emulated CUDA stack (gpu-emu/; laid out by
+    # `rdrop-gpu-emu install`, which scripts/gpu-emu-check.sh runs): the real CUDA code paths,
+    # small sizes, no PyTorch, no timings
+    EMU_LIB=${GPU_EMU_LIB:-$REPO/target/gpu-emu/lib}
+    if [[ ! -e $EMU_LIB/libcuda.so.1 ]]; then
+        say "no emulator in $EMU_LIB: run scripts/gpu-emu-check.sh, or target/release/rdrop-gpu-emu install $EMU_LIB"
+        exit 1
+    fi
+    export LD_LIBRARY_PATH=$EMU_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export RDROP_NCCL_LIBRARY=$EMU_LIB/libnccl.so.2 RDROP_EMU_KERNELS=$EMU_LIB/kernels
+    say "emulated: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    BUDGET=1200
+    for ((i = 1; i <= $#; i++)); do [[ ${!i} == --budget ]] && { j=$((i + 1)); BUDGET=${!j}; }; done
+    timeout -k 10 $((${BUDGET%.*} + 60)) "$PY" -u "$REPO/scripts/gpu_check.py" --bin "$BIN" --python "$PY" \
+        --out "$OUTDIR/gpu-check.json" --budget "$BUDGET" "$@"
+    rc=$?
+    say "exit $rc; summary in $OUTDIR/gpu-check.json"
+    exit $rc
+fi
 
 # The CUDA libraries the binary links (cudarc's dynamic linking): from PyTorch's NVIDIA pip
 # packages (nvidia/cu13/lib, nvidia/*/lib) or a CUDA install; libcuda.so.1 is the driver's.

@@ -1,0 +1,302 @@
+#!/usr/bin/env bash
+# rdrop's CUDA code checked without a GPU: the UNCHANGED binaries that scripts/build-cuda.sh
+# builds (the release `rdrop` and the two GPU test binaries) run on the CPU against the emulated
+# CUDA stack of gpu-emu/ (driver with memory checks, host-compiled kernels, cuBLASLt, NCCL
+# between processes; see gpu-emu/README.md). Writes target/gpu-emu/summary.json and exits
+# non-zero when a mark is missed.
+#
+# usage: scripts/gpu-emu-check.sh [--skip-build] [--only PART[,PART…]]
+#   parts: symbols tests demo eval resume dp2 mutations gpucheck   (default: all)
+# Environment:
+#   GPU_EMU_DEMO_STEPS   updates of the bf16/f16 demo runs (default 400, 95 % top-1 on the CPU; the
+#                        CPU run of the same command must reach ≥ 90 %, checked and recorded)
+#   RDROP_EMU_THREADS    host threads per kernel (default: the cores)
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$REPO/target/gpu-emu
+LIB=$OUT/lib
+BIN=$REPO/dist/cuda/rdrop
+TESTS=$REPO/dist/cuda/tests
+SKIP_BUILD=0
+ONLY=all
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --skip-build) SKIP_BUILD=1 ;;
+    --only) ONLY=$2; shift ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-emu-check.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+want() { [[ $ONLY == all || ",$ONLY," == *",$1,"* ]]; }
+say() { echo "[gpu-emu] $*" >&2; }
+T0=$(date +%s)
+mkdir -p "$OUT"
+RES=$OUT/results
+rm -rf "$RES" && mkdir -p "$RES"
+# one line per figure: `key value` (value is JSON); summary.json is assembled at the end
+put() { echo "$1 $2" >>"$RES/figures"; }
+
+if [[ $SKIP_BUILD == 0 ]]; then
+    say "building the CUDA binaries (scripts/build-cuda.sh)"
+    "$REPO/scripts/build-cuda.sh" || { say "scripts/build-cuda.sh failed"; exit 1; }
+fi
+say "building the emulator (cargo build --release -p rdrop-gpu-emu)"
+(cd "$REPO" && cargo build --release -q -p rdrop-gpu-emu) || { say "the emulator does not build"; exit 1; }
+"$REPO/target/release/rdrop-gpu-emu" install "$LIB" >"$RES/install.txt" || exit 1
+
+export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export RDROP_NCCL_LIBRARY=$LIB/libnccl.so.2 RDROP_EMU_KERNELS=$LIB/kernels RDROP_REPO=$REPO
+export RUST_BACKTRACE=0
+RUNS=$OUT/runs
+rm -rf "$RUNS" && mkdir -p "$RUNS"
+
+if want symbols; then
+    say "symbols: every import of the binaries is exported by the emulator"
+    if "$REPO/target/release/rdrop-gpu-emu" check-symbols "$LIB" "$BIN" "$TESTS"/* >"$RES/symbols.txt" 2>&1; then
+        put symbols_complete true
+    else
+        cat "$RES/symbols.txt" >&2
+        put symbols_complete false
+    fi
+fi
+
+# ------------------------------------------------------------------------------ GPU tests
+if want tests; then
+    passed=0 failed=0 ignored=0
+    for t in "$TESTS"/*; do
+        name=$(basename "$t")
+        say "GPU tests: $name --ignored (tests that need candle's kernels, named *autograd*, are skipped)"
+        "$t" --ignored --skip autograd --test-threads 1 >"$RES/tests-$name.txt" 2>&1
+        line=$(grep -E '^test result:' "$RES/tests-$name.txt" | tail -1)
+        p=$(sed -E 's/.* ([0-9]+) passed.*/\1/' <<<"$line")
+        f=$(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line")
+        [[ $p =~ ^[0-9]+$ ]] || p=0
+        [[ $f =~ ^[0-9]+$ ]] || { f=1; say "$name did not finish: see $RES/tests-$name.txt"; }
+        # the skipped ones: listed ignored tests whose name says autograd
+        s=$("$t" --list --ignored 2>/dev/null | grep -c 'autograd.*: test' || true)
+        passed=$((passed + p)) failed=$((failed + f)) ignored=$((ignored + s))
+        grep -E '^test .*(FAILED|ok)$|rdrop-gpu-emu:' "$RES/tests-$name.txt" | head -40 >&2
+    done
+    put gpu_tests_passed $passed
+    put gpu_tests_failed $failed
+    put gpu_tests_ignored $ignored
+fi
+
+# ---------------------------------------------------------------------------- the demo
+train() { # DIR DEVICE [flags...]: rdrop train --preset demo into DIR
+    local dir=$1 dev=$2
+    shift 2
+    "$BIN" train --preset demo --device "$dev" --out "$dir" --seed 42 "$@" >"$dir.log" 2>&1
+}
+pyjson() { python3 - "$@"; }
+
+if want demo; then
+    say "demo f32: 20 updates on cuda vs cpu (losses within 1e-4 relative)"
+    train "$RUNS/f32-cpu" cpu --steps 20 --eval-every 20
+    train "$RUNS/f32-cuda" cuda --steps 20 --eval-every 20
+    pyjson "$RUNS/f32-cpu/metrics.jsonl" "$RUNS/f32-cuda/metrics.jsonl" >>"$RES/figures" <<'EOF'
+import json, sys
+def losses(p):
+    try:
+        return [json.loads(l)["loss"] for l in open(p) if '"kind":"train"' in l.replace(" ", "")]
+    except OSError:
+        return []
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+if len(a) != 20 or len(b) != 20:
+    print("demo_f32_max_rel_loss_diff null")
+else:
+    print("demo_f32_max_rel_loss_diff", json.dumps(max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))))
+EOF
+    steps=${GPU_EMU_DEMO_STEPS:-400}
+    say "demo: $steps updates on the cpu (f32) and on cuda in bf16 and f16 (the two side by side)"
+    train "$RUNS/demo-cpu" cpu --steps "$steps" --eval-every "$steps"
+    s0=$(date +%s)
+    pids=()
+    for p in bf16 f16; do
+        # one host thread each: two runs side by side use 2 cores better than one after the other
+        RDROP_EMU_THREADS=${RDROP_EMU_THREADS:-1} train "$RUNS/demo-$p" cuda --steps "$steps" \
+            --eval-every "$steps" --precision "$p" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    put demo_bf16_f16_wall_s $(($(date +%s) - s0))
+    pyjson "$RUNS" >>"$RES/figures" <<'EOF'
+import json, sys
+def top1(d):
+    try:
+        ev = [json.loads(l) for l in open(f"{sys.argv[1]}/{d}/metrics.jsonl") if '"eval"' in l]
+        return ev[-1]["top1"] if ev else None
+    except OSError:
+        return None
+for key, d in [("demo_cpu_top1", "demo-cpu"), ("demo_bf16_top1", "demo-bf16"), ("demo_f16_top1", "demo-f16")]:
+    print(key, json.dumps(top1(d)))
+EOF
+    put demo_steps "$steps"
+fi
+
+# -------------------------------------------------------------------------------- eval
+if want eval; then
+    w=$RUNS/f32-cpu
+    [[ -d $w/final ]] || train "$w" cpu --steps 20 --eval-every 20
+    say "eval: the same weights on cpu and cuda"
+    "$BIN" eval --weights "$w" --data "$REPO/rdrop-cli/assets/digits-demo.tar.gz" --device cpu --json >"$RES/eval-cpu.json" 2>"$RES/eval-cpu.log"
+    "$BIN" eval --weights "$w" --data "$REPO/rdrop-cli/assets/digits-demo.tar.gz" --device cuda --json >"$RES/eval-cuda.json" 2>"$RES/eval-cuda.log"
+    pyjson "$RES/eval-cpu.json" "$RES/eval-cuda.json" >>"$RES/figures" <<'EOF'
+import json, sys
+def get(p):
+    try:
+        return json.loads(open(p).read().strip().splitlines()[-1])
+    except Exception:
+        return None
+a, b = get(sys.argv[1]), get(sys.argv[2])
+ok = a is not None and b is not None and a.get("top1") == b.get("top1") and a.get("top5") == b.get("top5")
+print("eval_cuda_equals_cpu", json.dumps(ok))
+print("eval_top1", json.dumps(None if a is None else a.get("top1")))
+EOF
+fi
+
+# ------------------------------------------------------------------------------ resume
+sha() { sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }
+if want resume; then
+    say "resume: SIGKILL during a cuda run, rdrop resume, against an uninterrupted cuda run"
+    train "$RUNS/resume-ref" cuda --steps 40 --eval-every 40 --save-every 10
+    d=$RUNS/resume-killed
+    "$BIN" train --preset demo --device cuda --out "$d" --seed 42 --steps 40 --eval-every 40 --save-every 10 >"$d.log" 2>&1 &
+    pid=$!
+    # kill once a checkpoint exists (past update 10, before the end)
+    for _ in $(seq 1 600); do
+        ls "$d/checkpoints" 2>/dev/null | grep -q step- && break
+        sleep 0.2
+    done
+    sleep 1
+    kill -9 $pid 2>/dev/null
+    wait $pid 2>/dev/null
+    "$BIN" resume "$d" >"$d.resume.log" 2>&1
+    a=$(sha "$RUNS/resume-ref/final/model.safetensors") b=$(sha "$d/final/model.safetensors")
+    if [[ -n $a && $a == "$b" ]]; then put resume_bit_identical true; else put resume_bit_identical false; fi
+fi
+
+# ------------------------------------------------------------------------------- dp2
+if want dp2; then
+    say "data parallel: 2 ranks on 2 emulated devices through the emulated NCCL vs one process"
+    common=(--steps 20 --eval-every 20 --optimizer sgd --lr 0.05 --micro-batch 32)
+    train "$RUNS/dp-one" cuda "${common[@]}"
+    RDROP_EMU_DEVICES=2 train "$RUNS/dp-buckets" cuda "${common[@]}" --nproc-per-node 2 --grad-bucket-mb 1e-6
+    RDROP_EMU_DEVICES=2 train "$RUNS/dp-flat" cuda "${common[@]}" --nproc-per-node 2 --grad-bucket-mb 0
+    pyjson "$RUNS" >>"$RES/figures" <<'EOF'
+import json, struct, sys
+def load(p):
+    try:
+        b = open(p, "rb").read()
+    except OSError:
+        return None
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    out = {}
+    for k, v in h.items():
+        if k == "__metadata__" or v["dtype"] != "F32":
+            continue
+        s, e = v["data_offsets"]
+        out[k] = struct.unpack(f"<{(e - s) // 4}f", b[8 + n + s:8 + n + e])
+    return out
+one = load(f"{sys.argv[1]}/dp-one/final/model.safetensors")
+worst = None
+for d in ("dp-buckets", "dp-flat"):
+    m = load(f"{sys.argv[1]}/{d}/final/model.safetensors")
+    if one is None or m is None or m.keys() != one.keys():
+        worst = None
+        break
+    diff = max(abs(x - y) for k in one for x, y in zip(one[k], m[k]))
+    worst = diff if worst is None else max(worst, diff)
+print("dp2_max_param_diff", json.dumps(worst))
+EOF
+fi
+
+# --------------------------------------------------------------------------- mutations
+if want mutations; then
+    say "mutations: each must make a GPU test or run fail under the emulator"
+    tried=0 caught=0 names=()
+    KT=$TESTS/rdrop-kernels-cuda_kernels
+    VT=$TESTS/rdrop-vit-cuda
+    MUT=$LIB/kernels-mutants
+    mutant() { # NAME COMMAND...: caught when the command fails
+        local n=$1
+        shift
+        tried=$((tried + 1))
+        if "$@" >"$RES/mutant-$n.txt" 2>&1; then
+            say "mutation $n NOT caught"
+            names+=("\"$n\": false")
+        else
+            caught=$((caught + 1))
+            names+=("\"$n\": true")
+        fi
+    }
+    for m in oob-read no-barrier shfl-width; do
+        if [[ -d $MUT/$m ]]; then
+            mutant "$m" env RDROP_EMU_KERNELS="$MUT/$m:$LIB/kernels" "$KT" --ignored --test-threads 1
+        else
+            tried=$((tried + 1))
+            names+=("\"$m\": false")
+            say "mutant $m was not built"
+        fi
+    done
+    mutant swapped-args env RDROP_EMU_MUTATE=swap-args "$KT" --ignored --test-threads 1
+    mutant gemm-ld env RDROP_EMU_MUTATE=gemm-ld "$VT" --ignored --skip autograd --test-threads 1
+    mutant gemm-batch-stride env RDROP_EMU_MUTATE=gemm-batch-stride "$VT" --ignored --skip autograd --test-threads 1
+    mutant overlapping-plan env RDROP_EMU_MUTATE=alias-alloc "$VT" --ignored --skip autograd --test-threads 1
+    mutant missing-stream-wait env RDROP_EMU_MUTATE=drop-stream-wait RDROP_EMU_DELAY=7:3000 \
+        "$VT" --ignored --skip autograd --test-threads 1 cuda_gradient_buckets
+    put mutations_tried $tried
+    put mutations_caught $caught
+    put mutations "{$(IFS=,; echo "${names[*]}")}"
+fi
+
+# ------------------------------------------------------------------ gpu-check, emulated
+if want gpucheck; then
+    say "scripts/gpu-check.sh --emulated: the GPU check's real CUDA paths (no PyTorch, no timings)"
+    OUT=$RES/gpu-check GPU_EMU_LIB=$LIB bash "$REPO/scripts/gpu-check.sh" --emulated >"$RES/gpu-check.txt" 2>&1
+    pyjson "$RES/gpu-check/gpu-check.json" >>"$RES/figures" <<'EOF2'
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+    print("gpu_check_emulated_pass", json.dumps(bool(s["summary"].get("emulated_pass"))))
+except (OSError, KeyError, ValueError):
+    print("gpu_check_emulated_pass false")
+EOF2
+fi
+
+put wall_s $(($(date +%s) - T0))
+# ------------------------------------------------------------------------------ summary
+python3 - "$RES/figures" "$OUT/summary.json" "$ONLY" <<'EOF'
+import json, sys
+fig = {}
+for line in open(sys.argv[1]):
+    k, _, v = line.strip().partition(" ")
+    try:
+        fig[k] = json.loads(v)
+    except ValueError:
+        fig[k] = v
+marks = {
+    "symbols_complete": lambda v: v is True,
+    "gpu_tests_failed": lambda v: v == 0,
+    "gpu_tests_passed": lambda v: isinstance(v, int) and v > 0,
+    "demo_f32_max_rel_loss_diff": lambda v: v is not None and v <= 1e-4,
+    "demo_cpu_top1": lambda v: v is not None and v >= 0.9,
+    "demo_bf16_top1": lambda v: v is not None and fig.get("demo_cpu_top1") is not None and v >= fig["demo_cpu_top1"] - 0.03,
+    "demo_f16_top1": lambda v: v is not None and fig.get("demo_cpu_top1") is not None and v >= fig["demo_cpu_top1"] - 0.03,
+    "eval_cuda_equals_cpu": lambda v: v is True,
+    "resume_bit_identical": lambda v: v is True,
+    "dp2_max_param_diff": lambda v: v is not None and v <= 1e-6,
+    "mutations_caught": lambda v: v == fig.get("mutations_tried") and (v or 0) >= 7,
+    "gpu_check_emulated_pass": lambda v: v is True,
+}
+missed = [k for k, ok in marks.items() if k in fig and not ok(fig[k])]
+fig["missed"] = missed
+json.dump(fig, open(sys.argv[2], "w"), indent=1)
+print(json.dumps(fig, indent=1))
+sys.exit(1 if missed else 0)
+EOF
+rc=$?
+say "summary: $OUT/summary.json ($([[ $rc == 0 ]] && echo all marks met || echo marks missed))"
+exit $rc
