@@ -13,9 +13,10 @@
 #                                          tests/cuda_kernels.rs) into dist/cuda/tests/
 #                                          (+ dist/cuda-pack/{rdrop.gz,cuda-tests.tar.gz}: carry
 #                                          dist/cuda-pack to a GPU machine)
-#        scripts/build-cuda.sh --check     cargo clippy -D warnings (cargo check if clippy is
-#                                          missing) of the whole workspace, all targets, CUDA
-#                                          on; compiles the kernels (needs nvcc only)
+#        scripts/build-cuda.sh --check     cargo clippy --release -D warnings (cargo check if
+#                                          clippy is missing) of the whole workspace, all
+#                                          targets, CUDA on; compiles the kernels (needs nvcc
+#                                          only; quick after a --build)
 #        scripts/build-cuda.sh --setup     only install the toolchain and make the stub
 #        scripts/build-cuda.sh --env       set up, then print `export ...` lines for the build
 #                                          (eval "$(scripts/build-cuda.sh --env)")
@@ -146,10 +147,13 @@ check)
     # workspace (features unify); build scripts run under `check` too, so the kernels compile.
     # Clippy (a superset of check) when installed: code behind cfg(feature = "cuda") gets the
     # same -D warnings as the CPU build.
+    # The release profile: after a --build (as CI runs them: scripts/gpu-emu-check.sh first),
+    # the build scripts' outputs are shared, so candle's kernels are not compiled by nvcc again
+    # (a minute instead of about ten).
     if cargo clippy --version >/dev/null 2>&1; then
-        (cd "$REPO" && cargo clippy --workspace --all-targets --features rdrop-cli/cuda -- -D warnings)
+        (cd "$REPO" && cargo clippy --release --workspace --all-targets --features rdrop-cli/cuda -- -D warnings)
     else
-        (cd "$REPO" && cargo check --workspace --all-targets --features rdrop-cli/cuda)
+        (cd "$REPO" && cargo check --release --workspace --all-targets --features rdrop-cli/cuda)
     fi
     log "cuda check passed"
     ;;
