@@ -742,12 +742,11 @@ struct HostPtr(usize);
 // copied before the call returned (pageable).
 unsafe impl Send for HostPtr {}
 
+/// A copy's stream operation: `f` gets the stream's device.
 fn copy_op(
     device: usize,
-    what: &'static str,
     f: impl FnOnce(usize) -> R + Send + 'static,
 ) -> Box<dyn FnOnce() -> R + Send> {
-    let _ = what;
     Box::new(move || f(device))
 }
 
@@ -782,7 +781,7 @@ unsafe fn htod(dst: u64, src: *const c_void, n: usize, s: u64, sync: bool) -> R 
         .map_err(|e| invalid(format!("destination: {}", e.message)))?;
     let op: Box<dyn FnOnce() -> R + Send> = if is_pinned(src as usize, n) && !sync {
         let sp = HostPtr(src as usize);
-        copy_op(device, "HtoD", move |d| {
+        copy_op(device, move |d| {
             let sp = sp;
             let p = memory::resolve(d, dst, n as u64, true)?;
             std::ptr::copy_nonoverlapping(sp.0 as *const u8, p, n);
@@ -791,7 +790,7 @@ unsafe fn htod(dst: u64, src: *const c_void, n: usize, s: u64, sync: bool) -> R 
     } else {
         // pageable: staged now, so the caller may reuse its buffer when this returns
         let staged = std::slice::from_raw_parts(src as *const u8, n).to_vec();
-        copy_op(device, "HtoD", move |d| {
+        copy_op(device, move |d| {
             let p = memory::resolve(d, dst, n as u64, true)?;
             std::ptr::copy_nonoverlapping(staged.as_ptr(), p, n);
             Ok(())
@@ -838,7 +837,7 @@ unsafe fn dtoh(dst: *mut c_void, src: u64, n: usize, s: u64, sync: bool) -> R {
     let seq = stream::enqueue_on(
         &st,
         format!("cuMemcpyDtoH of {n} bytes from {src:#x}"),
-        copy_op(device, "DtoH", move |d| {
+        copy_op(device, move |d| {
             let dp = dp;
             let p = memory::resolve(d, src, n as u64, false)?;
             std::ptr::copy_nonoverlapping(p as *const u8, dp.0 as *mut u8, n);
@@ -879,7 +878,7 @@ fn dtod(dst: u64, src: u64, n: usize, s: u64, sync: bool) -> R {
     let seq = stream::enqueue_on(
         &st,
         format!("cuMemcpyDtoD of {n} bytes {src:#x} → {dst:#x}"),
-        copy_op(st.device, "DtoD", move |d| {
+        copy_op(st.device, move |d| {
             let sp = memory::resolve(d, src, n as u64, false)?;
             let dp = memory::resolve(d, dst, n as u64, true)?;
             // SAFETY: both ranges resolved; `copy` allows overlap as cuMemcpy leaves it undefined
@@ -936,7 +935,7 @@ fn memset(dst: u64, value: u32, width: usize, count: usize, s: u64, sync: bool) 
     let seq = stream::enqueue_on(
         &st,
         format!("cuMemset of {n} bytes at {dst:#x}"),
-        copy_op(st.device, "memset", move |d| {
+        copy_op(st.device, move |d| {
             let p = memory::resolve(d, dst, n as u64, true)?;
             if !dst.is_multiple_of(width as u64) {
                 return Err(EmuError::new(

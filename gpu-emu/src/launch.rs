@@ -1186,6 +1186,3 @@ static API: abi::Api = abi::Api {
 pub fn api() -> *const abi::Api {
     &API
 }
-
-/// A fault code for errors that are not the kernel's (used by the driver).
-pub const ILLEGAL: i32 = CUDA_ERROR_ILLEGAL_ADDRESS;
