@@ -15,7 +15,7 @@ use rdrop_gpu_emu::driver::*;
 static SLOW_DONE: AtomicBool = AtomicBool::new(false);
 
 unsafe extern "C" fn slow(flag: *mut c_void) {
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(800));
     (*(flag as *const AtomicBool)).store(true, Ordering::SeqCst);
 }
 
