@@ -13,6 +13,8 @@
 //! | `RDROP_EMU_POISON` | `0`: new allocations are zero instead of 0xff bytes (NaN as floats) | on |
 //! | `RDROP_EMU_KERNELS` | folder of the host-compiled kernel modules (`*.so`) | the build's own |
 //! | `RDROP_EMU_MUTATE` | fault injection for the emulator's own tests (see `mutate`) | none |
+//! | `RDROP_EMU_NCCL_TIMEOUT_S` | NCCL's init and per-collective wait limit, 0: none (read by `nccl`) | 120 |
+//! | `RDROP_EMU_NCCL_CHUNK` | bytes of each rank's shared-memory slot (read by `nccl`) | 4 MiB |
 //! | `RDROP_EMU_LOG` | `1`: print every driver call that fails, `2`: also every launch | 0 |
 
 use std::sync::OnceLock;
