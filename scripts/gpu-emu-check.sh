@@ -22,7 +22,16 @@ ONLY=all
 while [[ $# -gt 0 ]]; do
     case $1 in
     --skip-build) SKIP_BUILD=1 ;;
-    --only) ONLY=$2; shift ;;
+    --only)
+        [[ $# -ge 2 ]] || { echo "gpu-emu-check.sh: --only needs a list of parts (try --help)" >&2; exit 2; }
+        ONLY=$2
+        for p in ${ONLY//,/ }; do
+            case $p in
+            symbols | tests | demo | eval | resume | dp2 | mutations | gpucheck) ;;
+            *) echo "gpu-emu-check.sh: unknown part '$p' (parts: symbols tests demo eval resume dp2 mutations gpucheck)" >&2; exit 2 ;;
+            esac
+        done
+        shift ;;
     -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-emu-check.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
     esac
