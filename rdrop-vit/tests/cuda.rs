@@ -203,17 +203,11 @@ fn labels(m: usize, classes: usize) -> Tensor {
 
 /// max |a − b| / max |b|.
 fn rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    if scale == 0.0 {
-        d
-    } else {
-        d / scale
-    }
+    rel_floored(a, b, 0.0)
 }
 
-/// [`rel`] with the scale floored at `floor` (for tensors whose values can be all noise).
+/// Max |a − b| over max(|b|, `floor`) (the plain difference when both are 0); the floor is
+/// for tensors whose values can be all noise.
 fn rel_floored(a: &[f32], b: &[f32], floor: f32) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
