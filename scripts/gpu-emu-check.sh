@@ -76,12 +76,17 @@ if want tests; then
     for t in "$TESTS"/*; do
         name=$(basename "$t")
         say "GPU tests: $name --ignored (tests that need candle's kernels, named *autograd*, are skipped)"
-        "$t" --ignored --skip autograd --test-threads 1 >"$RES/tests-$name.txt" 2>&1
+        rc=0
+        "$t" --ignored --skip autograd --test-threads 1 >"$RES/tests-$name.txt" 2>&1 || rc=$?
         line=$(grep -E '^test result:' "$RES/tests-$name.txt" | tail -1)
         p=$(sed -E 's/.* ([0-9]+) passed.*/\1/' <<<"$line")
         f=$(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line")
         [[ $p =~ ^[0-9]+$ ]] || p=0
-        [[ $f =~ ^[0-9]+$ ]] || { f=1; say "$name did not finish: see $RES/tests-$name.txt"; }
+        [[ $f =~ ^[0-9]+$ ]] || {
+            f=1
+            say "$name did not finish (exit $rc): the end of $RES/tests-$name.txt"
+            tail -n 15 "$RES/tests-$name.txt" >&2
+        }
         # the skipped ones: listed ignored tests whose name says autograd
         s=$("$t" --list --ignored 2>/dev/null | grep -c 'autograd.*: test' || true)
         passed=$((passed + p)) failed=$((failed + f)) ignored=$((ignored + s))

@@ -104,6 +104,9 @@ pub fn check_device(d: i64) -> Result<usize, EmuError> {
 
 /// Retains device `d`'s primary context (activating it) and returns its id.
 pub fn primary_retain(d: usize) -> Result<u64, EmuError> {
+    // A retain waits for a release's teardown in progress, so that work still queued from the
+    // old activation never runs in the new one.
+    let _teardown = TEARDOWN.lock().unwrap_or_else(|p| p.into_inner());
     let mut st = state();
     let id = *st
         .primary
@@ -122,6 +125,7 @@ pub fn primary_retain(d: usize) -> Result<u64, EmuError> {
 /// Releases device `d`'s primary context; at zero it is destroyed with its memory, streams
 /// and modules.
 pub fn primary_release(d: usize) -> Result<(), EmuError> {
+    let _teardown = TEARDOWN.lock().unwrap_or_else(|p| p.into_inner());
     let (id, destroy) = {
         let mut st = state();
         let id = *st
@@ -147,6 +151,9 @@ pub fn primary_release(d: usize) -> Result<(), EmuError> {
     }
     Ok(())
 }
+
+/// Held by a primary context's release (its teardown included) and by retains.
+static TEARDOWN: Mutex<()> = Mutex::new(());
 
 fn teardown(id: u64, d: usize) {
     crate::stream::destroy_context_streams(id);

@@ -109,5 +109,9 @@ impl EmuError {
 
 /// Prints an emulator report on stderr (one paragraph, prefixed).
 pub fn report(msg: &str) {
-    eprintln!("rdrop-gpu-emu: {msg}");
+    use std::io::Write;
+    // One write: stderr is unbuffered, and `eprintln!` writes each piece of its format
+    // separately, which splits a report around the lines other threads print.
+    let line = format!("rdrop-gpu-emu: {msg}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }

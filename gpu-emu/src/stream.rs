@@ -153,6 +153,9 @@ struct Registry {
     streams: HashMap<u64, Arc<Stream>>,
     legacy: HashMap<u64, Arc<Stream>>,
     per_thread: HashMap<(u64, ThreadId), Arc<Stream>>,
+    /// Streams destroyed while they may still have work queued (their context's destruction
+    /// waits for them too).
+    closing: Vec<Arc<Stream>>,
     next: u64,
     events: HashMap<u64, Arc<Event>>,
     next_event: u64,
@@ -165,6 +168,7 @@ fn reg() -> MutexGuard<'static, Registry> {
             streams: HashMap::new(),
             legacy: HashMap::new(),
             per_thread: HashMap::new(),
+            closing: Vec::new(),
             next: 1,
             events: HashMap::new(),
             next_event: 1,
@@ -224,10 +228,16 @@ pub fn destroy(handle: u64) -> Result<(), EmuError> {
     if handle & !0xffff_ffff != STREAM_TAG {
         return Err(bad_handle(handle));
     }
-    let s = reg()
-        .streams
-        .remove(&(handle & 0xffff_ffff))
-        .ok_or_else(|| bad_handle(handle))?;
+    let s = {
+        let mut r = reg();
+        let s = r
+            .streams
+            .remove(&(handle & 0xffff_ffff))
+            .ok_or_else(|| bad_handle(handle))?;
+        r.closing.retain(|c| !c.idle());
+        r.closing.push(s.clone());
+        s
+    };
     let mut g = s.lock();
     g.closed = true;
     s.work.notify_all();
@@ -241,11 +251,18 @@ fn bad_handle(handle: u64) -> EmuError {
     )
 }
 
-/// Closes every stream of context `ctx` (its destruction).
+/// Closes every stream of context `ctx` (its destruction) and waits until they are idle.
 pub fn destroy_context_streams(ctx: u64) {
     let mut r = reg();
     let mut gone = Vec::new();
     r.streams.retain(|_, s| {
+        let keep = s.ctx != ctx;
+        if !keep {
+            gone.push(s.clone());
+        }
+        keep
+    });
+    r.closing.retain(|s| {
         let keep = s.ctx != ctx;
         if !keep {
             gone.push(s.clone());
@@ -263,10 +280,17 @@ pub fn destroy_context_streams(ctx: u64) {
         keep
     });
     drop(r);
-    for s in gone {
+    for s in &gone {
         let mut g = s.lock();
         g.closed = true;
         s.work.notify_all();
+    }
+    // Like the driver, destruction waits for the work in flight: the context is inactive, so
+    // queued operations are skipped, but one running now (a kernel, a free) must finish
+    // before the caller frees the context's memory, or a free that was still queued would
+    // run after the memory went, and after a new activation of the same primary context.
+    for s in &gone {
+        s.wait_for(s.submitted());
     }
 }
 
