@@ -299,6 +299,10 @@ pub struct RunConfig {
     pub eval_batch_size: usize,
     /// Checkpoint every N updates (0 = only at the end and on interruption).
     pub save_every: u64,
+    /// Also checkpoint when this many minutes have passed since the last checkpoint (0 = off),
+    /// so that a preemption loses at most that much work whatever the step rate.
+    #[serde(default)]
+    pub save_every_minutes: f64,
     /// Checkpoints kept (plus `best/`).
     pub keep_last: usize,
     /// CPU threads (None: all cores).
@@ -346,6 +350,7 @@ impl Default for RunConfig {
             eval_every: 100,
             eval_batch_size: 64,
             save_every: 500,
+            save_every_minutes: 0.0,
             keep_last: 3,
             threads: None,
         }
@@ -554,6 +559,11 @@ impl RunConfig {
             "eval batch size must be at least 1"
         );
         anyhow::ensure!(self.keep_last > 0, "keep-last must be at least 1");
+        anyhow::ensure!(
+            self.save_every_minutes.is_finite() && self.save_every_minutes >= 0.0,
+            "save-every-minutes must be a number of minutes ≥ 0 (0 = off), not {}",
+            self.save_every_minutes
+        );
         check_precision(self.precision, &self.device)?;
         crate::learner::use_explicit(self.engine, &self.device, self.precision)?;
         // rdrop-core's own checks of the update (clipping, bucket size, loss scale, …), before
@@ -690,6 +700,10 @@ pub struct Overrides {
     /// Checkpoint every N updates (0 = only at the end / on interruption).
     #[arg(long, value_name = "N")]
     pub save_every: Option<u64>,
+    /// Also checkpoint when M minutes have passed since the last checkpoint (0 = off): a
+    /// preemption then loses at most M minutes, whatever the step rate.
+    #[arg(long, value_name = "M")]
+    pub save_every_minutes: Option<f64>,
     /// Checkpoints to keep (plus best/).
     #[arg(long, value_name = "K")]
     pub keep_last: Option<usize>,
@@ -727,6 +741,7 @@ impl Overrides {
             seed,
             eval_every,
             save_every,
+            save_every_minutes,
             keep_last
         );
         if let Some(d) = &self.data {

@@ -6,8 +6,10 @@
 //!
 //! - every line a rank writes on stderr is printed as `[rank k] line` (rank 0 alone prints
 //!   progress and metrics); stdout is relayed as it is (rank 0's summary, `--json`);
-//! - Ctrl-C / SIGTERM to the launcher is forwarded once to each rank (the ranks run in their own
-//!   process groups, so a terminal's Ctrl-C reaches them through the launcher only, once);
+//! - SIGINT (Ctrl-C), SIGTERM and SIGUSR1 to the launcher are forwarded, the same signal, to
+//!   each rank (the ranks run in their own process groups, so a terminal's Ctrl-C reaches them
+//!   through the launcher only, once), and the launcher exits with their code when they all
+//!   stopped after the checkpoint (130, or 75 for a preemption);
 //! - when a rank fails (non-zero exit or a signal) the others normally stop by themselves (they
 //!   see it die through the rendezvous, and exit with [`PEER_DIED_EXIT`]); any still running
 //!   after [`GRACE`] are killed, and the launcher exits non-zero naming the rank that failed
@@ -55,8 +57,9 @@ pub struct RanksFailed {
     pub pid: u32,
     /// How it ended.
     pub status: String,
-    /// Every rank stopped with exit code 130 (an interrupt that wrote a checkpoint).
-    pub interrupted: bool,
+    /// Every rank stopped with this code after writing the checkpoint of a signal (130 for
+    /// SIGINT, [`crate::signals::PREEMPTED_EXIT`] for SIGTERM / SIGUSR1).
+    pub stopped: Option<u8>,
     /// Ranks the launcher had to kill after the grace period.
     pub killed: Vec<usize>,
     /// That grace period.
@@ -64,20 +67,24 @@ pub struct RanksFailed {
 }
 
 impl RanksFailed {
-    /// 130 when every rank was interrupted (as a single process), else 1.
+    /// The ranks' code when they all stopped on a signal (as a single process), else 1.
     pub fn exit_code(&self) -> u8 {
-        if self.interrupted {
-            130
-        } else {
-            1
-        }
+        self.stopped.unwrap_or(1)
     }
 }
 
 impl std::fmt::Display for RanksFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.interrupted {
-            return write!(f, "interrupted: every rank stopped after the checkpoint");
+        if let Some(code) = self.stopped {
+            return write!(
+                f,
+                "{}: every rank stopped after the checkpoint",
+                if code == 130 {
+                    "interrupted"
+                } else {
+                    "preempted"
+                }
+            );
         }
         write!(
             f,
@@ -163,20 +170,43 @@ fn relay_stdout(from: impl Read + Send + 'static) -> JoinHandle<()> {
     })
 }
 
-/// Sends SIGINT to each running rank (Ctrl-C / SIGTERM to the launcher).
-fn forward_interrupt(pids: &[u32]) {
-    #[cfg(unix)]
-    for &pid in pids {
-        if let Ok(p) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p),
-                nix::sys::signal::Signal::SIGINT,
-            );
+/// Passes SIGINT, SIGTERM and SIGUSR1 to the launcher on to each rank, the same signal (from
+/// a thread of signal-hook's; this also keeps the launcher alive: the ranks decide when to
+/// stop).
+#[cfg(unix)]
+fn forward_signals(pids: Arc<Mutex<Vec<u32>>>) {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("note: cannot install the signal handler ({e})");
+            return;
         }
+    };
+    let r = std::thread::Builder::new()
+        .name("rdrop-launch-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let Ok(signal) = nix::sys::signal::Signal::try_from(sig) else {
+                    continue;
+                };
+                eprintln!("{}: passing it on to the ranks", signal.as_str());
+                if let Ok(p) = pids.lock() {
+                    for &pid in p.iter() {
+                        if let Ok(pid) = i32::try_from(pid) {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = r {
+        eprintln!("note: cannot start the signal thread ({e})");
     }
-    #[cfg(not(unix))]
-    let _ = pids;
 }
+
+#[cfg(not(unix))]
+fn forward_signals(_pids: Arc<Mutex<Vec<u32>>>) {}
 
 /// Starts `n` ranks of this binary with this process's arguments (and `extra` after them),
 /// relays their output and waits for them. Ok when every rank exits 0; else [`RanksFailed`].
@@ -187,19 +217,7 @@ pub fn launch(n: usize, extra: &[OsString]) -> anyhow::Result<()> {
     let port = free_port()?;
     eprintln!("launching {n} ranks on this node (rendezvous at 127.0.0.1:{port})");
     let pids = Arc::new(Mutex::new(Vec::<u32>::new()));
-    {
-        let pids = Arc::clone(&pids);
-        // Also keeps the launcher alive on Ctrl-C: the ranks decide when to stop.
-        let r = ctrlc::set_handler(move || {
-            eprintln!("interrupt: passing it on to the ranks");
-            if let Ok(p) = pids.lock() {
-                forward_interrupt(&p);
-            }
-        });
-        if let Err(e) = r {
-            eprintln!("note: cannot install the Ctrl-C handler ({e})");
-        }
-    }
+    forward_signals(Arc::clone(&pids));
     let mut children: Vec<Child> = Vec::with_capacity(n);
     let mut relays = Vec::with_capacity(2 * n);
     for rank in 0..n {
@@ -291,13 +309,16 @@ fn watch(children: &mut [Child], grace: Duration) -> anyhow::Result<()> {
         return Ok(());
     };
     let st = status[rank].unwrap_or_default();
-    let interrupted =
-        killed.is_empty() && status.iter().all(|s| s.and_then(|s| s.code()) == Some(130));
+    let first = status[0].and_then(|s| s.code());
+    let stopped = first
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|&c| c == 130 || c == crate::signals::PREEMPTED_EXIT)
+        .filter(|_| killed.is_empty() && status.iter().all(|s| s.and_then(|s| s.code()) == first));
     Err(RanksFailed {
         rank,
         pid: children[rank].id(),
         status: describe(st),
-        interrupted,
+        stopped,
         killed,
         grace,
     }

@@ -17,6 +17,7 @@ mod launch;
 mod learner;
 mod metrics;
 mod progress;
+mod restart;
 mod setup;
 mod signals;
 mod stream;
@@ -76,7 +77,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(launch::PEER_DIED_EXIT);
             }
             match err.downcast_ref::<cmd::Interrupted>() {
-                Some(_) => ExitCode::from(130),
+                Some(i) => ExitCode::from(i.stop.exit_code()),
                 None => ExitCode::FAILURE,
             }
         }

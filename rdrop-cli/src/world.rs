@@ -312,14 +312,6 @@ impl World {
         Ok(())
     }
 
-    /// Whether any rank asks for `flag` (a stop request seen by one rank stops all of them at
-    /// the same update).
-    pub fn any(&self, flag: bool) -> anyhow::Result<bool> {
-        let mut v = [f64::from(u8::from(flag))];
-        self.sum(&mut v)?;
-        Ok(v[0] > 0.0)
-    }
-
     /// Says goodbye to the others after a finished run (so that this rank leaving is not
     /// taken for a death).
     pub fn finish(self) -> anyhow::Result<()> {

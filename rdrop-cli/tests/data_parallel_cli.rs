@@ -253,10 +253,10 @@ fn a_launched_world_of_one_takes_the_distributed_path() {
     );
 }
 
-/// `rdrop train --nproc-per-node 2` of `cfg` into `out`, 200 ms an update (time to interrupt
-/// it), its stderr piped.
-fn slow_two_ranks(cfg: &Path, out: &Path) -> std::process::Child {
-    let args = [
+/// `rdrop train --nproc-per-node 2` of `cfg` into `out` (then `extra`), 200 ms an update (time
+/// to interrupt it), its stderr piped.
+fn slow_two_ranks(cfg: &Path, out: &Path, extra: &[&str]) -> std::process::Child {
+    let mut args = vec![
         "train",
         "--config",
         s(cfg),
@@ -265,6 +265,7 @@ fn slow_two_ranks(cfg: &Path, out: &Path) -> std::process::Child {
         "--nproc-per-node",
         "2",
     ];
+    args.extend_from_slice(extra);
     rdrop(&args, true)
         .env("RDROP_TEST_STEP_DELAY_MS", "200")
         .stdout(Stdio::null())
@@ -273,13 +274,52 @@ fn slow_two_ranks(cfg: &Path, out: &Path) -> std::process::Child {
         .unwrap()
 }
 
-#[test]
-fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
-    let reference = reference_run();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(dir.path());
-    let out = dir.path().join("dp");
-    let mut launcher = slow_two_ranks(&cfg, &out);
+/// The uninterrupted two-rank run, trained once per test process.
+fn two_rank_reference() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let cfg = tiny_config(&dir);
+        let out = dir.join("ref2");
+        let args = [
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&out),
+            "--nproc-per-node",
+            "2",
+        ];
+        run_ok(&args, true);
+        out
+    })
+    .clone()
+}
+
+/// Final weights equal to the bit.
+fn assert_same_bits(a: &Path, b: &Path) {
+    let (wa, wb) = (
+        load_weights(&a.join("final")),
+        load_weights(&b.join("final")),
+    );
+    assert_eq!(wa.len(), wb.len());
+    for (k, v) in &wa {
+        let same = v.len() == wb[k].len()
+            && v.iter()
+                .zip(&wb[k])
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "final weights differ in {k}");
+    }
+}
+
+/// Starts two ranks with the launcher (`extra` flags), kills rank 1 with SIGKILL after 5
+/// updates and returns the launcher's exit status and stderr lines once it stopped.
+fn kill_rank_1_midway(
+    cfg: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> (std::process::ExitStatus, Vec<String>, Duration) {
+    let mut launcher = slow_two_ranks(cfg, out, extra);
     // The launcher names each rank's pid; keep reading its stderr on a thread.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = launcher.stderr.take().unwrap();
@@ -298,7 +338,7 @@ fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
         }
     };
     let t0 = Instant::now();
-    while train_lines(&out) < 5 {
+    while train_lines(out) < 5 {
         assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
         assert!(
             launcher.try_wait().unwrap().is_none(),
@@ -325,6 +365,16 @@ fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
     let stopped_in = killed.elapsed();
     reader.join().unwrap();
     lines.extend(rx.try_iter());
+    (status, lines, stopped_in)
+}
+
+#[test]
+fn kill_9_of_rank_1_stops_the_run_and_one_process_resumes_it() {
+    let reference = reference_run();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("dp");
+    let (status, lines, stopped_in) = kill_rank_1_midway(&cfg, &out, &[]);
     let err = lines.join("\n");
     eprintln!("stopped {stopped_in:?} after the kill");
     assert_eq!(status.code(), Some(1), "{err}");
@@ -375,7 +425,7 @@ fn ctrl_c_to_the_launcher_checkpoints_every_rank_and_two_ranks_resume() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path());
     let out = dir.path().join("dp");
-    let mut launcher = slow_two_ranks(&cfg, &out);
+    let mut launcher = slow_two_ranks(&cfg, &out, &[]);
     let t0 = Instant::now();
     while train_lines(&out) < 3 {
         assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
@@ -426,8 +476,128 @@ fn one_process_run_resumes_on_two_ranks() {
     assert!(seen, "the stall marker never appeared");
     child.kill().unwrap();
     child.wait().unwrap();
-    run_ok(&["resume", s(&out), "--nproc-per-node", "2"], true);
+    // The same command on two ranks continues it (the batch allows 1 or 2 ranks).
+    let res = run_ok(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&out),
+            "--resume-if-exists",
+            "--nproc-per-node",
+            "2",
+        ],
+        true,
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("[rank 0] continuing the run in"), "{err}");
     assert_same_run(&reference, &out);
+}
+
+/// What torchrun --max-restarts does after a rank dies: the same command again. The world
+/// continues from rank 0's newest whole checkpoint and ends bit-identical to an uninterrupted
+/// two-rank run.
+#[test]
+fn kill_9_of_rank_1_then_the_same_command_ends_as_the_uninterrupted_two_rank_run() {
+    let reference = two_rank_reference();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let out = dir.path().join("dp");
+    let (status, lines, _) = kill_rank_1_midway(&cfg, &out, &["--resume-if-exists"]);
+    assert_eq!(status.code(), Some(1), "{}", lines.join("\n"));
+    assert!(!out.join("final").exists());
+    let res = run_ok(
+        &[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&out),
+            "--nproc-per-node",
+            "2",
+            "--resume-if-exists",
+        ],
+        true,
+    );
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("[rank 0] continuing the run in"), "{err}");
+    assert_same_bits(&reference, &out);
+}
+
+/// Ranks whose run folders hold different checkpoints (no shared file system): rank 1 stops
+/// with an error naming its checkpoint and rank 0's; nothing trains.
+#[test]
+fn ranks_that_find_different_checkpoints_stop_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path());
+    let a = dir.path().join("a");
+    // A run stopped after step 4's checkpoint (step 6's write stalled, then killed).
+    let mut child = rdrop(&["train", "--config", s(&cfg), "--out", s(&a)], false)
+        .env("RDROP_TEST_STALL_CHECKPOINT", "6")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let seen = BufReader::new(stderr)
+        .lines()
+        .any(|l| l.unwrap().contains("stalling checkpoint step-6"));
+    assert!(seen, "the stall marker never appeared");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Rank 1's copy lacks step-4.
+    let b = dir.path().join("b");
+    let st = Command::new("cp")
+        .args(["-r", s(&a), s(&b)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_dir_all(b.join("checkpoints/step-4")).unwrap();
+    let logged = train_lines(&a);
+    let port = free_port().to_string();
+    let ranks: Vec<_> = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(r, out)| {
+            let rank = r.to_string();
+            rdrop(
+                &[
+                    "train",
+                    "--config",
+                    s(&cfg),
+                    "--out",
+                    s(out),
+                    "--resume-if-exists",
+                ],
+                true,
+            )
+            .envs([
+                ("RANK", rank.as_str()),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", rank.as_str()),
+                ("LOCAL_WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = ranks
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let e1 = String::from_utf8_lossy(&outs[1].stderr);
+    assert_eq!(outs[1].status.code(), Some(1), "{e1}");
+    assert!(
+        e1.contains("rank 1 finds step-2") && e1.contains("rank 0 chose step-4"),
+        "{e1}"
+    );
+    assert!(!outs[0].status.success(), "rank 0 trained alone");
+    assert_eq!(train_lines(&a), logged, "rank 0 wrote updates");
 }
 
 fn free_port() -> u16 {

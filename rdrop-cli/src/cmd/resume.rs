@@ -19,8 +19,18 @@ pub struct Args {
     /// micro-batches: the data order stays the same). Not needed under torchrun or srun.
     #[arg(long, value_name = "N")]
     pub nproc_per_node: Option<usize>,
+    /// Under Slurm, after a SIGUSR1 stop has written its checkpoint, requeue the job
+    /// (`scontrol requeue $SLURM_JOB_ID`).
+    #[arg(long)]
+    pub requeue: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    crate::cmd::train::resume_run(&args.out, args.threads, args.json, args.nproc_per_node)
+    crate::cmd::train::resume_run(
+        &args.out,
+        args.threads,
+        args.json,
+        args.nproc_per_node,
+        args.requeue,
+    )
 }

@@ -40,8 +40,9 @@ use crate::evaluate::{evaluate, EvalResult};
 use crate::learner::Learner;
 use crate::metrics::{EvalLine, MetricLine, MetricsWriter, TrainLine};
 use crate::progress::Progress;
+use crate::restart;
 use crate::setup;
-use crate::signals::{self, StopFlag};
+use crate::signals::{self, Stop, StopFlag};
 use crate::stream::{Position, Share, Stream};
 use crate::test_hooks;
 use crate::world::{self, Role, World};
@@ -63,8 +64,18 @@ use crate::world::{self, Role, World};
 ///
 ///   torchrun --no-python --nproc-per-node 8 rdrop train ...   # or srun rdrop train ...
 ///
-/// Ctrl-C (or SIGTERM) finishes the current update, writes a checkpoint and exits with code
-/// 130; a second Ctrl-C exits at once.
+/// `--out` is the run's identity. Started again with the same `--out` and configuration, and
+/// with --resume-if-exists (or as a launcher's restart: torchrun --max-restarts, a requeued
+/// Slurm job), the run continues from its newest checkpoint, bit-identically on CPU in f32. Only
+/// --threads, --save-every, --save-every-minutes, --keep-last and the number of ranks (any that
+/// divides the batch into micro-batches) may change on a continue; any other difference is
+/// refused with both values. Under Slurm the default --out is runs/<preset>-slurm-<job id>;
+/// under torchrun --max-restarts, runs/<preset>-torchrun-<rdzv id> (give --out or --rdzv-id).
+///
+/// Signals: SIGINT (Ctrl-C) finishes the current update, writes a checkpoint and exits with
+/// 130; SIGTERM and SIGUSR1 (Slurm's --signal=USR1@90) do the same and exit with 75
+/// ("preempted": run the same command again to continue). A second signal exits at once; the
+/// last written checkpoint stays whole.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Preset: demo, vit-b16-cifar100 (default), vit-src.
@@ -73,9 +84,21 @@ pub struct Args {
     /// TOML configuration file (keys as in OUT/config.toml); overrides the preset.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Run folder (default: runs/<preset>-<UTC time>).
+    /// Run folder, the run's identity (default: runs/<preset>-<UTC time>; under Slurm
+    /// runs/<preset>-slurm-<job id>; under torchrun --max-restarts
+    /// runs/<preset>-torchrun-<rdzv id>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// When --out already holds this run (the same configuration), continue it from its newest
+    /// checkpoint instead of refusing. A launcher's restart (TORCHELASTIC_RESTART_COUNT or
+    /// SLURM_RESTART_COUNT > 0) continues without it.
+    #[arg(long, conflicts_with = "resume")]
+    pub resume_if_exists: bool,
+    /// Under Slurm, after a SIGUSR1 stop has written its checkpoint, requeue the job
+    /// (`scontrol requeue $SLURM_JOB_ID`, rank 0), for jobs submitted with
+    /// `sbatch --requeue --signal=USR1@90`.
+    #[arg(long)]
+    pub requeue: bool,
     /// Continue the run in DIR from its newest checkpoint (its config.toml; other flags except
     /// --threads are ignored).
     #[arg(long, value_name = "DIR")]
@@ -128,7 +151,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 dir.display()
             );
         }
-        return resume_run(dir, args.flags.threads, args.json, args.nproc_per_node);
+        return resume_run(
+            dir,
+            args.flags.threads,
+            args.json,
+            args.nproc_per_node,
+            args.requeue,
+        );
     }
     let cfg = config::resolve(args.preset.as_deref(), args.config.as_deref(), &args.flags)?;
     if args.dry_run {
@@ -136,15 +165,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     let role = world::role(args.nproc_per_node)?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| config::default_out_dir(&cfg.preset));
+    let launcher = restart::Launcher::from_env();
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None => restart::default_out(&cfg.preset, &launcher)?,
+    };
     let run_dir = RunFolder::new(&out);
     let spec = match role {
         Role::Launch(n) => {
             world::check(&cfg, n, n, true)?;
-            check_new_folder(&run_dir)?;
+            // Refused here, once, rather than by every rank.
+            restart::plan(&run_dir, &cfg, args.resume_if_exists, &launcher)?;
             // The ranks must agree on the folder: name the default one for them.
             let extra = match args.out {
                 None => vec!["--out".into(), out.into_os_string()],
@@ -155,26 +186,71 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Role::Rank(spec) => spec,
     };
     world::check(&cfg, spec.world_size, spec.local_world_size, true)?;
+    let stop = signals::install();
     let world = World::join(spec, &cfg)?;
-    if world.is_lead() {
-        check_new_folder(&run_dir)?;
-    }
-    let start = Start::Fresh {
-        required_model: args.flags.model.clone(),
+    // Rank 0 decides; the others follow its choice of checkpoint (`choose_start`).
+    let plan = if world.is_lead() {
+        Some(restart::plan(
+            &run_dir,
+            &cfg,
+            args.resume_if_exists,
+            &launcher,
+        )?)
+    } else {
+        None
     };
-    let run = train(cfg, run_dir, start, signals::install(), &world);
+    let continuing = matches!(plan, Some(restart::Plan::Continue { .. }));
+    let start = choose_start(&world, &run_dir, continuing, args.flags.model.clone())?;
+    if let Some(restart::Plan::Continue { why }) = &plan {
+        let out = run_dir.root.display();
+        match &start {
+            Start::Resume(ck) => eprintln!(
+                "continuing the run in {out} from {} ({why}: same configuration)",
+                ck.display()
+            ),
+            Start::Fresh { .. } => eprintln!(
+                "{out} holds this run but no checkpoint yet: starting it again from step 0 ({why})"
+            ),
+        }
+    }
+    let run = train(cfg, run_dir, start, stop, args.requeue, &world);
     end_rank(world, run, args.json)
 }
 
-/// Refuses to start a run in a folder that holds one.
-fn check_new_folder(run_dir: &RunFolder) -> anyhow::Result<()> {
-    if run_dir.metrics().exists() || run_dir.checkpoints().exists() {
-        let out = run_dir.root.display();
-        anyhow::bail!(
-            "{out} already holds a run; continue it with `rdrop resume {out}` or choose another --out"
-        );
+/// Where every rank of `world` starts: rank 0's newest whole checkpoint of `run_dir` (when
+/// `lead_continues`, or for any rank that finds one: a new run has none), agreed by every rank
+/// ([`restart::agree`]), else step 0. Rank 0 first removes the temporary folders of writes that
+/// a death interrupted.
+fn choose_start(
+    world: &World,
+    run_dir: &RunFolder,
+    lead_continues: bool,
+    required_model: Option<String>,
+) -> anyhow::Result<Start> {
+    if world.is_lead() && lead_continues {
+        clean_stale(&run_dir.checkpoints())?;
     }
-    Ok(())
+    // Nothing is read before rank 0 has cleaned, nor written before every rank has chosen.
+    world.barrier()?;
+    let (own, skipped) = if world.is_lead() && !lead_continues {
+        (None, Vec::new())
+    } else {
+        restart::newest_checkpoint(run_dir)
+    };
+    if world.is_lead() {
+        for p in skipped {
+            eprintln!(
+                "note: {} is not a whole checkpoint (no model or training state): skipped",
+                p.display()
+            );
+        }
+    }
+    restart::agree(world, own.as_ref().map(|o| o.0), &run_dir.root)?;
+    world.barrier()?;
+    Ok(match own {
+        Some((_, ck)) => Start::Resume(ck),
+        None => Start::Fresh { required_model },
+    })
 }
 
 /// The end of a rank's run. A finished run: goodbye to the other ranks and rank 0's report.
@@ -260,6 +336,7 @@ pub fn resume_run(
     threads: Option<usize>,
     json: bool,
     nproc_per_node: Option<usize>,
+    requeue: bool,
 ) -> anyhow::Result<()> {
     let run_dir = RunFolder::new(dir);
     let cfg_path = run_dir.config();
@@ -282,27 +359,16 @@ pub fn resume_run(
         Role::Rank(spec) => spec,
     };
     world::check(&cfg, spec.world_size, spec.local_world_size, true)?;
+    let stop = signals::install();
     let world = World::join(spec, &cfg)?;
-    if world.is_lead() {
-        clean_stale(&run_dir.checkpoints())?;
+    let start = choose_start(&world, &run_dir, true, None)?;
+    if world.is_lead() && matches!(start, Start::Fresh { .. }) {
+        eprintln!(
+            "no checkpoint in {} yet: starting over from step 0 with its config.toml",
+            dir.display()
+        );
     }
-    // Nothing is written before every rank has chosen its checkpoint.
-    world.barrier()?;
-    let start = match run_dir.steps().pop() {
-        Some((_, ck)) => Start::Resume(ck),
-        None => {
-            if world.is_lead() {
-                eprintln!(
-                    "no checkpoint in {} yet: starting over from step 0 with its config.toml",
-                    dir.display()
-                );
-            }
-            Start::Fresh {
-                required_model: None,
-            }
-        }
-    };
-    let run = train(cfg, run_dir, start, signals::install(), &world);
+    let run = train(cfg, run_dir, start, stop, requeue, &world);
     end_rank(world, run, json)
 }
 
@@ -334,12 +400,14 @@ pub enum Start {
     Resume(PathBuf),
 }
 
-/// Runs (or resumes) the training described by `cfg` in `dir`, as one rank of `world`.
+/// Runs (or resumes) the training described by `cfg` in `dir`, as one rank of `world`. `stop`:
+/// the signals' flag; `requeue`: requeue the Slurm job after a SIGUSR1 stop.
 pub fn train(
     cfg: RunConfig,
     dir: RunFolder,
     start: Start,
     stop: StopFlag,
+    requeue: bool,
     world: &World,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
@@ -395,6 +463,8 @@ pub fn train(
     let mut stream = Stream::new(Arc::new(train_loader), position, share)?;
     let mut progress = Progress::new(learner.step(), cfg.steps, lead);
     let mut last_eval: Option<EvalResult> = None;
+    // Rank 0's clock decides the timed checkpoints (`--save-every-minutes`).
+    let mut last_save = Instant::now();
     while learner.step() < cfg.steps {
         // One update: this rank's micro-batches, two passes each, one optimiser step.
         let t0 = Instant::now();
@@ -435,24 +505,33 @@ pub fn train(
             }
             last_eval = Some(e);
         }
-        // Every rank stops at the same update when any of them was interrupted.
-        if world.any(stop.is_set())? {
+        // Every rank stops at the same update when any of them got a signal, and checkpoints
+        // when rank 0's clock says so.
+        let minutes = cfg.save_every_minutes;
+        let timed = lead && minutes > 0.0 && last_save.elapsed().as_secs_f64() >= minutes * 60.0;
+        let (stop_now, timed) = exchange(world, stop.get(), timed)?;
+        if let Some(s) = stop_now {
             if let Some(m) = metrics.as_mut() {
                 let ck = checkpoints.save(&mut learner, stream.pos, best, m)?;
                 progress.finish();
                 let _ = crate::cmd::plot::plot_run(&dir, &dir.curves());
                 eprintln!("checkpoint written: {}", ck.display());
+                if requeue && s == Stop::Preempt {
+                    requeue_slurm_job();
+                }
             }
             world.barrier()?;
             return Err(Interrupted {
                 resume_hint: format!("rdrop resume {}", dir.root.display()),
+                stop: s,
             }
             .into());
         }
-        if last || due(step, cfg.save_every) {
+        if last || due(step, cfg.save_every) || timed {
             if let Some(m) = metrics.as_mut() {
                 checkpoints.save(&mut learner, stream.pos, best, m)?;
             }
+            last_save = Instant::now();
             world.barrier()?;
         }
     }
@@ -481,6 +560,48 @@ pub fn train(
         world_size: world.size(),
         collective: world.collective_name().into(),
     })
+}
+
+/// The stop requested on any rank (the strongest: SIGUSR1 > SIGTERM > SIGINT) and rank 0's
+/// timed checkpoint, the same on every rank: one reduction per update.
+fn exchange(
+    world: &World,
+    stop: Option<Stop>,
+    timed: bool,
+) -> anyhow::Result<(Option<Stop>, bool)> {
+    let mut v = [0.0f64; Stop::ALL.len() + 1];
+    if let Some(s) = stop {
+        v[s as usize - 1] = 1.0;
+    }
+    v[Stop::ALL.len()] = f64::from(u8::from(timed));
+    world.sum(&mut v)?;
+    let stop = Stop::ALL
+        .into_iter()
+        .rev()
+        .find(|s| v[*s as usize - 1] > 0.0);
+    Ok((stop, v[Stop::ALL.len()] > 0.0))
+}
+
+/// `scontrol requeue $SLURM_JOB_ID` (`--requeue`, after a SIGUSR1 stop's checkpoint), as
+/// Lightning's Slurm auto-requeue does. A failure is a warning: the checkpoint is written and a
+/// later start of the same command continues the run.
+fn requeue_slurm_job() {
+    let Ok(job) = std::env::var("SLURM_JOB_ID") else {
+        eprintln!("note: --requeue: not a Slurm job (no SLURM_JOB_ID): nothing to requeue");
+        return;
+    };
+    match std::process::Command::new("scontrol")
+        .args(["requeue", &job])
+        .status()
+    {
+        Ok(st) if st.success() => eprintln!("requeued Slurm job {job} (scontrol requeue {job})"),
+        Ok(st) => {
+            eprintln!("warning: scontrol requeue {job} failed ({st}); the job was not requeued")
+        }
+        Err(e) => {
+            eprintln!("warning: cannot run scontrol requeue {job} ({e}); the job was not requeued")
+        }
+    }
 }
 
 /// Whether a periodic action (`every` updates, 0 = never) falls on `step`.

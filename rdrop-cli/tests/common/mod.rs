@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -52,6 +53,11 @@ pub fn rdrop(args: &[&str], cpu_ranks: bool) -> Command {
         "RDROP_RENDEZVOUS_TIMEOUT_S",
         "RDROP_MASTER_PORT",
         "TORCHELASTIC_USE_AGENT_STORE",
+        "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS",
+        "TORCHELASTIC_RUN_ID",
+        "SLURM_RESTART_COUNT",
+        "SLURM_JOB_ID",
     ] {
         c.env_remove(v);
     }
@@ -105,4 +111,96 @@ pub fn train_lines(dir: &Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// A checkpoint's weights as bit patterns (bit-identical means equal here, NaN and -0 too).
+pub fn weight_bits(dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    load_weights(dir)
+        .into_iter()
+        .map(|(k, v)| (k, v.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+/// Updates of the tiny run ([`tiny_config`]).
+pub const STEPS: u64 = 16;
+
+/// A tiny run: 16 updates of 2 × 16 images at 16 px, eval every 4, checkpoint every 2.
+pub fn tiny_config(dir: &Path) -> PathBuf {
+    let p = dir.join("tiny.toml");
+    std::fs::write(
+        &p,
+        r#"preset = "demo"
+steps = 16
+batch_size = 32
+micro_batch = 16
+lr = 0.002
+warmup_steps = 3
+image_size = 16
+eval_every = 4
+eval_batch_size = 100
+save_every = 2
+keep_last = 3
+threads = 2
+"#
+        .to_owned()
+            + TINY_VIT,
+    )
+    .unwrap();
+    p
+}
+
+/// A pseudo-random number from the clock (printed, so a failure can be reproduced).
+pub fn random_in(lo: u64, hi: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    lo + n % (hi - lo + 1)
+}
+
+/// Two runs of the tiny configuration ended the same: final weights to the bit, every metric
+/// line (but the wall-clock speed) equal.
+pub fn assert_same_run(a: &Path, b: &Path) {
+    let (wa, wb) = (weight_bits(&a.join("final")), weight_bits(&b.join("final")));
+    assert_eq!(wa.len(), wb.len());
+    for (k, v) in &wa {
+        assert!(wb[k] == *v, "final weights differ in {k}");
+    }
+    let (ma, mb) = (load_metrics(a), load_metrics(b));
+    assert_eq!(ma.len(), mb.len(), "number of metric lines");
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x, y, "metrics differ");
+    }
+    assert_eq!(
+        ma.iter().filter(|m| m["kind"] == "train").count() as u64,
+        STEPS
+    );
+}
+
+/// The uninterrupted reference run, shared by the resume tests (trained once per process).
+pub fn reference_run() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let cfg = tiny_config(&dir);
+        let out = dir.join("ref");
+        run_ok(&["train", "--config", s(&cfg), "--out", s(&out)], false);
+        out
+    })
+    .clone()
+}
+
+/// Waits until `cond` holds while `child` runs (panics if it exits first or after 120 s).
+pub fn wait_for(child: &mut Child, what: &str, cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("rdrop exited ({st}) before {what}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
