@@ -68,6 +68,19 @@ if want symbols; then
         cat "$RES/symbols.txt" >&2
         put symbols_complete false
     fi
+    # A machine without a GPU: one line of error, even with RUST_BACKTRACE=1 (candle appends
+    # its captured backtrace to its errors' text).
+    say "errors: no GPU (RDROP_EMU_DEVICES=0, RUST_BACKTRACE=1) gives a one-line error"
+    RDROP_EMU_DEVICES=0 RUST_BACKTRACE=1 "$BIN" train --preset demo --device cuda --steps 1 \
+        --out "$RUNS/no-gpu" >/dev/null 2>"$RES/no-gpu.txt"
+    rc=$?
+    n=$(grep -c . "$RES/no-gpu.txt")
+    if [[ $rc == 1 ]] && grep -q "no CUDA GPU found" "$RES/no-gpu.txt"; then
+        put no_gpu_error_lines "$n"
+    else
+        cat "$RES/no-gpu.txt" >&2
+        put no_gpu_error_lines null
+    fi
 fi
 
 # ------------------------------------------------------------------------------ GPU tests
@@ -293,6 +306,7 @@ for line in open(sys.argv[1]):
         fig[k] = v
 marks = {
     "symbols_complete": lambda v: v is True,
+    "no_gpu_error_lines": lambda v: v == 1,
     "gpu_tests_failed": lambda v: v == 0,
     "gpu_tests_passed": lambda v: isinstance(v, int) and v > 0,
     "demo_f32_max_rel_loss_diff": lambda v: v is not None and v <= 1e-4,

@@ -69,6 +69,17 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            // A stop on a signal is no error: the checkpoint is written.
+            if let Some(i) = err.downcast_ref::<cmd::Interrupted>() {
+                eprintln!("stopped: {i}");
+                return ExitCode::from(i.stop.exit_code());
+            }
+            if let Some(f) = err.downcast_ref::<launch::RanksFailed>() {
+                if f.stopped.is_some() {
+                    eprintln!("stopped: {f}");
+                    return ExitCode::from(f.exit_code());
+                }
+            }
             eprintln!("error: {}", error_chain(&err));
             if let Some(f) = err.downcast_ref::<launch::RanksFailed>() {
                 return ExitCode::from(f.exit_code());
@@ -76,10 +87,7 @@ fn main() -> ExitCode {
             if launch::is_peer_death(&err) {
                 return ExitCode::from(launch::PEER_DIED_EXIT);
             }
-            match err.downcast_ref::<cmd::Interrupted>() {
-                Some(i) => ExitCode::from(i.stop.exit_code()),
-                None => ExitCode::FAILURE,
-            }
+            ExitCode::FAILURE
         }
     }
 }
@@ -90,20 +98,52 @@ fn error_chain(err: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
-        if out.contains(&text) {
+        let text = without_backtrace(&text);
+        if out.contains(text) {
             continue;
         }
         if !out.is_empty() {
             out.push_str(": ");
         }
-        out.push_str(&text);
+        out.push_str(text);
     }
     out
 }
 
+/// `text` without the backtrace that candle appends to its errors' messages when
+/// `RUST_BACKTRACE` is set (a line `   0: <unknown>` and the frames after it): errors stay one
+/// line.
+fn without_backtrace(text: &str) -> &str {
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if at > 0 && line.trim_start().starts_with("0: ") {
+            return text[..at].trim_end();
+        }
+        at += line.len();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
+    use super::{error_chain, without_backtrace};
+
+    #[test]
+    fn candles_backtraces_are_cut_from_messages() {
+        let with = "no CUDA GPU found: DriverError(CUDA_ERROR_NO_DEVICE)\n   0: <unknown>\n   1: \
+                    <unknown>\n  12: __libc_start_call_main\n             at ./csu/x.h:58:16\n";
+        assert_eq!(
+            without_backtrace(with),
+            "no CUDA GPU found: DriverError(CUDA_ERROR_NO_DEVICE)"
+        );
+        assert_eq!(without_backtrace("plain"), "plain");
+        assert_eq!(without_backtrace("a\nb: 0: c"), "a\nb: 0: c");
+        let err = anyhow::anyhow!("{with}").context("opening cuda:0");
+        assert_eq!(
+            error_chain(&err),
+            "opening cuda:0: no CUDA GPU found: DriverError(CUDA_ERROR_NO_DEVICE)"
+        );
+    }
 
     #[test]
     fn error_chain_skips_causes_already_printed() {

@@ -47,36 +47,40 @@ use crate::stream::{Position, Share, Stream};
 use crate::test_hooks;
 use crate::world::{self, Role, World};
 
-/// Train a ViT with R-Drop.
-///
-/// Settings come from a preset (--preset), then a TOML file (--config; same keys as the
-/// OUT/config.toml a run writes), then the flags below. Examples:
-///
-///   rdrop train --preset demo                      # embedded digits, tiny ViT, CPU, ~2 min
-///
-///   rdrop train --preset vit-b16-cifar100 --data cifar-100-python.tar.gz --device cuda
-///
-///   rdrop train --data cifar-100-python.tar.gz --dry-run   # print the resolved config.toml
-///
-///   rdrop train --resume runs/demo-20260101-120000 # continue an interrupted run
-///
-///   rdrop train --preset vit-b16-cifar100 --data cifar-100-python.tar.gz --nproc-per-node 8
-///
-///   torchrun --no-python --nproc-per-node 8 rdrop train ...   # or srun rdrop train ...
-///
-/// `--out` is the run's identity. Started again with the same `--out` and configuration, and
-/// with --resume-if-exists (or as a launcher's restart: torchrun --max-restarts, a requeued
-/// Slurm job), the run continues from its newest checkpoint, bit-identically on CPU in f32. Only
-/// --threads, --save-every, --save-every-minutes, --keep-last and the number of ranks (any that
-/// divides the batch into micro-batches) may change on a continue; any other difference is
-/// refused with both values. Under Slurm the default --out is runs/<preset>-slurm-<job id>;
-/// under torchrun --max-restarts, runs/<preset>-torchrun-<rdzv id> (give --out or --rdzv-id).
-///
-/// Signals: SIGINT (Ctrl-C) finishes the current update, writes a checkpoint and exits with
-/// 130; SIGTERM and SIGUSR1 (Slurm's --signal=USR1@90) do the same and exit with 75
-/// ("preempted": run the same command again to continue). A second signal exits at once; the
-/// last written checkpoint stays whole.
+/// `rdrop train --help`, after the flags.
+const TRAIN_HELP: &str =
+    "Settings come from a preset (--preset), then a TOML file (--config; same keys as the
+OUT/config.toml a run writes), then the flags below. Examples:
+
+  rdrop train --preset demo                      # embedded digits, tiny ViT, CPU, ~2 min
+
+  rdrop train --preset vit-b16-cifar100 --data cifar-100-python.tar.gz --device cuda
+
+  rdrop train --data cifar-100-python.tar.gz --dry-run   # print the resolved config.toml
+
+  rdrop train --resume runs/demo-20260101-120000 # continue an interrupted run
+
+  rdrop train --preset vit-b16-cifar100 --data cifar-100-python.tar.gz --nproc-per-node 8
+
+  torchrun --no-python --nproc-per-node 8 rdrop train ...   # or srun rdrop train ...
+
+`--out` is the run's identity. Started again with the same `--out` and configuration, and
+with --resume-if-exists (or as a launcher's restart: torchrun --max-restarts, a requeued
+Slurm job), the run continues from its newest checkpoint, bit-identically on CPU in f32. Only
+--threads, --save-every, --save-every-minutes, --keep-last and the number of ranks (any that
+divides the batch into micro-batches) may change on a continue; any other difference is
+refused with both values. Under Slurm the default --out is runs/<preset>-slurm-<job id>;
+under torchrun --max-restarts, runs/<preset>-torchrun-<rdzv id> (give --out or --rdzv-id).
+
+Signals: SIGINT (Ctrl-C) finishes the current update, writes a checkpoint and exits with
+130; SIGTERM and SIGUSR1 (Slurm's --signal=USR1@90) do the same and exit with 75
+(\"preempted\": run the same command again to continue). A second signal exits at once; the
+last written checkpoint stays whole.";
+
+/// Train a ViT with R-Drop (the examples, the restart rule and the signals: [`TRAIN_HELP`],
+/// shown by `rdrop train --help`).
 #[derive(clap::Args, Debug)]
+#[command(after_long_help = TRAIN_HELP)]
 pub struct Args {
     /// Preset: demo, vit-b16-cifar100 (default), vit-src.
     #[arg(long)]
@@ -865,5 +869,22 @@ impl Checkpoints {
             |tmp| -> anyhow::Result<()> { Ok(save_hf(model, tmp, names)?) },
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TRAIN_HELP;
+
+    /// The help lists every key that may change on a continue (the preset is only a label).
+    #[test]
+    fn the_help_names_what_may_change_on_a_continue() {
+        for key in crate::restart::MAY_DIFFER
+            .iter()
+            .filter(|k| **k != "preset")
+        {
+            let flag = format!("--{}", key.replace('_', "-"));
+            assert!(TRAIN_HELP.contains(&flag), "{flag} missing from the help");
+        }
     }
 }
