@@ -3,13 +3,15 @@
 //! - Always: compiles `src/cuda/twin.cpp` (the CUDA kernels' per-element math of
 //!   `src/cuda/math.cuh`, built for the host by the C++ compiler) into a static library, so that
 //!   `tests/cuda_twin.rs` holds the GPU math to the Rust kernels on every CI run, without CUDA.
-//! - With the `cuda` feature: compiles every `src/cuda/*.cu` to PTX with `nvcc` (from `PATH`, or
-//!   `$CUDA_HOME/bin`), for `sm_$CUDA_COMPUTE_CAP` (default 90: H100/H200). The PTX files land in
-//!   `OUT_DIR` and are embedded by `src/cuda/mod.rs`. No CUDA toolkit is needed without the feature.
+//! - With the `cuda` feature: compiles every `src/cuda/*.cu` with `nvcc` (from `PATH`, or
+//!   `$CUDA_HOME/bin`) into a fat binary holding a cubin for each architecture ([`archs`]:
+//!   sm_75 to sm_90 with CUDA 13, sm_70 to sm_90 with CUDA 12, or `RDROP_CUDA_ARCHS`) and the
+//!   PTX of the lowest, which newer GPUs JIT. The files land in `OUT_DIR` and are embedded by
+//!   `src/cuda/mod.rs`. No CUDA toolkit is needed without the feature.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The kernel sources (each one PTX module); `src/cuda/mod.rs` embeds `<name>.ptx`.
+/// The kernel sources (each one module); `src/cuda/mod.rs` embeds `<name>.fatbin`.
 const MODULES: [&str; 5] = ["elementwise", "layernorm", "softmax", "loss", "optim"];
 
 fn main() {
@@ -55,75 +57,110 @@ fn nvcc() -> PathBuf {
     PathBuf::from("nvcc")
 }
 
-fn build_ptx() -> Result<(), String> {
-    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
-    println!("cargo:rerun-if-changed=src/cuda/common.cuh");
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
-    let cap = cap.trim().trim_start_matches("sm_").replace('.', "");
-    if cap.is_empty() || !cap.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(format!(
-            "CUDA_COMPUTE_CAP '{cap}' is not a compute capability like 90"
-        ));
+/// The architectures to build cubins for: `RDROP_CUDA_ARCHS` (e.g. `80` or `75,80,86`), else
+/// every one the toolkit supports from Volta/Turing to Hopper: CUDA 13 (no Volta any more)
+/// sm_75, 80, 86, 89, 90; CUDA 12 sm_70, 75, 80, 86, 89, 90. The PTX is for the lowest, so
+/// newer GPUs (Blackwell and on) JIT it.
+fn archs(nvcc: &Path) -> Result<Vec<u32>, String> {
+    println!("cargo:rerun-if-env-changed=RDROP_CUDA_ARCHS");
+    if let Ok(list) = std::env::var("RDROP_CUDA_ARCHS") {
+        let mut v = Vec::new();
+        for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let n = a.trim_start_matches("sm_").replace('.', "");
+            v.push(n.parse::<u32>().map_err(|_| {
+                format!("RDROP_CUDA_ARCHS: '{a}' is not a compute capability like 80")
+            })?);
+        }
+        v.sort_unstable();
+        v.dedup();
+        if v.is_empty() {
+            return Err("RDROP_CUDA_ARCHS is empty".into());
+        }
+        return Ok(v);
     }
+    let out = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {} ({e})", nvcc.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .split("release ")
+        .nth(1)
+        .and_then(|r| r.split('.').next())
+        .and_then(|m| m.trim().parse::<u32>().ok())
+        .ok_or_else(|| format!("cannot read the CUDA version from `nvcc --version`: {text}"))?;
+    match major {
+        13 => Ok(vec![75, 80, 86, 89, 90]),
+        12 => Ok(vec![70, 75, 80, 86, 89, 90]),
+        m => Err(format!(
+            "nvcc of CUDA {m}: rdrop builds with CUDA 12 or 13 (or name the architectures in \
+             RDROP_CUDA_ARCHS)"
+        )),
+    }
+}
+
+/// Each module as a fat binary (`<m>.fatbin`: a cubin per architecture plus the PTX of the
+/// lowest, the driver picks) and as that PTX alone (`<m>.ptx`, whose entry names a test
+/// checks); `archs.rs` records the architectures.
+fn build_ptx() -> Result<(), String> {
+    println!("cargo:rerun-if-changed=src/cuda/common.cuh");
     let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let nvcc = nvcc();
-    let jobs: Vec<_> = MODULES
-        .iter()
-        .map(|m| {
-            let src = format!("src/cuda/{m}.cu");
-            println!("cargo:rerun-if-changed={src}");
-            let ptx = out.join(format!("{m}.ptx"));
-            let child = Command::new(&nvcc)
-                .args(["--ptx", "-std=c++17", "-O3"])
-                // No FMA contraction: the per-element math rounds as math.cuh's host twin
-                // (compiled with -ffp-contract=off) and as the Rust kernels, op for op.
-                .arg("--fmad=false")
-                .arg(format!("--gpu-architecture=sm_{cap}"))
-                .arg("-Isrc/cuda")
-                .arg("-o")
-                .arg(&ptx)
-                .arg(&src)
-                .spawn()
-                .map_err(|e| {
-                    format!(
-                        "cannot run {} ({e}): put nvcc on PATH or set CUDA_HOME",
-                        nvcc.display()
-                    )
-                })?;
-            Ok((src, child))
-        })
-        .collect::<Result<_, String>>()?;
-    for (src, child) in jobs {
-        let st = child.wait_with_output().map_err(|e| e.to_string())?;
-        if !st.status.success() {
-            return Err(format!("nvcc failed on {src} ({})", st.status));
+    let archs = archs(&nvcc)?;
+    let lowest = archs[0];
+    let mut jobs = Vec::new();
+    for m in MODULES {
+        let src = format!("src/cuda/{m}.cu");
+        println!("cargo:rerun-if-changed={src}");
+        let mut fat = Command::new(&nvcc);
+        fat.args(["-fatbin", "-std=c++17", "-O3", "--no-compress"])
+            // No FMA contraction: the per-element math rounds as math.cuh's host twin
+            // (compiled with -ffp-contract=off) and as the Rust kernels, op for op.
+            .arg("--fmad=false");
+        for a in &archs {
+            fat.arg("-gencode")
+                .arg(format!("arch=compute_{a},code=sm_{a}"));
+        }
+        fat.arg("-gencode")
+            .arg(format!("arch=compute_{lowest},code=compute_{lowest}"))
+            .arg("-Isrc/cuda")
+            .arg("-o")
+            .arg(out.join(format!("{m}.fatbin")))
+            .arg(&src);
+        let mut ptx = Command::new(&nvcc);
+        ptx.args(["--ptx", "-std=c++17", "-O3", "--fmad=false"])
+            .arg(format!("--gpu-architecture=compute_{lowest}"))
+            .arg("-Isrc/cuda")
+            .arg("-o")
+            .arg(out.join(format!("{m}.ptx")))
+            .arg(&src);
+        for (what, mut cmd) in [("fatbin", fat), ("ptx", ptx)] {
+            let child = cmd.spawn().map_err(|e| {
+                format!(
+                    "cannot run {} ({e}): put nvcc on PATH or set CUDA_HOME",
+                    nvcc.display()
+                )
+            })?;
+            jobs.push((format!("{src} ({what})"), child));
         }
     }
-    // SASS for the target GPU from the same PTX (ptxas beside nvcc), so that loading the
-    // kernels does not JIT 0.7 MB of PTX in every process; the PTX stays as the fallback.
-    let ptxas = match nvcc.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join("ptxas"),
-        _ => PathBuf::from("ptxas"),
-    };
-    let jobs: Vec<_> = MODULES
-        .iter()
-        .map(|m| {
-            let child = Command::new(&ptxas)
-                .arg(format!("-arch=sm_{cap}"))
-                .arg("-O3")
-                .arg("-o")
-                .arg(out.join(format!("{m}.cubin")))
-                .arg(out.join(format!("{m}.ptx")))
-                .spawn()
-                .map_err(|e| format!("cannot run {} ({e})", ptxas.display()))?;
-            Ok((m, child))
-        })
-        .collect::<Result<_, String>>()?;
-    for (m, child) in jobs {
+    for (what, child) in jobs {
         let st = child.wait_with_output().map_err(|e| e.to_string())?;
         if !st.status.success() {
-            return Err(format!("ptxas failed on {m}.ptx ({})", st.status));
+            return Err(format!("nvcc failed on {what} ({})", st.status));
         }
     }
+    let list: Vec<String> = archs.iter().map(u32::to_string).collect();
+    std::fs::write(
+        out.join("archs.rs"),
+        format!(
+            "/// The architectures the embedded fat binaries hold a cubin for.\n\
+             pub const CUBIN_ARCHS: &[u32] = &[{}];\n\
+             /// The architecture of their PTX (JIT on newer GPUs).\n\
+             pub const PTX_ARCH: u32 = {lowest};\n",
+            list.join(", ")
+        ),
+    )
+    .map_err(|e| format!("writing archs.rs: {e}"))?;
     Ok(())
 }

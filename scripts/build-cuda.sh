@@ -29,7 +29,13 @@
 #   RDROP_CUDA_VENV        venv holding nvcc & co  (default ~/.cache/rdrop/cuda-venv)
 #   RDROP_CUDA_TARGET_DIR  cargo target dir        (default target-cuda, ignored by git)
 #   RDROP_CUDA_DIST        where the binary goes   (default dist/cuda, ignored by git)
-#   CUDA_COMPUTE_CAP       GPU arch                (default 90: H100/H200, sm_90a)
+#   RDROP_CUDA_ARCHS       rdrop's kernels: cubins for these architectures, e.g. 80 or 80,90
+#                          (default: sm_75, 80, 86, 89, 90 and PTX for compute_75, which newer
+#                          GPUs JIT; a CUDA_COMPUTE_CAP given narrows it to that one)
+#   CUDA_COMPUTE_CAP       candle's kernels (the autograd engine; rdrop's own engine never
+#                          launches them): one arch, default 90 (H100/H200). Other GPUs run
+#                          the explicit engine (the default) from rdrop's kernels; for
+#                          --engine autograd there, build with their CUDA_COMPUTE_CAP.
 #   CUDAFORGE_THREADS      parallel nvcc jobs      (default: number of CPUs)
 #   PYTHON                 python used for the venv (default python3)
 set -euo pipefail
@@ -131,6 +137,10 @@ make_stub() { # libcuda link stub from cudarc's driver symbol list (needs `cargo
 
 export_env() {
     export PATH="$NV/bin:$PATH" CUDA_HOME="$CUDA_ROOT" CUDA_PATH="$CUDA_ROOT"
+    # A CUDA_COMPUTE_CAP of the user's narrows rdrop's kernels to it too (a faster build).
+    if [[ -n ${CUDA_COMPUTE_CAP:-} && -z ${RDROP_CUDA_ARCHS:-} ]]; then
+        export RDROP_CUDA_ARCHS=$CUDA_COMPUTE_CAP
+    fi
     export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
     export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
     export CARGO_TARGET_DIR="$TARGET"
@@ -207,6 +217,7 @@ env)
     for v in PATH CUDA_HOME CUDA_PATH CUDA_COMPUTE_CAP CUDAFORGE_THREADS CARGO_TARGET_DIR LIBRARY_PATH; do
         printf 'export %s=%q\n' "$v" "${!v}"
     done
+    [[ -z ${RDROP_CUDA_ARCHS:-} ]] || printf 'export RDROP_CUDA_ARCHS=%q\n' "$RDROP_CUDA_ARCHS"
     ;;
 run-env)
     setup_toolchain link

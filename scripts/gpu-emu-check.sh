@@ -6,7 +6,7 @@
 # non-zero when a mark is missed.
 #
 # usage: scripts/gpu-emu-check.sh [--skip-build] [--only PART[,PART…]]
-#   parts: symbols tests demo eval resume dp2 mutations gpucheck   (default: all)
+#   parts: symbols tests archs demo eval resume dp2 mutations gpucheck   (default: all)
 # Environment:
 #   GPU_EMU_DEMO_STEPS   updates of the bf16/f16 demo runs (default 400, 95 % top-1 on the CPU; the
 #                        CPU run of the same command must reach ≥ 90 %, checked and recorded)
@@ -27,8 +27,8 @@ while [[ $# -gt 0 ]]; do
         ONLY=$2
         for p in ${ONLY//,/ }; do
             case $p in
-            symbols | tests | demo | eval | resume | dp2 | mutations | gpucheck) ;;
-            *) echo "gpu-emu-check.sh: unknown part '$p' (parts: symbols tests demo eval resume dp2 mutations gpucheck)" >&2; exit 2 ;;
+            symbols | tests | archs | demo | eval | resume | dp2 | mutations | gpucheck) ;;
+            *) echo "gpu-emu-check.sh: unknown part '$p' (parts: symbols tests archs demo eval resume dp2 mutations gpucheck)" >&2; exit 2 ;;
             esac
         done
         shift ;;
@@ -68,6 +68,21 @@ if want symbols; then
         cat "$RES/symbols.txt" >&2
         put symbols_complete false
     fi
+    # The kernels' fat binaries in the shipped binary (what cuobjdump --list-elf lists): each of
+    # rdrop's five must hold cubins for sm_75, 80, 86, 89 and 90 and PTX for compute_75 (CUDA
+    # 13); candle's own few, sm_90 cubins of kernels rdrop never launches, are counted apart.
+    say "images: the architectures of the kernels' fat binaries in $BIN"
+    "$REPO/target/release/rdrop-gpu-emu" images "$BIN" >"$RES/images.json" 2>&1
+    cat "$RES/images.json" >&2
+    put kernel_images "$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+want = [75, 80, 86, 89, 90]
+ours = [f for f in d["fatbins"] if f["ptx"]]  # those of rdrop carry PTX, the sm_90 cubins of candle do not
+print(json.dumps({"fatbins": len(ours), "cubins": d["cubins"], "ptx": d["ptx"],
+                  "others": len(d["fatbins"]) - len(ours),
+                  "complete": len(ours) == 5 and all(f["cubins"] == want and f["ptx"] == [75] for f in ours)}))
+' "$RES/images.json" 2>/dev/null || echo null)"
     # A machine without a GPU: one line of error, even with RUST_BACKTRACE=1 (candle appends
     # its captured backtrace to its errors' text).
     say "errors: no GPU (RDROP_EMU_DEVICES=0, RUST_BACKTRACE=1) gives a one-line error"
@@ -108,6 +123,35 @@ if want tests; then
     put gpu_tests_passed $passed
     put gpu_tests_failed $failed
     put gpu_tests_ignored $ignored
+fi
+
+# ------------------------------------------------------------------- GPU architectures
+# One update and the evaluation of the demo on emulated GPUs of each compute capability: the
+# driver's choice from the fat binaries (the run's header says it), and a V100 refused.
+if want archs; then
+    say "archs: the kernel image each GPU runs (T4, A100, RTX 3090, RTX 4090, H100, cc 12.0; V100 refused)"
+    declare -A WANT_IMG=([t4]="cubin sm_75" [a100-80]="cubin sm_80" [rtx3090]="cubin sm_86"
+        [rtx4090]="cubin sm_89" [h100]="cubin sm_90" [cc12]="PTX compute_75")
+    images="{"
+    for g in t4 a100-80 rtx3090 rtx4090 h100 cc12 v100-16; do
+        env=(RDROP_EMU_GPU=$g)
+        [[ $g == cc12 ]] && env=(RDROP_EMU_GPU=h100 RDROP_EMU_CC=12.0)
+        env "${env[@]}" "$BIN" train --preset demo --device cuda --steps 1 --eval-every 0 \
+            --train-images 64 --out "$RUNS/arch-$g" >"$RES/arch-$g.txt" 2>&1
+        rc=$?
+        if [[ $g == v100-16 ]]; then
+            ok=false
+            [[ $rc == 1 ]] && grep -q "no kernel image for this GPU (compute capability 7.0)" "$RES/arch-$g.txt" && ok=true
+            put v100_refused $ok
+            [[ $ok == true ]] || tail -n 5 "$RES/arch-$g.txt" >&2
+            continue
+        fi
+        got=$(sed -n 's/^GPU: .*; kernels: \(.*\)$/\1/p' "$RES/arch-$g.txt" | sed 's/, JIT-compiled by the driver//')
+        say "  $g: $(grep '^GPU: ' "$RES/arch-$g.txt" | head -1) (exit $rc)"
+        [[ $rc == 0 && $got == "${WANT_IMG[$g]}" ]] || { tail -n 5 "$RES/arch-$g.txt" >&2; got="wrong: ${got:-none} (exit $rc)"; }
+        images+="\"$g\": \"$got\", "
+    done
+    put arch_kernel_images "${images%, }}"
 fi
 
 # ---------------------------------------------------------------------------- the demo
@@ -307,6 +351,9 @@ for line in open(sys.argv[1]):
 marks = {
     "symbols_complete": lambda v: v is True,
     "no_gpu_error_lines": lambda v: v == 1,
+    "kernel_images": lambda v: isinstance(v, dict) and v.get("complete") is True,
+    "arch_kernel_images": lambda v: isinstance(v, dict) and all(not str(x).startswith("wrong") for x in v.values()) and len(v) == 6,
+    "v100_refused": lambda v: v is True,
     "gpu_tests_failed": lambda v: v == 0,
     "gpu_tests_passed": lambda v: isinstance(v, int) and v > 0,
     "demo_f32_max_rel_loss_diff": lambda v: v is not None and v <= 1e-4,

@@ -144,6 +144,10 @@ def run(cmd, timeout, env=None, mem=False, keep_output=False):
             res["rc"], res["timed_out"] = None, True
     res["s"] = round(time.monotonic() - t, 2)
     res["json"] = last_json(out)
+    # rdrop train's header: the GPU, its compute capability and memory, the kernel image
+    m = re.search(r"^(?:\[rank \d+\] )?GPU: (.*)$", err or "", re.M)
+    if m:
+        res["gpu_header"] = m.group(1)
     if keep_output:
         res["stdout"], res["stderr"] = (out or "")[-6000:], (err or "")[-3000:]
     gib = sampler.result()
@@ -369,6 +373,8 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         flat = run(self.rdrop(*base, "--grad-bucket-mb", "0", "--out", self.tmp / "dp-nccl-flat"),
                    self.budget.box(120), env1)
         s["plain"], s["world1"], s["world1_one_all_reduce"] = plain, dist, flat
+        # which GPU and kernel image (cubin sm_XY, or PTX the driver compiled) the run says
+        s["gpu_header"] = plain.get("gpu_header")
         s["world_size"] = pick(dist.get("json"), r"world_size", r"world")
         s["collective"] = (dist.get("json") or {}).get("collective")
 

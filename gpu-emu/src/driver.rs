@@ -1008,8 +1008,8 @@ pub unsafe extern "C" fn cuModuleLoadData(pm: *mut *mut c_void, image: *const c_
         inited()?;
         let o = out(pm, "module")?;
         let c = context::current_usable()?;
-        let img = module::parse_image(image)?;
         let cc = crate::config::get().devices[c.device].cc;
+        let img = module::pick(module::parse_image(image)?, cc)?;
         *o = module::load(c.id, cc, img)? as *mut c_void;
         Ok(())
     })
@@ -1028,8 +1028,8 @@ pub unsafe extern "C" fn cuModuleLoad(pm: *mut *mut c_void, fname: *const c_char
         bytes.push(0);
         let o = out(pm, "module")?;
         let c = context::current_usable()?;
-        let img = module::parse_image(bytes.as_ptr() as *const c_void)?;
         let cc = crate::config::get().devices[c.device].cc;
+        let img = module::pick(module::parse_image(bytes.as_ptr() as *const c_void)?, cc)?;
         *o = module::load(c.id, cc, img)? as *mut c_void;
         Ok(())
     })

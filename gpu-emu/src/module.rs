@@ -1,10 +1,12 @@
-//! Modules: the images `cuModuleLoadData` receives (an nvcc cubin, or PTX text) mapped to the
-//! kernels compiled for the host from the same `.cu` files (`build/kernels.rs`).
+//! Modules: the images `cuModuleLoadData` receives (an nvcc cubin, a fat binary of cubins and
+//! PTX, or PTX text) mapped to the kernels compiled for the host from the same `.cu` files
+//! (`build/kernels.rs`).
 //!
 //! The image decides which kernels a module has and whether it may load on the device: a
 //! cubin for `sm_XY` loads on devices of the same major version and minor ≥ Y (`sm_90a` on 9.0
 //! only), PTX for `sm_XY` on any device of capability ≥ X.Y, as the driver's JIT; otherwise
-//! `CUDA_ERROR_NO_BINARY_FOR_GPU` / `CUDA_ERROR_INVALID_PTX`. A cubin also gives each
+//! `CUDA_ERROR_NO_BINARY_FOR_GPU` / `CUDA_ERROR_INVALID_PTX`. From a fat binary the driver
+//! takes the best cubin that runs, else the best PTX ([`pick`]). A cubin also gives each
 //! kernel's static shared memory (`.nv.shared.<name>`). Entries that no host module implements
 //! (candle's own PTX kernels) load, and their launch is refused naming them.
 #![allow(unsafe_code)]
@@ -398,11 +400,69 @@ pub fn parse_ptx(text: &str) -> Option<Image> {
     })
 }
 
-/// Parses an image given to `cuModuleLoadData` (cubin, or NUL-terminated PTX).
+/// The magic number of an nvcc fat binary.
+const FATBIN_MAGIC: u32 = 0xba55_ed50;
+
+/// Parses an nvcc fat binary (`nvcc -fatbin`): its cubins and PTX, each an [`Image`]. Entries
+/// are a 64-byte (cubin) or longer (PTX) header — kind (1 PTX, 2 ELF), header size, payload
+/// size, flags (bit 13: compressed) — followed by the payload. Compressed entries are refused
+/// (rdrop builds with `--no-compress`): the emulator reads the entries' kernel names.
+pub fn parse_fatbin(b: &[u8]) -> Result<Vec<Image>, String> {
+    let bad = |what: &str| format!("a damaged fat binary ({what})");
+    if rd32(b, 0) != Some(FATBIN_MAGIC) {
+        return Err(bad("magic"));
+    }
+    let header = rd16(b, 6).ok_or_else(|| bad("header"))? as usize;
+    let size = rd64(b, 8).ok_or_else(|| bad("header"))? as usize;
+    let end = header
+        .checked_add(size)
+        .filter(|&e| e <= b.len())
+        .ok_or_else(|| bad("size"))?;
+    let mut images = Vec::new();
+    let mut at = header;
+    while at + 64 <= end {
+        let kind = rd16(b, at).ok_or_else(|| bad("entry"))?;
+        let eh = rd32(b, at + 4).ok_or_else(|| bad("entry"))? as usize;
+        let len = rd64(b, at + 8).ok_or_else(|| bad("entry"))? as usize;
+        let arch = rd32(b, at + 28).ok_or_else(|| bad("entry"))?;
+        let flags = rd64(b, at + 40).ok_or_else(|| bad("entry"))?;
+        let payload = at
+            .checked_add(eh)
+            .and_then(|p| b.get(p..p.checked_add(len)?))
+            .ok_or_else(|| bad("entry extent"))?;
+        if flags & 0x2000 != 0 {
+            return Err(format!(
+                "a fat binary with compressed entries (sm_{arch}): not emulated (build with nvcc \
+                 --no-compress)"
+            ));
+        }
+        let img = match kind {
+            1 => {
+                let n = payload
+                    .iter()
+                    .position(|&c| c == 0)
+                    .unwrap_or(payload.len());
+                parse_ptx(&String::from_utf8_lossy(&payload[..n]))
+            }
+            2 => parse_cubin(payload),
+            k => return Err(bad(&format!("entry kind {k}"))),
+        };
+        images.push(img.ok_or_else(|| bad(&format!("its sm_{arch} entry")))?);
+        at += eh + len;
+    }
+    if images.is_empty() {
+        return Err(bad("no entries"));
+    }
+    Ok(images)
+}
+
+/// Parses an image given to `cuModuleLoadData`: a cubin, a fat binary (its images) or
+/// NUL-terminated PTX.
 ///
 /// # Safety
-/// `image` must point to a cubin (its ELF header gives its extent) or a NUL-terminated string.
-pub unsafe fn parse_image(image: *const c_void) -> Result<Image, EmuError> {
+/// `image` must point to a cubin or a fat binary (their headers give their extent) or a
+/// NUL-terminated string.
+pub unsafe fn parse_image(image: *const c_void) -> Result<Vec<Image>, EmuError> {
     let p = image as *const u8;
     if p.is_null() {
         return Err(EmuError::new(CUDA_ERROR_INVALID_IMAGE, "null image"));
@@ -416,21 +476,75 @@ pub unsafe fn parse_image(image: *const c_void) -> Result<Image, EmuError> {
         let len = shoff + n;
         let b = std::slice::from_raw_parts(p, len.max(64));
         return parse_cubin(b)
+            .map(|i| vec![i])
             .ok_or_else(|| EmuError::new(CUDA_ERROR_INVALID_IMAGE, "a damaged cubin"));
     }
-    if u32::from_le_bytes([head[0], head[1], head[2], head[3]]) == 0xba55_ed50 {
-        return Err(EmuError::new(
-            CUDA_ERROR_INVALID_IMAGE,
-            "fat binaries are not emulated (give the cubin or the PTX)",
-        ));
+    if u32::from_le_bytes([head[0], head[1], head[2], head[3]]) == FATBIN_MAGIC {
+        let h = std::slice::from_raw_parts(p, 16);
+        let len = rd16(h, 6).unwrap_or(16) as usize + rd64(h, 8).unwrap_or(0) as usize;
+        let b = std::slice::from_raw_parts(p, len.max(16));
+        return parse_fatbin(b).map_err(|e| EmuError::new(CUDA_ERROR_INVALID_IMAGE, e));
     }
     let text = CStr::from_ptr(p as *const std::ffi::c_char).to_string_lossy();
-    parse_ptx(&text).ok_or_else(|| {
+    parse_ptx(&text).map(|i| vec![i]).ok_or_else(|| {
         EmuError::new(
             CUDA_ERROR_INVALID_PTX,
             "an image that is neither a cubin nor PTX with a .target",
         )
     })
+}
+
+/// The image the driver loads from `images` (one image, or a fat binary's) on a device of
+/// capability `cc`: a cubin that runs there (the highest), else PTX it can JIT (the highest),
+/// else the error of the driver naming what the images hold.
+pub fn pick(images: Vec<Image>, cc: (i32, i32)) -> Result<Image, EmuError> {
+    if images.len() == 1 {
+        let img = images
+            .into_iter()
+            .next()
+            .ok_or_else(|| EmuError::new(CUDA_ERROR_INVALID_IMAGE, "an empty image"))?;
+        check_arch(&img, cc)?;
+        return Ok(img);
+    }
+    let best = |ptx: bool| {
+        images
+            .iter()
+            .filter(|i| i.ptx == ptx && check_arch(i, cc).is_ok())
+            .max_by_key(|i| (i.target.0, i.target.1))
+            .cloned()
+    };
+    if let Some(img) = best(false).or_else(|| best(true)) {
+        if crate::config::get().log >= 1 {
+            crate::error::report(&format!(
+                "fat binary: {} {}{} for compute capability {}.{}",
+                if img.ptx { "PTX" } else { "cubin" },
+                if img.ptx { "compute_" } else { "sm_" },
+                img.target.0 * 10 + img.target.1,
+                cc.0,
+                cc.1
+            ));
+        }
+        return Ok(img);
+    }
+    let held: Vec<String> = images
+        .iter()
+        .map(|i| {
+            format!(
+                "{}{}",
+                if i.ptx { "PTX compute_" } else { "cubin sm_" },
+                i.target.0 * 10 + i.target.1
+            )
+        })
+        .collect();
+    Err(EmuError::new(
+        CUDA_ERROR_NO_BINARY_FOR_GPU,
+        format!(
+            "no kernel image for compute capability {}.{} in a fat binary of {}",
+            cc.0,
+            cc.1,
+            held.join(", ")
+        ),
+    ))
 }
 
 /// Whether `img` runs on a device of capability `cc` (the driver's rule).
@@ -628,6 +742,66 @@ mod tests {
         );
         let img = parse_ptx(".target sm_90a\n.entry k(\n").unwrap();
         assert_eq!(img.target, (9, 0, true));
+    }
+
+    /// `tests/fixtures/tiny.fatbin` (nvcc, `make_fatbin.sh`): cubins for sm_75, 80 and 90 and
+    /// PTX for compute_75; the driver's choice per GPU, and a refusal naming what it holds.
+    #[test]
+    fn fat_binaries_give_the_drivers_image_for_each_gpu() {
+        let b = include_bytes!("../tests/fixtures/tiny.fatbin");
+        let images = parse_fatbin(b).unwrap();
+        let kinds: Vec<(bool, i32)> = images
+            .iter()
+            .map(|i| (i.ptx, i.target.0 * 10 + i.target.1))
+            .collect();
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| !k.0)
+                .map(|k| k.1)
+                .collect::<Vec<_>>(),
+            [75, 80, 90]
+        );
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| k.0)
+                .map(|k| k.1)
+                .collect::<Vec<_>>(),
+            [75]
+        );
+        for img in &images {
+            let mut e = img.entries.clone();
+            e.sort();
+            assert_eq!(e, ["block_sum", "fill_f32"], "{img:?}");
+        }
+        let chosen = |cc| {
+            let i = pick(images.clone(), cc).unwrap();
+            (i.ptx, i.target.0 * 10 + i.target.1)
+        };
+        assert_eq!(chosen((7, 5)), (false, 75));
+        assert_eq!(chosen((8, 0)), (false, 80));
+        assert_eq!(chosen((8, 9)), (false, 80));
+        assert_eq!(chosen((9, 0)), (false, 90));
+        assert_eq!(chosen((12, 0)), (true, 75));
+        let e = pick(images.clone(), (7, 0)).unwrap_err();
+        assert_eq!(e.code, CUDA_ERROR_NO_BINARY_FOR_GPU);
+        assert!(
+            e.message.contains("7.0") && e.message.contains("cubin sm_75, cubin sm_80"),
+            "{}",
+            e.message
+        );
+        // a cubin's shared memory comes through the fat binary
+        let sm80 = images
+            .iter()
+            .find(|i| !i.ptx && i.target == (8, 0, false))
+            .unwrap();
+        assert_eq!(sm80.shared.get("block_sum"), Some(&512));
+        // damaged: truncated, or an entry claiming more than there is
+        assert!(parse_fatbin(&b[..100]).is_err());
+        let mut c = b.to_vec();
+        c[16 + 8..16 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse_fatbin(&c).is_err());
     }
 
     #[test]

@@ -229,6 +229,30 @@ impl Learner {
         None
     }
 
+    /// The GPU the CUDA engine runs on, for the run's header: name, compute capability,
+    /// memory and the kernel image the driver loaded (cubin or PTX JIT); `None` elsewhere.
+    pub fn gpu_summary(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Inner::Cuda { engine, .. } = &self.inner {
+            let stream = engine.stream();
+            let ctx = stream.context();
+            let name = ctx.name().unwrap_or_else(|_| "?".into());
+            let cc = ctx
+                .compute_capability()
+                .map(|(a, b)| format!("{a}.{b}"))
+                .unwrap_or_else(|_| "?".into());
+            let gib = ctx
+                .total_mem()
+                .map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_else(|_| "?".into());
+            return Some(format!(
+                "{name} (compute capability {cc}, {gib}); kernels: {}",
+                engine.kernel_image()
+            ));
+        }
+        None
+    }
+
     /// Updates completed.
     pub fn step(&self) -> u64 {
         match &self.inner {

@@ -11,6 +11,7 @@
 //! - dropout never stores a mask: [`philox`] regenerates it from its key in the backward.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod arch;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;

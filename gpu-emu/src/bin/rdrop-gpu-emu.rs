@@ -5,6 +5,9 @@
 //!                                             kernel modules into DIR; prints the exports
 //! rdrop-gpu-emu check-symbols DIR BINARY...   every CUDA symbol the binaries import, exported
 //!                                             by DIR's files? (exit 1 listing what is not)
+//! rdrop-gpu-emu images BINARY                 the nvcc fat binaries embedded in BINARY and
+//!                                             their cubins and PTX, as JSON (what
+//!                                             `cuobjdump --list-elf --list-ptx` lists)
 //! ```
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +16,8 @@ use std::process::ExitCode;
 mod elf;
 
 const USAGE: &str = "usage: rdrop-gpu-emu install DIR
-       rdrop-gpu-emu check-symbols DIR BINARY...";
+       rdrop-gpu-emu check-symbols DIR BINARY...
+       rdrop-gpu-emu images BINARY";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,6 +31,7 @@ fn main() -> ExitCode {
         ["check-symbols", dir, binaries @ ..] if !binaries.is_empty() => {
             check_symbols(Path::new(dir), binaries)
         }
+        ["images", binary] => images(Path::new(binary)),
         ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             Ok(true)
@@ -44,6 +49,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the fat binaries embedded in `binary`: for each, its cubins' and PTX's
+/// architectures, and the union, as JSON (`{"fatbins": [{"cubins": [75, ...], "ptx": [75]}],
+/// "cubins": [...], "ptx": [...]}`). A fat binary is found by its header (magic, version 1,
+/// header size 16) and kept if it parses whole.
+fn images(binary: &Path) -> Result<bool, String> {
+    let b = std::fs::read(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    let magic = 0xba55_ed50u32.to_le_bytes();
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at + 16 <= b.len() {
+        if b[at..at + 4] == magic && b[at + 4..at + 8] == [1, 0, 16, 0] {
+            if let Ok(imgs) = rdrop_gpu_emu::module::parse_fatbin(&b[at..]) {
+                let arch = |ptx: bool| -> Vec<i32> {
+                    let mut v: Vec<i32> = imgs
+                        .iter()
+                        .filter(|i| i.ptx == ptx)
+                        .map(|i| i.target.0 * 10 + i.target.1)
+                        .collect();
+                    v.sort_unstable();
+                    v
+                };
+                found.push((arch(false), arch(true)));
+            }
+        }
+        at += 1;
+    }
+    let union = |ptx: bool| -> Vec<i32> {
+        let mut v: Vec<i32> = found
+            .iter()
+            .flat_map(|(c, p)| if ptx { p.clone() } else { c.clone() })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let list = |v: &[i32]| v.iter().map(i32::to_string).collect::<Vec<_>>().join(", ");
+    let fatbins: Vec<String> = found
+        .iter()
+        .map(|(c, p)| format!("{{\"cubins\": [{}], \"ptx\": [{}]}}", list(c), list(p)))
+        .collect();
+    println!(
+        "{{\"fatbins\": [{}], \"cubins\": [{}], \"ptx\": [{}]}}",
+        fatbins.join(", "),
+        list(&union(false)),
+        list(&union(true))
+    );
+    Ok(!found.is_empty())
 }
 
 /// Copies `from` to `to` through a temporary name (a running process may map the old file).

@@ -724,6 +724,9 @@ fn announce(
             .unwrap_or_default(),
         dir.root.display()
     );
+    if let Some(gpu) = learner.gpu_summary() {
+        eprintln!("GPU: {gpu}");
+    }
 }
 
 /// A failed update as the user should read it: a non-finite loss or gradient names the last

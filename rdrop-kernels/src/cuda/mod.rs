@@ -1,6 +1,7 @@
-//! The explicit engine's kernels on CUDA (feature `cuda`): `src/cuda/*.cu`, compiled to PTX by
-//! nvcc in build.rs, loaded once by [`CudaKernels::new`] on the caller's stream (candle's, so
-//! that they order with its GEMMs) and launched by the methods below.
+//! The explicit engine's kernels on CUDA (feature `cuda`): `src/cuda/*.cu`, compiled by nvcc in
+//! build.rs into fat binaries (a cubin per architecture, [`CUBIN_ARCHS`], and the PTX of the
+//! lowest, [`PTX_ARCH`]), loaded once by [`CudaKernels::new`] on the caller's stream (candle's,
+//! so that they order with its GEMMs) and launched by the methods below.
 //!
 //! Conventions (as the CPU kernels'; see `/work/prompts/cuda-interface.md`):
 //! - buffers are row-major; inputs are `&impl DevicePtr<X>`, outputs `&mut impl DevicePtrMut<X>`
@@ -63,6 +64,23 @@ pub enum CudaKernelError {
         /// What is wrong.
         message: String,
     },
+    /// This build has no kernel image the GPU can run.
+    #[error(
+        "CUDA kernels: no kernel image for this GPU (compute capability {major}.{minor}): this \
+         build holds cubins for {covered} and PTX for compute_{ptx} (newer GPUs JIT it); {hint}"
+    )]
+    NoImage {
+        /// The GPU's compute capability.
+        major: u32,
+        /// Its minor version.
+        minor: u32,
+        /// The cubins' architectures, e.g. `sm_75, sm_80`.
+        covered: String,
+        /// The PTX's architecture.
+        ptx: u32,
+        /// How to build for it.
+        hint: String,
+    },
     /// A kernel is missing from the embedded PTX (a build problem).
     #[error("CUDA kernels: function {0} is not in the PTX")]
     Missing(String),
@@ -104,8 +122,12 @@ impl Compute for half::f16 {
 /// The kernel-name suffixes of the [`Compute`] types, in `INDEX` order.
 const TYPES: [&str; 3] = ["f32", "bf16", "f16"];
 
-/// A kernel module: name, PTX (JIT fallback), cubin (SASS for `sm_$CUDA_COMPUTE_CAP`, loaded
-/// first so that no JIT runs on the target GPU), kernels (`{}` = each of f32, bf16, f16).
+include!(concat!(env!("OUT_DIR"), "/archs.rs"));
+
+pub use crate::arch::{kernel_image, KernelImage};
+
+/// A kernel module: name, PTX of [`PTX_ARCH`] (its entry names are checked by a test), fat
+/// binary (what is loaded), kernels (`{}` = each of f32, bf16, f16).
 type Module = (
     &'static str,
     &'static str,
@@ -113,12 +135,12 @@ type Module = (
     &'static [&'static str],
 );
 
-/// The kernel modules (build.rs writes `<name>.ptx` and `<name>.cubin`).
+/// The kernel modules (build.rs writes `<name>.ptx` and `<name>.fatbin`).
 const MODULES: [Module; 5] = [
     (
         "elementwise",
         include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx")),
-        include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.cubin")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.fatbin")),
         &[
             "im2col_{}",
             "embed_fwd_{}",
@@ -146,7 +168,7 @@ const MODULES: [Module; 5] = [
     (
         "layernorm",
         include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptx")),
-        include_bytes!(concat!(env!("OUT_DIR"), "/layernorm.cubin")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/layernorm.fatbin")),
         &[
             "layernorm_fwd_{}",
             "layernorm_bwd_{}",
@@ -156,19 +178,19 @@ const MODULES: [Module; 5] = [
     (
         "softmax",
         include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")),
-        include_bytes!(concat!(env!("OUT_DIR"), "/softmax.cubin")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/softmax.fatbin")),
         &["softmax_dropout_fwd_{}", "softmax_dropout_bwd_{}"],
     ),
     (
         "loss",
         include_str!(concat!(env!("OUT_DIR"), "/loss.ptx")),
-        include_bytes!(concat!(env!("OUT_DIR"), "/loss.cubin")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/loss.fatbin")),
         &["rdrop_loss_rows", "rdrop_loss_finish"],
     ),
     (
         "optim",
         include_str!(concat!(env!("OUT_DIR"), "/optim.ptx")),
-        include_bytes!(concat!(env!("OUT_DIR"), "/optim.cubin")),
+        include_bytes!(concat!(env!("OUT_DIR"), "/optim.fatbin")),
         &[
             "sum_squares_partials",
             "sum_squares_finish",
@@ -204,15 +226,15 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     /// Per pattern, the f32, bf16, f16 instances (an untemplated kernel thrice).
     funcs: HashMap<&'static str, [CudaFunction; 3]>,
-    /// Modules the driver had to JIT from PTX (their cubin was not for this GPU).
-    jit: Vec<&'static str>,
+    /// The image the driver runs on this GPU.
+    image: KernelImage,
 }
 
 impl std::fmt::Debug for CudaKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaKernels")
             .field("kernels", &self.funcs.len())
-            .field("jit", &self.jit)
+            .field("image", &self.image)
             .finish()
     }
 }
@@ -302,24 +324,37 @@ fn check_p(kernel: &'static str, p: f32) -> Result<()> {
 }
 
 impl CudaKernels {
-    /// Loads the kernel modules into the stream's context (each module's cubin, or its PTX
-    /// through the driver's JIT when the cubin is not for this GPU) and looks up every kernel.
+    /// Loads the kernel modules into the stream's context (the driver picks each fat
+    /// binary's cubin for the GPU, or JIT-compiles its PTX) and looks up every kernel.
     ///
     /// # Errors
+    /// [`CudaKernelError::NoImage`] for a GPU this build has no image for,
     /// [`CudaKernelError::Driver`] if the driver refuses a module, [`CudaKernelError::Missing`]
     /// if a kernel is absent.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context();
+        let (major, minor) = ctx.compute_capability()?;
+        let (major, minor) = (major.max(0) as u32, minor.max(0) as u32);
+        let image = kernel_image(CUBIN_ARCHS, PTX_ARCH, major, minor).ok_or_else(|| {
+            let covered: Vec<String> = CUBIN_ARCHS.iter().map(|a| format!("sm_{a}")).collect();
+            CudaKernelError::NoImage {
+                major,
+                minor,
+                covered: covered.join(", "),
+                ptx: PTX_ARCH,
+                hint: if major * 10 + minor < 75 {
+                    format!(
+                        "CUDA 13 no longer compiles for it: it needs a build with a CUDA 12 \
+                         toolkit (RDROP_CUDA_ARCHS={major}{minor})"
+                    )
+                } else {
+                    format!("rebuild with RDROP_CUDA_ARCHS={major}{minor} scripts/build-cuda.sh")
+                },
+            }
+        })?;
         let mut funcs = HashMap::new();
-        let mut jit = Vec::new();
-        for (module_name, ptx, cubin, names) in MODULES {
-            let module = match ctx.load_module(Ptx::from_binary(cubin.to_vec())) {
-                Ok(m) => m,
-                Err(_) => {
-                    jit.push(module_name);
-                    ctx.load_module(Ptx::from_src(ptx))?
-                }
-            };
+        for (_, _, fatbin, names) in MODULES {
+            let module = ctx.load_module(Ptx::from_binary(fatbin.to_vec()))?;
             for &pattern in names {
                 let load = |t: &str| {
                     let name = pattern.replace("{}", t);
@@ -336,13 +371,16 @@ impl CudaKernels {
                 funcs.insert(pattern, fs);
             }
         }
-        Ok(Self { stream, funcs, jit })
+        Ok(Self {
+            stream,
+            funcs,
+            image,
+        })
     }
 
-    /// The modules that were JIT-compiled from PTX at load (empty on the GPU the build
-    /// targets, `CUDA_COMPUTE_CAP`).
-    pub fn jit_modules(&self) -> &[&'static str] {
-        &self.jit
+    /// The image the driver loaded for this GPU (a cubin, or the PTX it JIT-compiled).
+    pub fn image(&self) -> KernelImage {
+        self.image
     }
 
     /// The stream every kernel launches on.
@@ -2084,8 +2122,8 @@ mod tests {
     #[test]
     fn every_kernel_name_is_in_its_ptx() {
         let mut count = 0;
-        for (module, ptx, cubin, names) in MODULES {
-            assert!(cubin.len() > 1000, "{module}.cubin is empty");
+        for (module, ptx, fatbin, names) in MODULES {
+            assert!(fatbin.len() > 1000, "{module}.fatbin is empty");
             for pattern in names {
                 for t in super::TYPES {
                     let name = pattern.replace("{}", t);

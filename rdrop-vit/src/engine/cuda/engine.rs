@@ -432,6 +432,11 @@ impl CudaEngine {
         self.precision
     }
 
+    /// The image of rdrop's kernels the driver runs on this GPU (a cubin, or PTX it compiled).
+    pub fn kernel_image(&self) -> rdrop_kernels::arch::KernelImage {
+        with_dev!(&self.dev, d => d.k.image())
+    }
+
     /// The engine's stream (candle's for the device): every kernel and GEMM runs on it.
     pub fn stream(&self) -> Arc<CudaStream> {
         with_dev!(&self.dev, d => d.stream.clone())
