@@ -129,29 +129,39 @@ fi
 # One update and the evaluation of the demo on emulated GPUs of each compute capability: the
 # driver's choice from the fat binaries (the run's header says it), and a V100 refused.
 if want archs; then
-    say "archs: the kernel image each GPU runs (T4, A100, RTX 3090, RTX 4090, H100, cc 12.0; V100 refused)"
+    say "archs: the kernel image and precision auto of each GPU (T4, A100, RTX 3090, RTX 4090, H100, cc 12.0; V100 refused)"
     declare -A WANT_IMG=([t4]="cubin sm_75" [a100-80]="cubin sm_80" [rtx3090]="cubin sm_86"
         [rtx4090]="cubin sm_89" [h100]="cubin sm_90" [cc12]="PTX compute_75")
-    images="{"
+    declare -A WANT_PREC=([t4]=f16 [a100-80]=bf16 [rtx3090]=bf16 [rtx4090]=bf16 [h100]=bf16 [cc12]=bf16)
+    images="{" precisions="{"
     for g in t4 a100-80 rtx3090 rtx4090 h100 cc12 v100-16; do
         env=(RDROP_EMU_GPU=$g)
         [[ $g == cc12 ]] && env=(RDROP_EMU_GPU=h100 RDROP_EMU_CC=12.0)
-        env "${env[@]}" "$BIN" train --preset demo --device cuda --steps 1 --eval-every 0 \
-            --train-images 64 --out "$RUNS/arch-$g" >"$RES/arch-$g.txt" 2>&1
+        env "${env[@]}" "$BIN" train --preset demo --device cuda --precision auto --steps 1 \
+            --eval-every 0 --train-images 64 --out "$RUNS/arch-$g" >"$RES/arch-$g.txt" 2>&1
         rc=$?
         if [[ $g == v100-16 ]]; then
             ok=false
             [[ $rc == 1 ]] && grep -q "no kernel image for this GPU (compute capability 7.0)" "$RES/arch-$g.txt" && ok=true
+            # and bf16 asked for on it: refused, naming the GPU and the alternative
+            RDROP_EMU_GPU=$g "$BIN" train --preset demo --device cuda --precision bf16 --dry-run \
+                >/dev/null 2>"$RES/arch-$g-bf16.txt"
+            rc=$?
+            [[ $rc == 1 ]] && grep -q "Tesla V100-SXM2-16GB is 7.0: use --precision f16" "$RES/arch-$g-bf16.txt" || ok=false
             put v100_refused $ok
-            [[ $ok == true ]] || tail -n 5 "$RES/arch-$g.txt" >&2
+            [[ $ok == true ]] || tail -n 5 "$RES/arch-$g.txt" "$RES/arch-$g-bf16.txt" >&2
             continue
         fi
+        prec=$(sed -n 's/^training .* cuda:0 \([a-z0-9]*\) (auto).*/\1/p' "$RES/arch-$g.txt")
+        [[ $prec == "${WANT_PREC[$g]}" ]] || prec="wrong: ${prec:-none}"
+        precisions+="\"$g\": \"$prec\", "
         got=$(sed -n 's/^GPU: .*; kernels: \(.*\)$/\1/p' "$RES/arch-$g.txt" | sed 's/, JIT-compiled by the driver//')
         say "  $g: $(grep '^GPU: ' "$RES/arch-$g.txt" | head -1) (exit $rc)"
         [[ $rc == 0 && $got == "${WANT_IMG[$g]}" ]] || { tail -n 5 "$RES/arch-$g.txt" >&2; got="wrong: ${got:-none} (exit $rc)"; }
         images+="\"$g\": \"$got\", "
     done
     put arch_kernel_images "${images%, }}"
+    put arch_precision_auto "${precisions%, }}"
 fi
 
 # ---------------------------------------------------------------------------- the demo
@@ -354,6 +364,7 @@ marks = {
     "kernel_images": lambda v: isinstance(v, dict) and v.get("complete") is True,
     "arch_kernel_images": lambda v: isinstance(v, dict) and all(not str(x).startswith("wrong") for x in v.values()) and len(v) == 6,
     "v100_refused": lambda v: v is True,
+    "arch_precision_auto": lambda v: isinstance(v, dict) and len(v) == 6 and all(not str(x).startswith("wrong") for x in v.values()),
     "gpu_tests_failed": lambda v: v == 0,
     "gpu_tests_passed": lambda v: isinstance(v, int) and v > 0,
     "demo_f32_max_rel_loss_diff": lambda v: v is not None and v <= 1e-4,

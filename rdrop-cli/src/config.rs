@@ -27,7 +27,7 @@ pub use rdrop_core::{DecayKind, LossMode, OptimizerKind};
 use rdrop_vit::ViTConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{check_precision, DeviceSpec, EngineKind, Precision};
+use crate::device::{check_precision, DeviceSpec, EngineKind, PrecisionSetting};
 
 /// `data` value naming the embedded demo archive.
 pub const BUILTIN_DEMO: &str = "builtin:digits";
@@ -279,8 +279,9 @@ pub struct RunConfig {
     pub momentum: f64,
     /// Optimiser.
     pub optimizer: OptimizerKind,
-    /// Forward precision (master weights are f32).
-    pub precision: Precision,
+    /// Forward precision (master weights are f32): `auto` (f32 on the CPU; on CUDA bf16 from
+    /// compute capability 8.0, f16 with loss scaling below) or fixed.
+    pub precision: PrecisionSetting,
     /// `auto` (the explicit engine on CPU in f32 and on CUDA, else autograd), `explicit` or `autograd`.
     pub engine: EngineKind,
     /// Initial dynamic loss scale (f16 only).
@@ -341,7 +342,7 @@ impl Default for RunConfig {
             weight_decay: 0.0,
             momentum: 0.9,
             optimizer: OptimizerKind::Sgd,
-            precision: Precision::Bf16,
+            precision: PrecisionSetting::Auto,
             engine: EngineKind::Auto,
             loss_scale: 1_048_576.0,
             grad_bucket_mb: 25.0,
@@ -371,7 +372,7 @@ impl RunConfig {
                 micro_batch: 32,
                 loss_reduction: LossMode::Reference,
                 passes: Passes::Sequential,
-                precision: Precision::F16,
+                precision: PrecisionSetting::F16,
                 ..base
             },
             "demo" => Self {
@@ -393,7 +394,7 @@ impl RunConfig {
                 // updates suffice (R-Drop's KL term is the regulariser here).
                 augment: AugmentKind::None,
                 crop_scale: [0.6, 1.0],
-                precision: Precision::F32,
+                precision: PrecisionSetting::F32,
                 device: DeviceSpec::Cpu,
                 eval_every: 100,
                 eval_batch_size: 300,
@@ -477,6 +478,13 @@ impl RunConfig {
             }
         }
         self
+    }
+
+    /// The precision the run computes in: the fixed setting (`rdrop train` fixes `auto` for
+    /// the GPU when it opens the device, [`PrecisionSetting::resolve`]); before that, `auto`
+    /// is taken as f32 on the CPU and bf16 on CUDA.
+    pub fn compute_precision(&self) -> crate::device::Precision {
+        self.precision.assumed(&self.device)
     }
 
     /// Gradient-accumulation steps (`batch_size / micro_batch`).
@@ -564,8 +572,9 @@ impl RunConfig {
             "save-every-minutes must be a number of minutes ≥ 0 (0 = off), not {}",
             self.save_every_minutes
         );
-        check_precision(self.precision, &self.device)?;
-        crate::learner::use_explicit(self.engine, &self.device, self.precision)?;
+        let assumed = self.precision.assumed(&self.device);
+        check_precision(assumed, &self.device)?;
+        crate::learner::use_explicit(self.engine, &self.device, assumed)?;
         // rdrop-core's own checks of the update (clipping, bucket size, loss scale, …), before
         // anything is created rather than when the trainer is built.
         crate::setup::train_config(self)
@@ -675,9 +684,10 @@ pub struct Overrides {
     /// `sgd` (momentum; the recipe) or `adamw`.
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerKind>,
-    /// Forward precision: f32, bf16 or f16 (bf16/f16 on CUDA).
+    /// Forward precision: auto (the presets' default: f32 on the CPU; on CUDA bf16 from
+    /// compute capability 8.0, f16 with dynamic loss scaling below), f32, bf16 or f16.
     #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
+    pub precision: Option<PrecisionSetting>,
     /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model: any
     /// device and precision) or `auto` (explicit on CPU in f32, else autograd).
     #[arg(long, value_enum)]

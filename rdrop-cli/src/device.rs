@@ -98,6 +98,118 @@ fn cuda_open_error(n: usize, e: candle_core::Error) -> anyhow::Error {
 pub use rdrop_core::Precision;
 pub use rdrop_vit::EngineKind;
 
+/// `precision` of `rdrop train`: `auto` (the presets' default: f32 on the CPU; on CUDA bf16
+/// where the GPU has bf16 GEMMs, compute capability 8.0 and newer, else f16 with dynamic loss
+/// scaling, as `torch.cuda.is_bf16_supported()` and autocast decide) or a fixed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSetting {
+    /// f32 on the CPU, bf16 on GPUs of compute capability 8.0+, f16 below.
+    Auto,
+    /// f32 everywhere.
+    F32,
+    /// bf16 forward (CUDA, compute capability 8.0+).
+    Bf16,
+    /// f16 forward with dynamic loss scaling (CUDA).
+    F16,
+}
+
+impl fmt::Display for PrecisionSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.fixed() {
+            Some(p) => write!(f, "{p}"),
+            None => write!(f, "auto"),
+        }
+    }
+}
+
+impl From<Precision> for PrecisionSetting {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => Self::F32,
+            Precision::Bf16 => Self::Bf16,
+            Precision::F16 => Self::F16,
+        }
+    }
+}
+
+/// A GPU as the driver names it, for the choices made for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuModel {
+    /// `NVIDIA A100-SXM4-80GB`.
+    pub name: String,
+    /// Compute capability.
+    pub cc: (u32, u32),
+}
+
+impl GpuModel {
+    /// Whether it has bf16 GEMMs (compute capability 8.0 and newer).
+    pub fn has_bf16(&self) -> bool {
+        self.cc.0 >= 8
+    }
+
+    /// The GPU behind an open CUDA `device` (`None` on the CPU or when the driver does not say).
+    pub fn of(device: &Device) -> Option<Self> {
+        #[cfg(feature = "cuda")]
+        if let Ok(cd) = device.as_cuda_device() {
+            let stream = cd.cuda_stream();
+            let ctx = stream.context();
+            let (a, b) = ctx.compute_capability().ok()?;
+            return Some(Self {
+                name: ctx.name().unwrap_or_else(|_| "a CUDA GPU".into()),
+                cc: (a.max(0) as u32, b.max(0) as u32),
+            });
+        }
+        let _ = device;
+        None
+    }
+}
+
+impl PrecisionSetting {
+    /// The fixed precision, `None` for `auto`.
+    pub fn fixed(self) -> Option<Precision> {
+        match self {
+            Self::Auto => None,
+            Self::F32 => Some(Precision::F32),
+            Self::Bf16 => Some(Precision::Bf16),
+            Self::F16 => Some(Precision::F16),
+        }
+    }
+
+    /// The precision a run on `device` (`gpu`: its GPU, once open) computes in. Refused: bf16
+    /// or f16 on the CPU, bf16 on a GPU without bf16 GEMMs (naming it and the alternative).
+    pub fn resolve(self, device: &DeviceSpec, gpu: Option<&GpuModel>) -> anyhow::Result<Precision> {
+        if *device == DeviceSpec::Cpu {
+            let p = self.fixed().unwrap_or(Precision::F32);
+            check_precision(p, device)?;
+            return Ok(p);
+        }
+        match (self, gpu) {
+            (Self::Auto, Some(g)) if !g.has_bf16() => Ok(Precision::F16),
+            (Self::Auto, _) => Ok(Precision::Bf16),
+            (Self::Bf16, Some(g)) if !g.has_bf16() => anyhow::bail!(
+                "precision bf16 needs bf16 GEMMs, which GPUs have from compute capability 8.0 \
+                 (A100, RTX 30xx/40xx, L4, H100); {} is {}.{}: use --precision f16 (dynamic \
+                 loss scaling, as the reference's apex O2) or auto",
+                g.name,
+                g.cc.0,
+                g.cc.1
+            ),
+            (s, _) => Ok(s.fixed().unwrap_or(Precision::Bf16)),
+        }
+    }
+
+    /// What the settings checks assume before a GPU is open: f32 on the CPU, and for `auto`
+    /// on CUDA bf16 (the engine chosen is the same for bf16 and f16).
+    pub fn assumed(self, device: &DeviceSpec) -> Precision {
+        match (self.fixed(), device) {
+            (Some(p), _) => p,
+            (None, DeviceSpec::Cpu) => Precision::F32,
+            (None, DeviceSpec::Cuda(_)) => Precision::Bf16,
+        }
+    }
+}
+
 /// Refuses precisions candle cannot run on `device` (reduced precision on CPU: bf16
 /// conv/matmul is widened or missing there, see candle-notes).
 pub fn check_precision(precision: Precision, device: &DeviceSpec) -> anyhow::Result<()> {
@@ -193,6 +305,49 @@ mod tests {
         let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
         assert!(err.contains("built without CUDA support"), "{err}");
         assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn auto_precision_follows_the_gpu_and_bf16_is_refused_without_bf16_gemms() {
+        let gpu = |name: &str, cc| GpuModel {
+            name: name.into(),
+            cc,
+        };
+        let cuda = DeviceSpec::Cuda(0);
+        let auto = PrecisionSetting::Auto;
+        assert_eq!(
+            auto.resolve(&DeviceSpec::Cpu, None).unwrap(),
+            Precision::F32
+        );
+        for (name, cc, want) in [
+            ("Tesla V100-SXM2-16GB", (7, 0), Precision::F16),
+            ("Tesla T4", (7, 5), Precision::F16),
+            ("NVIDIA A100-SXM4-80GB", (8, 0), Precision::Bf16),
+            ("NVIDIA GeForce RTX 4090", (8, 9), Precision::Bf16),
+            ("NVIDIA H100 80GB HBM3", (9, 0), Precision::Bf16),
+        ] {
+            let g = gpu(name, cc);
+            assert_eq!(auto.resolve(&cuda, Some(&g)).unwrap(), want, "{name}");
+            assert_eq!(
+                PrecisionSetting::F16.resolve(&cuda, Some(&g)).unwrap(),
+                Precision::F16
+            );
+        }
+        let v100 = gpu("Tesla V100-SXM2-16GB", (7, 0));
+        let e = PrecisionSetting::Bf16
+            .resolve(&cuda, Some(&v100))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Tesla V100-SXM2-16GB is 7.0") && e.contains("--precision f16"),
+            "{e}"
+        );
+        assert!(PrecisionSetting::Bf16
+            .resolve(&DeviceSpec::Cpu, None)
+            .is_err());
+        assert_eq!(auto.assumed(&DeviceSpec::Cpu), Precision::F32);
+        assert_eq!(auto.to_string(), "auto");
+        assert_eq!(PrecisionSetting::from(Precision::F16).to_string(), "f16");
     }
 
     #[test]

@@ -444,9 +444,9 @@ mod tests {
         // The default run configuration on CPU in f32 resolves to the engine too.
         let c = crate::config::RunConfig {
             device: DeviceSpec::Cpu,
-            precision: Precision::F32,
+            precision: Precision::F32.into(),
             ..crate::config::RunConfig::default()
         };
-        assert!(use_explicit(c.engine, &c.device, c.precision).unwrap());
+        assert!(use_explicit(c.engine, &c.device, c.compute_precision()).unwrap());
     }
 }

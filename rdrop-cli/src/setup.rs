@@ -66,7 +66,7 @@ pub fn train_config(c: &RunConfig) -> TrainConfig {
         accum_steps: c.accumulation(),
         micro_batch: c.micro_batch,
         two_pass: c.passes,
-        precision: c.precision,
+        precision: c.compute_precision(),
         scaler: ScalerConfig {
             init_scale: c.loss_scale,
             ..ScalerConfig::default()
@@ -152,7 +152,7 @@ fn with_precision(
     mut model: VisionTransformer,
     c: &RunConfig,
 ) -> anyhow::Result<VisionTransformer> {
-    model.set_compute_dtype(c.precision.dtype())?;
+    model.set_compute_dtype(c.compute_precision().dtype())?;
     Ok(model)
 }
 

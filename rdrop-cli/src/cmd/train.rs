@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmd::Interrupted;
 use crate::config::{self, RunConfig};
-use crate::device::set_threads;
+use crate::device::{set_threads, DeviceSpec, GpuModel, PrecisionSetting};
 use crate::evaluate::{evaluate, EvalResult};
 use crate::learner::Learner;
 use crate::metrics::{EvalLine, MetricLine, MetricsWriter, TrainLine};
@@ -108,7 +108,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Print the fully resolved configuration (the config.toml the run would write) and exit,
-    /// without reading data or weights or opening a device.
+    /// without reading data or weights (on CUDA it asks the GPU what `precision = "auto"`
+    /// resolves to).
     #[arg(long, conflicts_with = "resume")]
     pub dry_run: bool,
     /// Print a JSON summary on stdout at the end.
@@ -292,6 +293,11 @@ fn dry_run(cfg: &RunConfig, nproc_per_node: Option<usize>) -> anyhow::Result<()>
     let n = nproc_per_node.unwrap_or(1).max(1);
     world::check(cfg, n, n, false)?;
     print!("{}", cfg.to_toml()?);
+    if let (DeviceSpec::Cuda(_), PrecisionSetting::Auto | PrecisionSetting::Bf16) =
+        (cfg.device, cfg.precision)
+    {
+        eprintln!("{}", dry_run_precision(cfg)?);
+    }
     if n > 1 {
         let accum = cfg.batch_size / (n * cfg.micro_batch);
         eprintln!(
@@ -306,6 +312,30 @@ fn dry_run(cfg: &RunConfig, nproc_per_node: Option<usize>) -> anyhow::Result<()>
         eprintln!("note: no --data yet; a real run needs one");
     }
     Ok(())
+}
+
+/// `--dry-run` on CUDA: what `auto` resolves to on this machine's GPU (a CUDA build with a
+/// GPU: the device is opened to ask the driver), else the rule; bf16 on a GPU without it is
+/// refused as the run would.
+fn dry_run_precision(cfg: &RunConfig) -> anyhow::Result<String> {
+    let gpu = if candle_core::utils::cuda_is_available() {
+        cfg.device.open().ok().and_then(|d| GpuModel::of(&d))
+    } else {
+        None
+    };
+    let p = cfg.precision.resolve(&cfg.device, gpu.as_ref())?;
+    Ok(match (gpu, cfg.precision) {
+        (Some(g), PrecisionSetting::Auto) => format!(
+            "precision: auto is {p} on {} (compute capability {}.{})",
+            g.name, g.cc.0, g.cc.1
+        ),
+        (None, PrecisionSetting::Auto) => format!(
+            "precision: auto (no GPU here to ask): bf16 on GPUs of compute capability 8.0 and \
+             newer, f16 with dynamic loss scaling below; decided when the run opens {}",
+            cfg.device
+        ),
+        _ => format!("precision: {p}"),
+    })
 }
 
 /// How the gradients are summed over the ranks, for the run's header.
@@ -422,6 +452,16 @@ pub fn train(
     let classes = setup::num_classes(&data);
     let class_names = (!data.fine_label_names.is_empty()).then(|| data.fine_label_names.clone());
     let device = world::device(&cfg, &world.spec).open()?;
+    // config.toml records the settings as given (`auto` stays `auto`, resolved again for the
+    // GPU of each start); the run computes in the precision resolved for this GPU.
+    let record = cfg.clone();
+    let precision = cfg
+        .precision
+        .resolve(&cfg.device, GpuModel::of(&device).as_ref())?;
+    let cfg = RunConfig {
+        precision: precision.into(),
+        ..cfg
+    };
     if lead {
         std::fs::create_dir_all(&dir.root)
             .with_context(|| format!("cannot create {}", dir.root.display()))?;
@@ -431,7 +471,7 @@ pub fn train(
         position,
         mut best,
         mut metrics,
-    } = self::start(&cfg, &dir, start, classes, &device, world)?;
+    } = self::start(&cfg, &record, &dir, start, classes, &device, world)?;
     let (train_loader, test_loader) = setup::loaders(&cfg, data)?;
     let share = Share {
         world: world.size(),
@@ -444,9 +484,12 @@ pub fn train(
             &dir,
             &learner,
             &data_name,
-            &train_loader,
-            &test_loader,
+            (&train_loader, &test_loader),
             classes,
+            &match record.precision {
+                PrecisionSetting::Auto => format!("{precision} (auto)"),
+                _ => precision.to_string(),
+            },
         );
         if world.collective().is_some() {
             eprintln!(
@@ -622,11 +665,13 @@ struct Session {
     metrics: Option<MetricsWriter>,
 }
 
-/// A fresh session (writing `config.toml` and a new `metrics.jsonl`), or one restored from a
-/// checkpoint (its model, optimiser, scaler, RNG and data position; metrics after its step
-/// are dropped).
+/// A fresh session (writing `record`, the configuration as given, to `config.toml` and a new
+/// `metrics.jsonl`), or one restored from a checkpoint (its model, optimiser, scaler, RNG and
+/// data position; metrics after its step are dropped). `cfg` is the run's, its precision
+/// resolved.
 fn start(
     cfg: &RunConfig,
+    record: &RunConfig,
     dir: &RunFolder,
     start: Start,
     classes: usize,
@@ -636,7 +681,7 @@ fn start(
     let mut tcfg = setup::train_config(cfg);
     // Each rank accumulates its share of the update's micro-batches.
     tcfg.accum_steps = cfg.accumulation() / world.size();
-    let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.precision)?;
+    let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.compute_precision())?;
     let lead = world.is_lead();
     match start {
         Start::Fresh { required_model } => {
@@ -651,7 +696,7 @@ fn start(
             let learner = Learner::new(model, tcfg, explicit, world.collective())?;
             let metrics = if lead {
                 // The resolved configuration, before step 0 (`--dry-run` prints the same text).
-                rdrop_core::atomic::write_bytes(&dir.config(), cfg.to_toml()?.as_bytes())?;
+                rdrop_core::atomic::write_bytes(&dir.config(), record.to_toml()?.as_bytes())?;
                 Some(MetricsWriter::create(&dir.metrics())?)
             } else {
                 None
@@ -698,9 +743,9 @@ fn announce(
     dir: &RunFolder,
     learner: &Learner,
     data_name: &str,
-    train: &Loader,
-    test: &Loader,
+    (train, test): (&Loader, &Loader),
     classes: usize,
+    precision_label: &str,
 ) {
     let params = learner.config().num_params();
     eprintln!(
@@ -716,7 +761,7 @@ fn announce(
         cfg.micro_batch,
         cfg.accumulation(),
         cfg.device,
-        cfg.precision,
+        precision_label,
         learner.engine_name(),
         learner
             .planned_bytes(cfg.micro_batch)
