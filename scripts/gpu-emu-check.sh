@@ -73,7 +73,7 @@ if want symbols; then
     # 13); candle's own few, sm_90 cubins of kernels rdrop never launches, are counted apart.
     say "images: the architectures of the kernels' fat binaries in $BIN"
     "$REPO/target/release/rdrop-gpu-emu" images "$BIN" >"$RES/images.json" 2>&1
-    cat "$RES/images.json" >&2
+    head -c 300 "$RES/images.json" >&2; echo " …" >&2
     put kernel_images "$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))
