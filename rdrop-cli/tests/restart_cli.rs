@@ -318,6 +318,11 @@ fn without_a_checkpoint_the_run_starts_again_and_minutes_also_checkpoint() {
     wait_for(&mut child, "the first update", || train_lines(&out) >= 1);
     child.kill().unwrap();
     child.wait().unwrap();
+    let first = stderr_of(&out);
+    assert!(
+        first.contains("holds no run yet: starting a new one"),
+        "{first}"
+    );
     // Killed before any checkpoint: the same command starts the run again from step 0.
     assert_eq!(checkpoints(&out), Vec::<u64>::new(), "{}", stderr_of(&out));
     let child = start(&cfg, &out, &timed, &[]);

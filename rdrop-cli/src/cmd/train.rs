@@ -206,6 +206,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let continuing = matches!(plan, Some(restart::Plan::Continue { .. }));
     let start = choose_start(&world, &run_dir, continuing, args.flags.model.clone())?;
+    let asked_to_continue = args.resume_if_exists || launcher.restart().is_some();
+    if plan == Some(restart::Plan::New) && asked_to_continue {
+        eprintln!(
+            "{} holds no run yet: starting a new one",
+            run_dir.root.display()
+        );
+    }
     if let Some(restart::Plan::Continue { why }) = &plan {
         let out = run_dir.root.display();
         match &start {
