@@ -311,10 +311,13 @@ fn a_slurm_requeue_continues_in_the_jobs_default_out_and_changes_are_refused() {
 fn without_a_checkpoint_the_run_starts_again_and_minutes_also_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path());
-    // Checkpoints only by the clock (every 0.3 s; updates take 150 ms) and at the end.
+    // The first start checkpoints only at the end (and every 10 minutes): killed after one
+    // update, it leaves none. The second (save_every_minutes may change on a continue)
+    // checkpoints by the clock (every 0.3 s; updates take 150 ms) and at the end.
     let out = dir.path().join("timed");
+    let untimed = ["--save-every", "0", "--save-every-minutes", "10"];
     let timed = ["--save-every", "0", "--save-every-minutes", "0.005"];
-    let mut child = start(&cfg, &out, &timed, &[]);
+    let mut child = start(&cfg, &out, &untimed, &[]);
     wait_for(&mut child, "the first update", || train_lines(&out) >= 1);
     child.kill().unwrap();
     child.wait().unwrap();
