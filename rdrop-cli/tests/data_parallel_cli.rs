@@ -296,22 +296,6 @@ fn two_rank_reference() -> PathBuf {
     .clone()
 }
 
-/// Final weights equal to the bit.
-fn assert_same_bits(a: &Path, b: &Path) {
-    let (wa, wb) = (
-        load_weights(&a.join("final")),
-        load_weights(&b.join("final")),
-    );
-    assert_eq!(wa.len(), wb.len());
-    for (k, v) in &wa {
-        let same = v.len() == wb[k].len()
-            && v.iter()
-                .zip(&wb[k])
-                .all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "final weights differ in {k}");
-    }
-}
-
 /// Starts two ranks with the launcher (`extra` flags), kills rank 1 with SIGKILL after 5
 /// updates and returns the launcher's exit status and stderr lines once it stopped.
 fn kill_rank_1_midway(
@@ -462,20 +446,8 @@ fn one_process_run_resumes_on_two_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path());
     let out = dir.path().join("run");
-    // Stop a one-process run after step 6 by failing it at a checkpoint write of step 8.
-    let mut child = rdrop(&["train", "--config", s(&cfg), "--out", s(&out)], false)
-        .env("RDROP_TEST_STALL_CHECKPOINT", "8")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let seen = BufReader::new(stderr)
-        .lines()
-        .any(|l| l.unwrap().contains("stalling checkpoint step-8"));
-    assert!(seen, "the stall marker never appeared");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // Stop a one-process run after step 6 by killing it in the checkpoint write of step 8.
+    kill_during_checkpoint_write(&cfg, &out, 8);
     // The same command on two ranks continues it (the batch allows 1 or 2 ranks).
     let res = run_ok(
         &[
@@ -522,7 +494,7 @@ fn kill_9_of_rank_1_then_the_same_command_ends_as_the_uninterrupted_two_rank_run
     );
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(err.contains("[rank 0] continuing the run in"), "{err}");
-    assert_same_bits(&reference, &out);
+    assert_same_final_bits(&reference, &out);
 }
 
 /// Ranks whose run folders hold different checkpoints (no shared file system): rank 1 stops
@@ -532,20 +504,8 @@ fn ranks_that_find_different_checkpoints_stop_naming_both() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path());
     let a = dir.path().join("a");
-    // A run stopped after step 4's checkpoint (step 6's write stalled, then killed).
-    let mut child = rdrop(&["train", "--config", s(&cfg), "--out", s(&a)], false)
-        .env("RDROP_TEST_STALL_CHECKPOINT", "6")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let seen = BufReader::new(stderr)
-        .lines()
-        .any(|l| l.unwrap().contains("stalling checkpoint step-6"));
-    assert!(seen, "the stall marker never appeared");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // A run stopped after step 4's checkpoint (killed in step 6's write).
+    kill_during_checkpoint_write(&cfg, &a, 6);
     // Rank 1's copy lacks step-4.
     let b = dir.path().join("b");
     let st = Command::new("cp")
@@ -572,14 +532,7 @@ fn ranks_that_find_different_checkpoints_stop_naming_both() {
                 ],
                 true,
             )
-            .envs([
-                ("RANK", rank.as_str()),
-                ("WORLD_SIZE", "2"),
-                ("LOCAL_RANK", rank.as_str()),
-                ("LOCAL_WORLD_SIZE", "2"),
-                ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", port.as_str()),
-            ])
+            .envs(torchrun_vars(&rank, "2", &port))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -600,6 +553,18 @@ fn ranks_that_find_different_checkpoints_stop_naming_both() {
     assert_eq!(train_lines(&a), logged, "rank 0 wrote updates");
 }
 
+/// torchrun's variables for rank `rank` of a one-node world of `world` at 127.0.0.1:`port`.
+fn torchrun_vars<'a>(rank: &'a str, world: &'a str, port: &'a str) -> [(&'static str, &'a str); 6] {
+    [
+        ("RANK", rank),
+        ("WORLD_SIZE", world),
+        ("LOCAL_RANK", rank),
+        ("LOCAL_WORLD_SIZE", world),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", port),
+    ]
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     l.local_addr().unwrap().port()
@@ -618,14 +583,7 @@ fn ranks_started_by_torchrun_or_slurm_join_directly() {
             .map(|r| {
                 let rank = r.to_string();
                 let vars: Vec<(&str, &str)> = if launcher == "torchrun" {
-                    vec![
-                        ("RANK", &rank),
-                        ("WORLD_SIZE", "2"),
-                        ("LOCAL_RANK", &rank),
-                        ("LOCAL_WORLD_SIZE", "2"),
-                        ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", &port),
-                    ]
+                    torchrun_vars(&rank, "2", &port).to_vec()
                 } else {
                     vec![
                         ("SLURM_PROCID", &rank),

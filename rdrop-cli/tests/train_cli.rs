@@ -10,7 +10,6 @@
 //! - `--weights` from an HF folder, a timm file, a Google npz and a run folder;
 //! - clear CLI errors, non-zero exit and no panic for bad input.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -76,24 +75,7 @@ fn kill_9_during_a_checkpoint_write_then_resume_is_bit_identical() {
     let out = dir.path().join("run");
     let stall = 2 * random_in(2, STEPS / 2 - 1); // an even step: a checkpoint step
     eprintln!("killing during the write of checkpoint step-{stall}");
-    let mut child = rdrop(&["train", "--config", s(&cfg), "--out", s(&out)])
-        .env("RDROP_TEST_STALL_CHECKPOINT", stall.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut seen = false;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap();
-        if line.contains(&format!("stalling checkpoint step-{stall}")) {
-            seen = true;
-            break;
-        }
-    }
-    assert!(seen, "the stall marker never appeared");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_during_checkpoint_write(&cfg, &out, stall);
     let ck = out.join("checkpoints");
     // The half-written checkpoint is not visible under its final name; the previous one is whole.
     assert!(!ck.join(format!("step-{stall}")).exists());

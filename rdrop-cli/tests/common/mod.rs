@@ -158,14 +158,40 @@ pub fn random_in(lo: u64, hi: u64) -> u64 {
     lo + n % (hi - lo + 1)
 }
 
-/// Two runs of the tiny configuration ended the same: final weights to the bit, every metric
-/// line (but the wall-clock speed) equal.
-pub fn assert_same_run(a: &Path, b: &Path) {
+/// Two runs' final weights are equal to the bit.
+pub fn assert_same_final_bits(a: &Path, b: &Path) {
     let (wa, wb) = (weight_bits(&a.join("final")), weight_bits(&b.join("final")));
     assert_eq!(wa.len(), wb.len());
     for (k, v) in &wa {
         assert!(wb[k] == *v, "final weights differ in {k}");
     }
+}
+
+/// `rdrop train --config CFG --out OUT` with its checkpoint write of `step` stalled halfway
+/// (the test hook), killed with SIGKILL there: the run's newest whole checkpoint is the one
+/// before.
+pub fn kill_during_checkpoint_write(cfg: &Path, out: &Path, step: u64) {
+    use std::io::{BufRead, BufReader};
+    let mut child = rdrop(&["train", "--config", s(cfg), "--out", s(out)], false)
+        .env("RDROP_TEST_STALL_CHECKPOINT", step.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let marker = format!("stalling checkpoint step-{step}");
+    let seen = BufReader::new(stderr)
+        .lines()
+        .any(|l| l.unwrap().contains(&marker));
+    assert!(seen, "the stall marker never appeared");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// Two runs of the tiny configuration ended the same: final weights to the bit, every metric
+/// line (but the wall-clock speed) equal.
+pub fn assert_same_run(a: &Path, b: &Path) {
+    assert_same_final_bits(a, b);
     let (ma, mb) = (load_metrics(a), load_metrics(b));
     assert_eq!(ma.len(), mb.len(), "number of metric lines");
     for (x, y) in ma.iter().zip(&mb) {
