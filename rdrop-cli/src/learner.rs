@@ -198,6 +198,33 @@ impl Learner {
         )
     }
 
+    /// Starts (`true`) or stops recording where each update's time goes (the explicit
+    /// engines; `false` when the engine cannot, the autograd model).
+    pub fn set_profiling(&mut self, on: bool) -> bool {
+        match &mut self.inner {
+            Inner::Autograd { .. } => false,
+            Inner::Explicit { trainer, .. } => {
+                trainer.set_profiling(on);
+                true
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { trainer, .. } => {
+                trainer.set_profiling(on);
+                true
+            }
+        }
+    }
+
+    /// The op groups of the updates since the last take, summed (empty when not profiling).
+    pub fn take_profile(&mut self) -> rdrop_core::Profile {
+        match &mut self.inner {
+            Inner::Autograd { .. } => rdrop_core::Profile::default(),
+            Inner::Explicit { trainer, .. } => trainer.take_profile(),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda { trainer, .. } => trainer.take_profile(),
+        }
+    }
+
     /// Bytes of the explicit engine's activation plan (`None` for autograd).
     pub fn plan_bytes(&self) -> Option<usize> {
         match &self.inner {

@@ -48,7 +48,8 @@ enum Command {
     /// Inspect, benchmark, preview or download the CIFAR datasets.
     #[command(subcommand)]
     Data(cmd::data::Command),
-    /// Benchmarks on synthetic data: the training step (`bench train`) and inference (`bench eval`).
+    /// Benchmarks on synthetic data: the training step (`bench train`, `--profile` for where its
+    /// time goes), inference (`bench eval`) and the CPU GEMM's peak (`bench gemm`).
     #[command(subcommand)]
     Bench(cmd::bench::Command),
     /// Draw curves.png (loss, CE, KL, lr, test top-1) from a run folder's metrics.jsonl.

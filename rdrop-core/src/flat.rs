@@ -25,6 +25,7 @@ use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, sum_squares, AdamWHy
 use crate::dist::Collective;
 use crate::error::{CoreError, Result};
 use crate::optim::{OptimConfig, OptimizerKind, OptimizerState, WeightDecayScope};
+use crate::profile::Profile;
 use crate::rng::RngState;
 use crate::schedule::lr_lambda;
 use crate::split::UpdateSplit;
@@ -211,6 +212,16 @@ pub trait FlatRDropModel {
         vec![0]
     }
 
+    /// Starts (`true`) or stops recording where the micro-batches' time goes. Default: the
+    /// model keeps no profile.
+    fn set_profiling(&mut self, _on: bool) {}
+
+    /// The op groups of the micro-batches accumulated since the last take ([`Profile`]);
+    /// empty when not profiling.
+    fn take_profile(&mut self) -> Profile {
+        Profile::default()
+    }
+
     /// [`FlatRDropModel::accumulate`], handing each bucket `grads[cuts_i .. cuts_{i−1})` to
     /// `ready` as soon as the backward has written its last value (`cuts`: a subset of
     /// [`FlatRDropModel::grad_ready_cuts`] ending at 0, see [`crate::dist::bucket_cuts`]),
@@ -254,7 +265,7 @@ fn accumulate_reducing<M: FlatRDropModel + ?Sized>(
     first_sample: usize,
     loss: &crate::loss::LossConfig,
     weight: f64,
-) -> Result<MicroLoss> {
+) -> Result<(MicroLoss, f64)> {
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel::<&mut [f32]>();
         let comm = s.spawn(move || -> Result<usize> {
@@ -286,7 +297,8 @@ fn accumulate_reducing<M: FlatRDropModel + ?Sized>(
         })?;
         let mut out = out?;
         // The sums still running when the backward ends: the part not overlapped.
-        out.backward_s += t.elapsed().as_secs_f64();
+        let wait = t.elapsed().as_secs_f64();
+        out.backward_s += wait;
         let n = reduced?;
         if n != cuts.len() {
             return Err(CoreError::Config(format!(
@@ -294,7 +306,7 @@ fn accumulate_reducing<M: FlatRDropModel + ?Sized>(
                 cuts.len()
             )));
         }
-        Ok(out)
+        Ok((out, wait))
     })
 }
 
@@ -530,6 +542,8 @@ pub struct FlatTrainer {
     cfg: TrainConfig,
     opt: FlatOptimizer,
     step: u64,
+    profiling: bool,
+    profile: Profile,
 }
 
 impl FlatTrainer {
@@ -546,6 +560,8 @@ impl FlatTrainer {
             opt: FlatOptimizer::new(cfg.optim, layout)?,
             cfg,
             step: 0,
+            profiling: false,
+            profile: Profile::default(),
         })
     }
 
@@ -577,6 +593,19 @@ impl FlatTrainer {
     /// The learning rate of the next update.
     pub fn next_lr(&self) -> f64 {
         self.cfg.optim.lr * lr_lambda(self.step + 1, &self.cfg.schedule)
+    }
+
+    /// Records (`true`) where each update's time goes: the model's op groups
+    /// ([`FlatRDropModel::take_profile`]) plus `grad_reduce` and `optimizer` (zeroing, norm,
+    /// clipping and the step). Read with [`FlatTrainer::take_profile`].
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiling = on;
+        self.profile = Profile::default();
+    }
+
+    /// The profile of the updates since the last take (summed; empty when not profiling).
+    pub fn take_profile(&mut self) -> Profile {
+        std::mem::take(&mut self.profile)
     }
 
     /// The checkpointable state, in the same format as [`crate::Trainer::state`].
@@ -654,14 +683,20 @@ impl FlatTrainer {
             let ready = model.grad_ready_cuts();
             crate::dist::cuts_for(self.cfg.grad_bucket_mb, &ready, model.layout().len())
         });
+        let t0 = Instant::now();
+        model.set_profiling(self.profiling);
         model.zero_grads();
+        let zero_s = t0.elapsed().as_secs_f64();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
-        let (mut fwd, mut bwd) = (0f64, 0f64);
+        let (mut fwd, mut bwd, mut reduce_s) = (0f64, 0f64, 0f64);
         let last = micro_batches.len().saturating_sub(1);
         for (j, ((x, y), &(first, w))) in micro_batches.iter().zip(&split.micro).enumerate() {
             let l = match (collective, &cuts) {
                 (Some(c), Some(cuts)) if j == last => {
-                    accumulate_reducing(model, c, cuts, x, y, k, first, &self.cfg.loss, w)?
+                    let (l, wait) =
+                        accumulate_reducing(model, c, cuts, x, y, k, first, &self.cfg.loss, w)?;
+                    reduce_s += wait;
+                    l
                 }
                 _ => model.accumulate(x, y, k, first, &self.cfg.loss, w)?,
             };
@@ -681,6 +716,8 @@ impl FlatTrainer {
             }
             [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
         }
+        reduce_s += t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
         let grad_norm = sum_squares(grads).sqrt();
         check_finite(k, loss, grad_norm)?;
@@ -690,6 +727,28 @@ impl FlatTrainer {
         };
         self.opt.step(params, grads, lr, coef);
         self.step = k;
+        if self.profiling {
+            let p = model.take_profile();
+            self.profile.merge(&p);
+            let n = self
+                .opt
+                .segments()
+                .iter()
+                .map(|(r, _)| r.len())
+                .sum::<usize>() as f64;
+            // Reduction: the gradient once in, once out (f32). Optimiser: the norm reads g;
+            // the step reads p, g, the moment and writes p and the moment (SGD momentum: ~4
+            // flops per value, the norm 2).
+            if collective.is_some() {
+                self.profile.add("grad_reduce", reduce_s * 1e3, n, 8.0 * n);
+            }
+            self.profile.add(
+                "optimizer",
+                (zero_s + t2.elapsed().as_secs_f64()) * 1e3,
+                6.0 * n,
+                4.0 * n * 7.0,
+            );
+        }
         Ok(StepStats {
             step: k,
             lr,

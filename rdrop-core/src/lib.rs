@@ -12,6 +12,7 @@
 //! - [`clip`]: `clip_grad_norm_`; [`scaler`]: dynamic loss scaling for f16;
 //! - [`schedule`]: warm-up + cosine/linear learning-rate multiplier `lr_lambda(k)`;
 //! - [`flat`]: the same update over flat parameter/gradient/moment buffers (explicit engines);
+//! - [`profile`]: where an update's time goes (op groups, FLOPs, bytes);
 //! - [`trainer`]: one composed update (accumulation, scaling, clipping, schedule, step);
 //! - [`state`], [`checkpoint`]: the training state and atomic checkpoint files;
 //! - [`dist`]: data-parallel training (launch variables, rendezvous, collectives, sharding).
@@ -27,6 +28,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod passes;
+pub mod profile;
 pub mod rng;
 pub mod run_folder;
 pub mod scaler;
@@ -43,6 +45,7 @@ pub use loss::{mean_to_reference, rdrop_loss, reference_to_mean, LossConfig, Los
 pub use model::RDropModel;
 pub use optim::{OptimConfig, Optimizer, OptimizerKind, OptimizerState, WeightDecayScope};
 pub use passes::{two_pass_logits, TwoPass};
+pub use profile::{GroupTime, Profile, Stopwatch};
 pub use rng::{DropoutContext, DropoutRng, RngState, RowKey};
 pub use run_folder::RunFolder;
 pub use scaler::{LossScaler, ScalerConfig, ScalerState};

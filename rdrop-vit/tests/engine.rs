@@ -233,3 +233,42 @@ fn gradients_match_autograd_with_dropout() {
         0.1,
     );
 }
+
+/// Profiling only watches: the same gradients to the bit, and a profile whose GEMM work is
+/// the closed form `2·N·D·3D` per layer for the QKV projection (twice that backward).
+#[test]
+fn profiling_changes_nothing_and_counts_the_work() {
+    let cfg = with_dropout(ViTConfig::preset("tiny").unwrap(), 0.1);
+    let (m, _) = model(&cfg, 5);
+    let b = 3;
+    let x = images(b, &cfg);
+    let y = Tensor::from_vec(vec![0u32, 1, 2], b, &Device::Cpu).unwrap();
+    let loss = LossConfig::default();
+    let mut grads = Vec::new();
+    for on in [false, true] {
+        let mut e = Engine::from_model(&m).unwrap();
+        e.set_profiling(on);
+        e.accumulate(&x, &y, 1, 0, &loss, 1.0).unwrap();
+        grads.push(e.grads().to_vec());
+        let p = e.take_profile();
+        if !on {
+            assert!(p.groups.is_empty());
+            continue;
+        }
+        let n = (2 * b * cfg.num_tokens()) as f64;
+        let d = cfg.hidden_size as f64;
+        let qkv = 2.0 * n * d * 3.0 * d * cfg.num_layers as f64;
+        let get = |g: &str| p.groups.iter().find(|x| x.group == g).unwrap().clone();
+        assert_eq!(get("qkv_gemm").flops, qkv);
+        assert_eq!(get("qkv_gemm_bwd").flops, 2.0 * qkv);
+        assert!(get("loss").bytes > 0.0 && get("patch_embed_bwd").ms >= 0.0);
+        assert!(e.take_profile().groups.is_empty(), "taken");
+    }
+    assert!(
+        grads[0]
+            .iter()
+            .zip(&grads[1])
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "profiling changed a gradient"
+    );
+}

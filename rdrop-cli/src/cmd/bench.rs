@@ -23,6 +23,83 @@ pub enum Command {
     Train(TrainArgs),
     /// Time eval-mode forwards (no dropout, no gradient) of a randomly initialised ViT.
     Eval(EvalArgs),
+    /// Time the CPU engine's f32 GEMM (`C = A·B`, the kernel under every linear layer) at one
+    /// shape: the peak that `bench train --profile`'s GEMM groups compare against.
+    Gemm(GemmArgs),
+}
+
+/// Arguments of `rdrop bench gemm`.
+#[derive(clap::Args, Debug)]
+pub struct GemmArgs {
+    /// Rows of A and C.
+    #[arg(long, default_value_t = 2048)]
+    pub m: usize,
+    /// Columns of A, rows of B.
+    #[arg(long, default_value_t = 2048)]
+    pub k: usize,
+    /// Columns of B and C.
+    #[arg(long, default_value_t = 2048)]
+    pub n: usize,
+    /// Timed products (after one untimed).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `rdrop bench gemm --json` prints.
+#[derive(Debug, Serialize)]
+pub struct GemmBench {
+    /// The shape `m×k · k×n`.
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Milliseconds per product.
+    pub ms: f64,
+    /// Achieved GFLOP/s (`2·m·k·n` per product).
+    pub gflops: f64,
+}
+
+/// Runs `rdrop bench gemm`.
+pub fn bench_gemm(a: &GemmArgs) -> anyhow::Result<GemmBench> {
+    anyhow::ensure!(
+        a.m > 0 && a.k > 0 && a.n > 0 && a.iters > 0,
+        "--m, --k, --n and --iters must be at least 1"
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads.unwrap_or(0))
+        .build()?;
+    let x: Vec<f32> = (0..a.m * a.k).map(|i| (i % 13) as f32 * 0.1).collect();
+    let w: Vec<f32> = (0..a.k * a.n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let mut c = vec![0f32; a.m * a.n];
+    let mm = |c: &mut [f32]| {
+        rdrop_kernels::linear::matmul(c, &x, &w, a.m, a.k, a.n, false, false, 1.0, 0.0)
+    };
+    let (ms, threads) = pool.install(|| {
+        mm(&mut c);
+        let t0 = std::time::Instant::now();
+        for _ in 0..a.iters {
+            mm(&mut c);
+        }
+        (
+            1e3 * t0.elapsed().as_secs_f64() / a.iters as f64,
+            rayon::current_num_threads(),
+        )
+    });
+    Ok(GemmBench {
+        m: a.m,
+        k: a.k,
+        n: a.n,
+        threads,
+        ms,
+        gflops: 2.0 * (a.m * a.k * a.n) as f64 / (ms * 1e6),
+    })
 }
 
 /// Arguments of `rdrop bench eval`.
@@ -142,9 +219,32 @@ pub struct TrainArgs {
     /// Classes of the synthetic task (default: the preset's).
     #[arg(long)]
     pub num_classes: Option<usize>,
+    /// Also time each op group of the step (patch embedding, LayerNorm, QKV GEMM, attention,
+    /// projection, MLP GEMMs, GELU and dropout, residual, head, loss, the backward of each,
+    /// gradient reduction, optimiser) with its FLOPs, bytes and achieved TFLOP/s and GB/s:
+    /// laps of a clock on the CPU, CUDA events on a GPU (explicit engine only).
+    #[arg(long)]
+    pub profile: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One op group of `rdrop bench train --profile`: mean per update.
+#[derive(Debug, Serialize)]
+pub struct ProfileRow {
+    /// The group (`qkv_gemm`, `attention_bwd`, `optimizer`, …).
+    pub group: String,
+    /// Milliseconds per update.
+    pub ms: f64,
+    /// Floating-point operations per update (a multiply-add is 2).
+    pub flops: f64,
+    /// Bytes read and written per update (each operand once).
+    pub bytes: f64,
+    /// Achieved TFLOP/s.
+    pub tflops: f64,
+    /// Achieved GB/s.
+    pub gbps: f64,
 }
 
 /// What `rdrop bench train --json` prints.
@@ -186,10 +286,62 @@ pub struct BenchResult {
     /// The explicit engine's activation plan (saved activations and scratch), GiB; `None`
     /// for the autograd model.
     pub plan_gib: Option<f64>,
+    /// With `--profile`: the op groups, mean per update, in step order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfileRow>>,
+    /// With `--profile`: the groups' milliseconds summed, per update (compare `step_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_ms: Option<f64>,
+    /// With `--profile`: the step's achieved TFLOP/s (all groups' FLOPs over `step_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_tflops: Option<f64>,
+}
+
+impl BenchResult {
+    /// The profile as a table (group, ms, share of the step, GFLOP, TFLOP/s, GB/s).
+    pub fn profile_table(&self) -> Option<String> {
+        let rows = self.profile.as_ref()?;
+        let mut out = format!(
+            "{:<18} {:>9} {:>6} {:>10} {:>9} {:>9}\n",
+            "group", "ms", "%", "GFLOP", "TFLOP/s", "GB/s"
+        );
+        for r in rows {
+            out += &format!(
+                "{:<18} {:>9.3} {:>6.1} {:>10.3} {:>9.3} {:>9.1}\n",
+                r.group,
+                r.ms,
+                100.0 * r.ms / self.step_ms,
+                r.flops / 1e9,
+                r.tflops,
+                r.gbps
+            );
+        }
+        out += &format!(
+            "{:<18} {:>9.3} {:>6.1} {:>10.3} {:>9.3}\n",
+            "sum of groups",
+            self.profile_ms.unwrap_or(0.0),
+            100.0 * self.profile_ms.unwrap_or(0.0) / self.step_ms,
+            rows.iter().map(|r| r.flops).sum::<f64>() / 1e9,
+            self.step_tflops.unwrap_or(0.0)
+        );
+        Some(out)
+    }
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
+        Command::Gemm(a) => {
+            let r = bench_gemm(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "f32 GEMM {}×{} · {}×{} ({} threads): {:.3} ms, {:.1} GFLOP/s",
+                    r.m, r.k, r.k, r.n, r.threads, r.ms, r.gflops
+                );
+            }
+            Ok(())
+        }
         Command::Eval(a) => {
             let r = bench_eval(&a)?;
             if a.json {
@@ -237,6 +389,9 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                         .map(|g| format!("; activation plan {g:.2} GiB"))
                         .unwrap_or_default()
                 );
+                if let Some(t) = r.profile_table() {
+                    print!("{t}");
+                }
             }
             Ok(())
         }
@@ -318,6 +473,11 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         ..TrainConfig::default()
     };
     let mut trainer = Learner::new(model, tcfg, explicit, None)?;
+    anyhow::ensure!(
+        !a.profile || trainer.set_profiling(true),
+        "--profile times the explicit engine's ops; --engine {} has no profile",
+        a.compute.engine
+    );
     let s = vc.image_size;
     let x =
         Tensor::randn(0f32, 1f32, (a.micro_batch, 3, s, s), &Device::Cpu)?.to_device(&device)?;
@@ -331,6 +491,7 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         trainer.update(&batch)?;
         peak_dev = max_opt(peak_dev, cuda_used_gib(&device));
     }
+    trainer.take_profile(); // the warm-up's
     let (mut f, mut b, mut o) = (0.0, 0.0, 0.0);
     let t0 = std::time::Instant::now();
     for _ in 0..a.steps {
@@ -343,6 +504,8 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
     device.synchronize()?;
     let wall = t0.elapsed().as_secs_f64();
     let n = a.steps as f64;
+    let step_ms = 1e3 * wall / n;
+    let prof = a.profile.then(|| trainer.take_profile().scaled(n));
     let (peak_gib, peak_kind) = if device.is_cpu() {
         (peak_rss_gib(), "process peak RSS (VmHWM)".to_string())
     } else {
@@ -362,13 +525,28 @@ pub fn bench_train(a: &TrainArgs) -> anyhow::Result<BenchResult> {
         threads: rayon::current_num_threads(),
         params,
         samples_per_s: a.micro_batch as f64 * n / wall,
-        step_ms: 1e3 * wall / n,
+        step_ms,
         forward_ms: 1e3 * f / n,
         backward_ms: 1e3 * b / n,
         optimizer_ms: 1e3 * o / n,
         peak_gib,
         peak_kind,
         plan_gib: trainer.plan_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
+        profile_ms: prof.as_ref().map(|p| p.total_ms()),
+        step_tflops: prof.as_ref().map(|p| p.total_flops() / (step_ms * 1e9)),
+        profile: prof.map(|p| {
+            p.groups
+                .iter()
+                .map(|g| ProfileRow {
+                    group: g.group.clone(),
+                    ms: g.ms,
+                    flops: g.flops,
+                    bytes: g.bytes,
+                    tflops: g.tflops(),
+                    gbps: g.gbps(),
+                })
+                .collect()
+        }),
     })
 }
 
@@ -412,9 +590,11 @@ mod tests {
             passes: Passes::Concat,
             num_classes: None,
             dropout: None,
+            profile: false,
             json: true,
         };
         let r = bench_train(&a).unwrap();
+        assert!(r.profile.is_none());
         assert!(r.samples_per_s > 0.0 && r.step_ms > 0.0);
         assert!(r.forward_ms > 0.0 && r.backward_ms > 0.0 && r.optimizer_ms >= 0.0);
         assert!(r.forward_ms + r.backward_ms + r.optimizer_ms <= r.step_ms * 1.05);
@@ -428,5 +608,96 @@ mod tests {
             }
             .num_params()
         );
+    }
+
+    #[test]
+    fn the_profile_names_every_group_and_adds_up_to_the_step() {
+        let a = TrainArgs {
+            model: "tiny".into(),
+            image_size: Some(16),
+            micro_batch: 8,
+            steps: 3,
+            warmup: 1,
+            compute: ComputeArgs::default(),
+            passes: Passes::Concat,
+            num_classes: None,
+            dropout: None,
+            profile: true,
+            json: true,
+        };
+        let r = bench_train(&a).unwrap();
+        let rows = r.profile.as_ref().unwrap();
+        let names: Vec<&str> = rows.iter().map(|g| g.group.as_str()).collect();
+        let want: Vec<&str> = rdrop_core::profile::GROUPS
+            .iter()
+            .copied()
+            .filter(|g| *g != "grad_reduce")
+            .collect();
+        assert_eq!(names, want, "every group once, in step order");
+        assert!(rows.iter().all(|g| g.ms >= 0.0 && g.bytes > 0.0));
+        let gemm = rows.iter().find(|g| g.group == "qkv_gemm").unwrap();
+        let cfg = ViTConfig {
+            image_size: 16,
+            ..ViTConfig::preset("tiny").unwrap()
+        };
+        let n = (2 * 8 * cfg.num_tokens()) as f64;
+        let d = cfg.hidden_size as f64;
+        assert_eq!(gemm.flops, cfg.num_layers as f64 * 2.0 * n * d * 3.0 * d);
+        // Laps cover the update: only the learner's own bookkeeping is outside them.
+        let sum = r.profile_ms.unwrap();
+        assert!(sum <= r.step_ms * 1.001, "{sum} > {}", r.step_ms);
+        assert!(sum >= 0.5 * r.step_ms, "{sum} of {}", r.step_ms);
+        assert!(r.profile_table().unwrap().contains("attention_bwd"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["profile"][0]["group"], "patch_embed");
+        for k in ["ms", "flops", "bytes"] {
+            assert!(json["profile"][0][k].is_number(), "{k}");
+        }
+    }
+
+    #[test]
+    fn bench_gemm_counts_two_flops_a_multiply_add() {
+        let r = bench_gemm(&GemmArgs {
+            m: 64,
+            k: 32,
+            n: 16,
+            iters: 2,
+            threads: Some(1),
+            json: true,
+        })
+        .unwrap();
+        assert_eq!(r.threads, 1);
+        assert!((r.gflops - 2.0 * 64.0 * 32.0 * 16.0 / (r.ms * 1e6)).abs() < 1e-9);
+        assert!(bench_gemm(&GemmArgs {
+            m: 0,
+            k: 1,
+            n: 1,
+            iters: 1,
+            threads: None,
+            json: false,
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn the_autograd_model_has_no_profile() {
+        let a = TrainArgs {
+            model: "tiny".into(),
+            image_size: Some(16),
+            micro_batch: 2,
+            steps: 1,
+            warmup: 0,
+            compute: ComputeArgs {
+                engine: rdrop_vit::EngineKind::Autograd,
+                ..ComputeArgs::default()
+            },
+            passes: Passes::Concat,
+            num_classes: None,
+            dropout: None,
+            profile: true,
+            json: true,
+        };
+        let e = bench_train(&a).unwrap_err().to_string();
+        assert!(e.contains("--profile") && e.contains("autograd"), "{e}");
     }
 }

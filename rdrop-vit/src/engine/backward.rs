@@ -10,7 +10,10 @@ use rdrop_kernels::gelu::gelu_bwd_inplace;
 use rdrop_kernels::layernorm::{layernorm_bwd, layernorm_fwd};
 use rdrop_kernels::linear::linear_bwd;
 
-use super::forward::Masks;
+use rdrop_core::Stopwatch;
+
+use super::cost;
+use super::forward::{embed_cost, head_cost, Masks};
 use super::params::Offsets;
 use super::plan::{attn_dims, Plan};
 use crate::config::ViTConfig;
@@ -71,7 +74,9 @@ pub(crate) fn backward<'g>(
     masks: &Masks,
     mut cuts: &[usize],
     ready: &mut dyn FnMut(&'g mut [f32]),
+    sw: &mut Stopwatch,
 ) {
+    let lap = |sw: &mut Stopwatch, g: &str, (f, b): cost::Cost| sw.lap(g, f, b);
     let mut grads = grads;
     let rows = plan.rows;
     let (t, d, m, c) = (
@@ -83,6 +88,7 @@ pub(crate) fn backward<'g>(
     let n = rows * t;
     let eps = cfg.layer_norm_eps as f32;
     let td = t * d;
+    let (h, dh) = (cfg.num_heads, cfg.head_dim());
 
     // Classifier and final LayerNorm (class rows only).
     {
@@ -119,6 +125,8 @@ pub(crate) fn backward<'g>(
             plan.dres[bi * td..bi * td + d].copy_from_slice(row);
         }
     }
+    let (f, b) = head_cost(cfg, rows, 4);
+    sw.lap("head_bwd", 2.0 * f, 2.0 * b);
     release(&mut grads, off.lnf_w, &mut cuts, ready);
 
     for l in (0..cfg.num_layers).rev() {
@@ -127,6 +135,11 @@ pub(crate) fn backward<'g>(
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
         let p_hidden = hidden_p(cfg, masks);
         apply_keep_to(&mut plan.dtmp, &plan.dres, &acts.keep_out, p_hidden);
+        lap(
+            sw,
+            "residual_bwd",
+            cost::elementwise(n * d, 1, 1, 4, 1.0, true),
+        );
         let (dw, db) = pair(grads, o.fc2_w, d * m, o.fc2_b, d);
         linear_bwd(
             Some(&mut plan.dhidden),
@@ -140,8 +153,14 @@ pub(crate) fn backward<'g>(
             m,
             d,
         );
+        lap(sw, "mlp_gemm_bwd", cost::gemm_bwd(n, m, d, 4, true));
         apply_keep(&mut plan.dhidden, &acts.keep_hidden, p_hidden);
         gelu_bwd_inplace(&mut plan.dhidden, &acts.pre);
+        lap(
+            sw,
+            "gelu_dropout_bwd",
+            cost::elementwise(n * m, 2, 1, 4, 25.0, true),
+        );
         layernorm_fwd(
             &mut plan.ln,
             &mut acts.mean2,
@@ -152,6 +171,7 @@ pub(crate) fn backward<'g>(
             eps,
             d,
         );
+        lap(sw, "layernorm_bwd", cost::layernorm(n, d, 4));
         let (dw, db) = pair(grads, o.fc1_w, m * d, o.fc1_b, m);
         linear_bwd(
             Some(&mut plan.dln),
@@ -165,6 +185,7 @@ pub(crate) fn backward<'g>(
             d,
             m,
         );
+        lap(sw, "mlp_gemm_bwd", cost::gemm_bwd(n, d, m, 4, true));
         let (dg, db) = pair(grads, o.ln2_w, d, o.ln2_b, d);
         layernorm_bwd(
             &mut plan.dres,
@@ -178,6 +199,7 @@ pub(crate) fn backward<'g>(
             &p[o.ln2_w..o.ln2_w + d],
             d,
         );
+        lap(sw, "layernorm_bwd", cost::layernorm_bwd(n, d, 4));
 
         // mid = x + drop(out(attn)),  attn = attention(qkv(LN1(x)))
         let p_out = if masks.train {
@@ -186,6 +208,11 @@ pub(crate) fn backward<'g>(
             0.0
         };
         apply_keep_to(&mut plan.dtmp, &plan.dres, &acts.keep_attn_out, p_out);
+        lap(
+            sw,
+            "residual_bwd",
+            cost::elementwise(n * d, 1, 1, 4, 1.0, true),
+        );
         let (dw, db) = pair(grads, o.out_w, d * d, o.out_b, d);
         linear_bwd(
             Some(&mut plan.dattn),
@@ -199,6 +226,7 @@ pub(crate) fn backward<'g>(
             d,
             d,
         );
+        lap(sw, "proj_gemm_bwd", cost::gemm_bwd(n, d, d, 4, true));
         let probs_site = masks.site(sites::attention_probs(l as u32), cfg.attention_dropout);
         attention_bwd(
             &mut plan.dqkv,
@@ -209,6 +237,7 @@ pub(crate) fn backward<'g>(
             attn_dims(cfg, rows),
             probs_site.as_ref().map(|s| (s, masks.rows)),
         );
+        lap(sw, "attention_bwd", cost::attention_bwd(rows, h, t, dh, 4));
         layernorm_fwd(
             &mut plan.ln,
             &mut acts.mean1,
@@ -219,6 +248,7 @@ pub(crate) fn backward<'g>(
             eps,
             d,
         );
+        lap(sw, "layernorm_bwd", cost::layernorm(n, d, 4));
         let (dw, db) = pair(grads, o.qkv_w, 3 * d * d, o.qkv_b, 3 * d);
         linear_bwd(
             Some(&mut plan.dln),
@@ -232,6 +262,7 @@ pub(crate) fn backward<'g>(
             d,
             3 * d,
         );
+        lap(sw, "qkv_gemm_bwd", cost::gemm_bwd(n, d, 3 * d, 4, true));
         let (dg, db) = pair(grads, o.ln1_w, d, o.ln1_b, d);
         layernorm_bwd(
             &mut plan.dres,
@@ -245,6 +276,7 @@ pub(crate) fn backward<'g>(
             &p[o.ln1_w..o.ln1_w + d],
             d,
         );
+        lap(sw, "layernorm_bwd", cost::layernorm_bwd(n, d, 4));
         release(&mut grads, o.ln1_w, &mut cuts, ready);
     }
 
@@ -291,5 +323,7 @@ pub(crate) fn backward<'g>(
         cpp,
         d,
     );
+    let (f, b) = embed_cost(cfg, rows, 4);
+    sw.lap("patch_embed_bwd", f, b);
     release(&mut grads, 0, &mut cuts, ready);
 }

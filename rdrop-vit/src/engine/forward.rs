@@ -9,6 +9,9 @@ use rdrop_kernels::layernorm::layernorm_fwd;
 use rdrop_kernels::linear::{linear_fwd, linear_gelu_fwd};
 use rdrop_kernels::patch::im2col;
 
+use rdrop_core::Stopwatch;
+
+use super::cost;
 use super::params::{LayerOffsets, Offsets};
 use super::plan::{attn_dims, LayerActs, Plan};
 use crate::config::ViTConfig;
@@ -96,6 +99,16 @@ pub(crate) fn embed(cfg: &ViTConfig, p: &[f32], off: &Offsets, plan: &mut Plan, 
     }
 }
 
+/// The profile's charge for the patch embedding of `b` rows (im2col, the GEMM, class token,
+/// positions and dropout; element width `e`).
+pub(crate) fn embed_cost(cfg: &ViTConfig, b: usize, e: usize) -> cost::Cost {
+    let (t, d) = (cfg.num_tokens(), cfg.hidden_size);
+    let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    let (f, by) = cost::gemm(b * (t - 1), cpp, d, e);
+    let (f2, by2) = cost::elementwise(b * t * d, 2, 1, 4, 2.0, true);
+    (f + f2, by + by2 + (b * (t - 1) * cpp * 4) as f64)
+}
+
 /// One block: `acts.x` → `out` (both `(B, T, D)`), saving what the backward needs in `acts`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn block(
@@ -109,10 +122,13 @@ pub(crate) fn block(
     proj: &mut [f32],
     rows: usize,
     masks: &Masks,
+    sw: &mut Stopwatch,
 ) {
     let (t, d, m) = (cfg.num_tokens(), cfg.hidden_size, cfg.mlp_dim);
     let n = rows * t;
     let eps = cfg.layer_norm_eps as f32;
+    let lap = |sw: &mut Stopwatch, g: &str, (f, b): cost::Cost| sw.lap(g, f, b);
+    let (h, dh) = (cfg.num_heads, cfg.head_dim());
     layernorm_fwd(
         ln,
         &mut acts.mean1,
@@ -123,6 +139,7 @@ pub(crate) fn block(
         eps,
         d,
     );
+    lap(sw, "layernorm", cost::layernorm(n, d, 4));
     linear_fwd(
         &mut acts.qkv,
         ln,
@@ -132,6 +149,7 @@ pub(crate) fn block(
         d,
         3 * d,
     );
+    lap(sw, "qkv_gemm", cost::gemm(n, d, 3 * d, 4));
     let probs_site = masks.site(sites::attention_probs(l as u32), cfg.attention_dropout);
     attention_fwd(
         &mut acts.attn,
@@ -140,6 +158,7 @@ pub(crate) fn block(
         attn_dims(cfg, rows),
         probs_site.as_ref().map(|s| (s, masks.rows)),
     );
+    lap(sw, "attention", cost::attention(rows, h, t, dh, 4));
     linear_fwd(
         proj,
         &acts.attn,
@@ -149,6 +168,7 @@ pub(crate) fn block(
         d,
         d,
     );
+    lap(sw, "proj_gemm", cost::gemm(n, d, d, 4));
     acts.mid.copy_from_slice(&acts.x);
     let s = masks.site(
         sites::attention_output(l as u32),
@@ -162,6 +182,7 @@ pub(crate) fn block(
         s,
         masks.rows,
     );
+    lap(sw, "residual", cost::elementwise(n * d, 3, 1, 4, 2.0, true));
 
     layernorm_fwd(
         ln,
@@ -173,6 +194,7 @@ pub(crate) fn block(
         eps,
         d,
     );
+    lap(sw, "layernorm", cost::layernorm(n, d, 4));
     linear_gelu_fwd(
         &mut acts.pre,
         &mut acts.h,
@@ -183,9 +205,17 @@ pub(crate) fn block(
         d,
         m,
     );
+    // GELU runs in the GEMM's epilogue here: its time is the GEMM's, its work is counted
+    // with the dropout.
+    lap(sw, "mlp_gemm", cost::gemm(n, d, m, 4));
     if let Some(s) = masks.site(sites::mlp_hidden(l as u32), cfg.dropout) {
         dropout_apply_keep(&mut acts.h, &mut acts.keep_hidden, t * m, &s, masks.rows);
     }
+    lap(
+        sw,
+        "gelu_dropout",
+        cost::elementwise(n * m, 1, 2, 4, 20.0, true),
+    );
     linear_fwd(
         proj,
         &acts.h,
@@ -195,15 +225,18 @@ pub(crate) fn block(
         m,
         d,
     );
+    lap(sw, "mlp_gemm", cost::gemm(n, m, d, 4));
     out.copy_from_slice(&acts.mid);
     let s = masks.site(sites::mlp_output(l as u32), cfg.dropout);
     residual_add(out, &mut acts.keep_out, proj, t * d, s, masks.rows);
+    lap(sw, "residual", cost::elementwise(n * d, 3, 1, 4, 2.0, true));
 }
 
 /// The whole forward of `plan.rows` rows: logits in `plan.logits`. `img` holds the images
 /// `(B, C, S, S)`, or with `duplicate` only the first half of them (R-Drop's `[x; x]`: the
 /// second half's patch rows are copied). A plan with fewer layer slots than the model
-/// (inference) reuses slot 0 for every block.
+/// (inference) reuses slot 0 for every block. Each op group ends a lap of `sw`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     cfg: &ViTConfig,
     p: &[f32],
@@ -212,6 +245,7 @@ pub(crate) fn forward(
     img: &[f32],
     duplicate: bool,
     masks: &Masks,
+    sw: &mut Stopwatch,
 ) {
     let rows = plan.rows;
     let (t, d, c) = (cfg.num_tokens(), cfg.hidden_size, cfg.num_classes);
@@ -230,6 +264,8 @@ pub(crate) fn forward(
         b.copy_from_slice(a);
     }
     embed(cfg, p, off, plan, masks);
+    let (f, b) = embed_cost(cfg, rows, 4);
+    sw.lap("patch_embed", f, b);
     let nl = cfg.num_layers;
     let slots = plan.layers.len();
     for l in 0..nl {
@@ -257,6 +293,7 @@ pub(crate) fn forward(
                 proj,
                 rows,
                 masks,
+                sw,
             );
         } else {
             block(
@@ -270,6 +307,7 @@ pub(crate) fn forward(
                 proj,
                 rows,
                 masks,
+                sw,
             );
             if l + 1 < nl {
                 layers[0].x.copy_from_slice(x_out);
@@ -298,4 +336,15 @@ pub(crate) fn forward(
         d,
         c,
     );
+    let (f, b) = head_cost(cfg, rows, 4);
+    sw.lap("head", f, b);
+}
+
+/// The profile's charge for the head of `b` rows: the final LayerNorm of the class rows and
+/// the classifier.
+pub(crate) fn head_cost(cfg: &ViTConfig, b: usize, e: usize) -> cost::Cost {
+    let (d, c) = (cfg.hidden_size, cfg.num_classes);
+    let (f, by) = cost::layernorm(b, d, e);
+    let (f2, by2) = cost::gemm(b, d, c, e);
+    (f + f2, by + by2)
 }

@@ -14,6 +14,7 @@
 //! a given micro-batch, a step allocates nothing of its own.
 
 pub(crate) mod backward;
+pub(crate) mod cost;
 pub mod cuda;
 pub(crate) mod forward;
 pub mod kind;
@@ -21,7 +22,9 @@ pub(crate) mod params;
 pub(crate) mod plan;
 
 use candle_core::{Device, Storage, Tensor};
-use rdrop_core::{FlatLayout, FlatRDropModel, LossConfig, LossMode, MicroLoss, RngState};
+use rdrop_core::{
+    FlatLayout, FlatRDropModel, LossConfig, LossMode, MicroLoss, Profile, RngState, Stopwatch,
+};
 use rdrop_kernels::dropout::RowKey;
 use rdrop_kernels::loss::{rdrop_loss, LossConfig as KLoss, Reduction};
 
@@ -62,6 +65,8 @@ pub struct Engine {
     plan: Option<Plan>,
     rng: RngState,
     rows: Vec<RowKey>,
+    /// Laps of the op groups while profiling.
+    sw: Stopwatch,
 }
 
 /// Borrows the data of a contiguous CPU tensor of dtype `T` without copying (converts first
@@ -116,6 +121,7 @@ impl Engine {
             plan: None,
             rng: model.rng().state(),
             rows: Vec::new(),
+            sw: Stopwatch::new(false),
             cfg,
         })
     }
@@ -191,7 +197,16 @@ impl Engine {
             train,
         };
         with_cpu(x, |img: &[f32]| {
-            forward::forward(&self.cfg, &self.params, &self.off, plan, img, false, &masks)
+            forward::forward(
+                &self.cfg,
+                &self.params,
+                &self.off,
+                plan,
+                img,
+                false,
+                &masks,
+                &mut Stopwatch::new(false),
+            )
         })?;
         Ok(Tensor::from_slice(
             &plan.logits,
@@ -235,6 +250,7 @@ impl Engine {
             &masks,
             &[],
             &mut |_| {},
+            &mut Stopwatch::new(false),
         );
         Ok(())
     }
@@ -278,6 +294,16 @@ impl FlatRDropModel for Engine {
         backward::ready_cuts(&self.off)
     }
 
+    fn set_profiling(&mut self, on: bool) {
+        if on != self.sw.is_on() {
+            self.sw.set_on(on);
+        }
+    }
+
+    fn take_profile(&mut self) -> Profile {
+        self.sw.take()
+    }
+
     fn accumulate_overlapped<'g>(
         &'g mut self,
         x: &Tensor,
@@ -308,6 +334,7 @@ impl FlatRDropModel for Engine {
         }
         let classes = self.cfg.num_classes;
         let t0 = std::time::Instant::now();
+        self.sw.start();
         let plan = ensure_plan(&mut self.plan, &self.cfg, 2 * m, true);
         let masks = Masks {
             seed: self.rng.seed,
@@ -315,10 +342,10 @@ impl FlatRDropModel for Engine {
             rows: &self.rows,
             train: true,
         };
-        let (cfg, off, params) = (&self.cfg, &self.off, &self.params);
+        let (cfg, off, params, sw) = (&self.cfg, &self.off, &self.params, &mut self.sw);
         // The images once: the second pass's patch rows are a copy of the first's.
         with_cpu(x, |img: &[f32]| {
-            forward::forward(cfg, params, off, plan, img, true, &masks)
+            forward::forward(cfg, params, off, plan, img, true, &masks, sw)
         })
         .map_err(core_err)?;
         let kcfg = KLoss {
@@ -337,8 +364,20 @@ impl FlatRDropModel for Engine {
         })
         .and_then(|r| r)
         .map_err(core_err)?;
+        let (f, b) = cost::loss(m, classes);
+        sw.lap("loss", f, b);
         let t1 = std::time::Instant::now();
-        backward::backward(cfg, params, &mut self.grads, off, plan, &masks, cuts, ready);
+        backward::backward(
+            cfg,
+            params,
+            &mut self.grads,
+            off,
+            plan,
+            &masks,
+            cuts,
+            ready,
+            sw,
+        );
         Ok(MicroLoss {
             loss: v.loss,
             ce: v.ce,

@@ -13,6 +13,8 @@ use super::forward::Ctx;
 use super::gemm::{GemmType, RowGemm};
 use super::gemm_shape::AttnShapes;
 use super::plan::device::DevicePlan;
+use crate::engine::cost;
+use crate::engine::forward::{embed_cost, head_cost};
 use crate::engine::params::Offsets;
 use crate::error::{Result, VitError};
 
@@ -125,6 +127,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
     let dh = cfg.head_dim();
     let n = rows * t;
     let eps = cfg.layer_norm_eps as f32;
+    let e = c.e();
     let train = c.masks.train;
     let rate = |p: f64| if train { p as f32 } else { 0.0 };
     let (p_hidden, p_out, p_probs) = (
@@ -198,6 +201,8 @@ pub(crate) fn backward<T: Compute + GemmType>(
         )?)
     })?;
     k.cls_scatter_grad(dres, &*dcls, rows, t, d)?;
+    let (f, b) = head_cost(cfg, rows, e);
+    c.lap("head_bwd", (2.0 * f, 2.0 * b))?;
     release(off.lnf_w, &mut end, &mut cuts, ready)?;
 
     for l in (0..cfg.num_layers).rev() {
@@ -205,8 +210,13 @@ pub(crate) fn backward<T: Compute + GemmType>(
         let acts = &mut layers[l];
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
         k.dropout_grad::<T>(dy, &*dres, &acts.keep_out, p_hidden)?;
+        c.lap("residual_bwd", cost::elementwise(n * d, 1, 1, e, 1.0, true))?;
         // h = mask ⊙ GELU(pre) again, from the recorded mask (no Philox).
         k.gelu_apply_keep::<T>(hbuf, &acts.pre, &acts.keep_hidden, p_hidden)?;
+        c.lap(
+            "gelu_dropout_bwd",
+            cost::elementwise(n * m, 1, 1, e, 20.0, true),
+        )?;
         linear_bwd(
             c,
             grads,
@@ -220,7 +230,12 @@ pub(crate) fn backward<T: Compute + GemmType>(
             m,
             d,
         )?;
+        c.lap("mlp_gemm_bwd", cost::gemm_bwd(n, m, d, e, true))?;
         k.gelu_dropout_bwd_inplace::<T>(dhid, &acts.pre, &acts.keep_hidden, p_hidden)?;
+        c.lap(
+            "gelu_dropout_bwd",
+            cost::elementwise(n * m, 2, 1, e, 25.0, true),
+        )?;
         k.layernorm_fwd::<T>(
             ln,
             &mut acts.mean2,
@@ -232,6 +247,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             n,
             d,
         )?;
+        c.lap("layernorm_bwd", cost::layernorm(n, d, e))?;
         linear_bwd(
             c,
             grads,
@@ -245,6 +261,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             d,
             m,
         )?;
+        c.lap("mlp_gemm_bwd", cost::gemm_bwd(n, d, m, e, true))?;
         let w = c.pf(o_.ln2_w, d);
         with_pair(grads, o_.ln2_w, d, o_.ln2_b, d, |dg, db| {
             Ok(k.layernorm_bwd::<T>(
@@ -262,9 +279,11 @@ pub(crate) fn backward<T: Compute + GemmType>(
                 true,
             )?)
         })?;
+        c.lap("layernorm_bwd", cost::layernorm_bwd(n, d, e))?;
 
         // mid = x + drop(out(attn)),  attn = merge(A·v),  A = drop(softmax(q·kᵀ/√Dh))
         k.dropout_grad::<T>(dy, &*dres, &acts.keep_attn_out, p_out)?;
+        c.lap("residual_bwd", cost::elementwise(n * d, 1, 1, e, 1.0, true))?;
         linear_bwd(
             c,
             grads,
@@ -278,6 +297,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             d,
             d,
         )?;
+        c.lap("proj_gemm_bwd", cost::gemm_bwd(n, d, d, e, true))?;
         k.attn_split_grad::<T>(o, &*dattn, rows, t, h, dh)?;
         let g = AttnShapes::new(cfg, rows);
         // A again (P ⊙ mask), or P itself without attention dropout.
@@ -312,6 +332,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
         c.gemm
             .matmul::<T, T>(&g.sx(true), &*dp, &acts.q, dk, None, 1.0, 0.0)?;
         k.qkv_merge_grad::<T>(qkv_rows, &*dq, &*dk, &*dv, rows, t, h, dh)?;
+        c.lap("attention_bwd", cost::attention_bwd(rows, h, t, dh, e))?;
         k.layernorm_fwd::<T>(
             ln,
             &mut acts.mean1,
@@ -323,6 +344,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             n,
             d,
         )?;
+        c.lap("layernorm_bwd", cost::layernorm(n, d, e))?;
         linear_bwd(
             c,
             grads,
@@ -336,6 +358,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             d,
             3 * d,
         )?;
+        c.lap("qkv_gemm_bwd", cost::gemm_bwd(n, d, 3 * d, e, true))?;
         let w = c.pf(o_.ln1_w, d);
         with_pair(grads, o_.ln1_w, d, o_.ln1_b, d, |dg, db| {
             Ok(k.layernorm_bwd::<T>(
@@ -353,6 +376,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
                 true,
             )?)
         })?;
+        c.lap("layernorm_bwd", cost::layernorm_bwd(n, d, e))?;
         release(o_.ln1_w, &mut end, &mut cuts, ready)?;
     }
 
@@ -385,6 +409,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
         cpp,
         d,
     )?;
+    c.lap("patch_embed_bwd", embed_cost(cfg, rows, e))?;
     release(0, &mut end, &mut cuts, ready)?;
     // A cut never reached would leave its bucket unsummed on this rank: the ranks would
     // diverge silently.

@@ -19,6 +19,7 @@ use rdrop_kernels::optim::{AdamWHyper, SgdHyper};
 use super::backward::{backward, BucketReady};
 use super::forward::{forward, Ctx};
 use super::gemm::{Gemm, GemmType};
+use super::laps::EventLaps;
 use super::plan::device::DevicePlan;
 use super::plan::PlanSpec;
 use crate::config::ViTConfig;
@@ -148,6 +149,7 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
         masks: &Masks,
         images: usize,
         duplicate: bool,
+        laps: &mut EventLaps,
     ) -> Result<()> {
         let rows = if duplicate { 2 * images } else { images };
         let Dev {
@@ -169,6 +171,7 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
             cfg,
             masks,
             rows,
+            laps,
         };
         forward(&mut c, off, plan, images, duplicate)
     }
@@ -180,6 +183,7 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
         masks: &Masks,
         cuts: &[usize],
         ready: &mut BucketReady<'_>,
+        laps: &mut EventLaps,
     ) -> Result<()> {
         let Dev {
             k,
@@ -201,6 +205,7 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
             cfg,
             masks,
             rows: plan.spec.rows,
+            laps,
         };
         backward(&mut c, off, plan, grads, cuts, ready)
     }
@@ -374,6 +379,8 @@ pub struct CudaEngine {
     rows: Vec<RowKey>,
     /// Drain the stream after each micro-batch's forward (an honest forward/backward split).
     sync_timing: bool,
+    /// The step profile's events (off unless profiling).
+    laps: EventLaps,
     dev: AnyDev,
 }
 
@@ -388,6 +395,7 @@ impl CudaEngine {
             )));
         };
         let stream = cd.cuda_stream();
+        let laps = EventLaps::new(stream.clone());
         let cfg = model.config().clone();
         let (layout, off) = params::layout(&cfg);
         let mut host = vec![0f32; layout.len()];
@@ -406,6 +414,7 @@ impl CudaEngine {
             rng: model.rng().state(),
             rows: Vec::new(),
             sync_timing: false,
+            laps,
             dev,
         })
     }
@@ -541,7 +550,7 @@ impl CudaEngine {
             if train {
                 d.upload_keys(rows)?;
             }
-            d.run_forward(cfg, off, &masks, b, twice)?;
+            d.run_forward(cfg, off, &masks, b, twice, &mut self.laps)?;
             d.logits_host(b, classes)?
         });
         Ok(Tensor::from_vec(logits, (b, classes), &self.device)?)
@@ -579,7 +588,7 @@ impl CudaEngine {
             stream
                 .memcpy_htod(&host, &mut plan.dlogits.slice_mut(..b * classes))
                 .map_err(drv("uploading dlogits"))?;
-            d.run_backward(cfg, off, &masks, &[], &mut |_| Ok(()))
+            d.run_backward(cfg, off, &masks, &[], &mut |_| Ok(()), &mut self.laps)
         })
     }
 
@@ -696,7 +705,8 @@ impl CudaEngine {
                     .memcpy_htod(&labels, &mut plan.labels.slice_mut(..m))
                     .map_err(drv("uploading the labels"))?;
             }
-            d.run_forward(cfg, off, &masks, m, true)?;
+            self.laps.start()?;
+            d.run_forward(cfg, off, &masks, m, true, &mut self.laps)?;
             {
                 let Dev { k, plan, .. } = &mut *d;
                 let plan = plan
@@ -713,11 +723,12 @@ impl CudaEngine {
                     weight as f32,
                 )?;
             }
+            self.laps.lap("loss", crate::engine::cost::loss(m, classes))?;
             if sync {
                 stream.synchronize().map_err(drv("synchronising"))?;
             }
             let t1 = std::time::Instant::now();
-            d.run_backward(cfg, off, &masks, cuts, ready)?;
+            d.run_backward(cfg, off, &masks, cuts, ready, &mut self.laps)?;
             let vals = {
                 let plan = d.plan_mut()?;
                 stream
@@ -726,6 +737,8 @@ impl CudaEngine {
             };
             (vals, t1, std::time::Instant::now())
         });
+        // The loss read above waited for the backward: every event has fired.
+        self.laps.finish()?;
         if vals.get(3).copied().unwrap_or(0.0) != 0.0 {
             return Err(VitError::Config(format!(
                 "{} labels of the micro-batch are ≥ the model's {classes} classes",
@@ -775,6 +788,19 @@ impl CudaEngine {
             )));
         }
         with_dev!(&mut self.dev, d => d.set_moments(m, v))
+    }
+
+    /// Starts (`true`) or stops recording where each micro-batch's time goes: CUDA events
+    /// between the op groups (see `rdrop_core::Profile`).
+    pub fn set_profiling(&mut self, on: bool) {
+        if on != self.laps.is_on() {
+            self.laps.set_on(on);
+        }
+    }
+
+    /// The op groups of the micro-batches since the last take (empty when not profiling).
+    pub fn take_profile(&mut self) -> rdrop_core::Profile {
+        self.laps.take()
     }
 
     /// Waits for everything queued on the engine's stream.

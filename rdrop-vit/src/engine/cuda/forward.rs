@@ -8,8 +8,10 @@ use rdrop_kernels::cuda::{Compute, CudaKernels};
 
 use super::gemm::{DevicePtrDyn, Gemm, GemmType, RowGemm};
 use super::gemm_shape::AttnShapes;
+use super::laps::EventLaps;
 use super::plan::device::{DevicePlan, LayerBufs};
 use crate::config::ViTConfig;
+use crate::engine::cost::{self, Cost};
 use crate::engine::forward::Masks;
 use crate::engine::params::{LayerOffsets, Offsets};
 use crate::error::{Result, VitError};
@@ -25,12 +27,24 @@ pub(crate) struct Ctx<'a, T> {
     pub cfg: &'a ViTConfig,
     pub masks: &'a Masks<'a>,
     pub rows: usize,
+    /// The step profile's events (a no-op unless profiling).
+    pub laps: &'a mut EventLaps,
 }
 
 impl<T: Compute + GemmType> Ctx<'_, T> {
     /// f32 master parameters `[at, at + len)`.
     pub fn pf(&self, at: usize, len: usize) -> CudaView<'_, f32> {
         self.p.slice(at..at + len)
+    }
+
+    /// Ends the profile's current lap: the ops enqueued since the last are `group`.
+    pub fn lap(&mut self, group: &'static str, cost: Cost) -> Result<()> {
+        self.laps.lap(group, cost)
+    }
+
+    /// Bytes of a compute-type element.
+    pub fn e(&self) -> usize {
+        std::mem::size_of::<T>()
     }
 }
 
@@ -79,6 +93,7 @@ fn block<T: Compute + GemmType>(
     let n = b * t;
     let eps = cfg.layer_norm_eps as f32;
     let k = c.k;
+    let e = c.e();
     k.layernorm_fwd::<T>(
         s.ln,
         &mut acts.mean1,
@@ -90,11 +105,13 @@ fn block<T: Compute + GemmType>(
         n,
         d,
     )?;
+    c.lap("layernorm", cost::layernorm(n, d, e))?;
     let (w, bias) = (
         c.pt.slice(o.qkv_w..o.qkv_w + 3 * d * d),
         c.pt.slice(o.qkv_b..o.qkv_b + 3 * d),
     );
     linear(c.gemm, s.qkv_rows, &*s.ln, &w, Some(&bias), n, d, 3 * d)?;
+    c.lap("qkv_gemm", cost::gemm(n, d, 3 * d, e))?;
     k.qkv_split::<T>(
         &mut acts.q,
         &mut acts.k,
@@ -107,11 +124,13 @@ fn block<T: Compute + GemmType>(
     )?;
     attention_fwd(c, l, acts, s, keys)?;
     k.attn_merge::<T>(&mut acts.attn, &*s.o, b, t, h, dh)?;
+    c.lap("attention", cost::attention(b, h, t, dh, e))?;
     let (w, bias) = (
         c.pt.slice(o.out_w..o.out_w + d * d),
         c.pt.slice(o.out_b..o.out_b + d),
     );
     linear(c.gemm, s.proj, &acts.attn, &w, Some(&bias), n, d, d)?;
+    c.lap("proj_gemm", cost::gemm(n, d, d, e))?;
     let site = c.masks.site(
         sites::attention_output(l as u32),
         cfg.attention_output_dropout,
@@ -126,6 +145,7 @@ fn block<T: Compute + GemmType>(
         b,
         t * d,
     )?;
+    c.lap("residual", cost::elementwise(n * d, 2, 1, 4, 2.0, true))?;
 
     k.layernorm_fwd::<T>(
         s.ln,
@@ -138,18 +158,25 @@ fn block<T: Compute + GemmType>(
         n,
         d,
     )?;
+    c.lap("layernorm", cost::layernorm(n, d, e))?;
     let (w, bias) = (
         c.pt.slice(o.fc1_w..o.fc1_w + m * d),
         c.pt.slice(o.fc1_b..o.fc1_b + m),
     );
     linear(c.gemm, &mut acts.pre, &*s.ln, &w, Some(&bias), n, d, m)?;
+    c.lap("mlp_gemm", cost::gemm(n, d, m, e))?;
     let site = c.masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
     k.gelu_dropout_fwd::<T>(s.h, &mut acts.keep_hidden, &acts.pre, site, keys, b, t * m)?;
+    c.lap(
+        "gelu_dropout",
+        cost::elementwise(n * m, 1, 1, e, 20.0, true),
+    )?;
     let (w, bias) = (
         c.pt.slice(o.fc2_w..o.fc2_w + d * m),
         c.pt.slice(o.fc2_b..o.fc2_b + d),
     );
     linear(c.gemm, s.proj, &*s.h, &w, Some(&bias), n, m, d)?;
+    c.lap("mlp_gemm", cost::gemm(n, m, d, e))?;
     let site = c.masks.site(sites::mlp_output(l as u32), cfg.dropout);
     k.residual_dropout_add::<T>(
         out,
@@ -161,6 +188,7 @@ fn block<T: Compute + GemmType>(
         b,
         t * d,
     )?;
+    c.lap("residual", cost::elementwise(n * d, 2, 1, 4, 2.0, true))?;
     Ok(())
 }
 
@@ -298,6 +326,8 @@ pub(crate) fn forward<T: Compute + GemmType>(
         t,
         d,
     )?;
+    let (f, by) = crate::engine::forward::embed_cost(cfg, rows, c.e());
+    c.lap("patch_embed", (f, by))?;
     let mut s = Scratch {
         ln,
         qkv_rows,
@@ -348,5 +378,7 @@ pub(crate) fn forward<T: Compute + GemmType>(
     let w = c.pt.slice(off.head_w..off.head_w + classes * d);
     let bias = c.p.slice(off.head_b..off.head_b + classes);
     linear::<T, f32>(c.gemm, logits, &*lnf, &w, Some(&bias), rows, d, classes)?;
+    let head = crate::engine::forward::head_cost(cfg, rows, c.e());
+    c.lap("head", head)?;
     Ok(())
 }

@@ -22,6 +22,8 @@ pub(crate) mod forward;
 #[cfg(feature = "cuda")]
 pub mod gemm;
 pub mod gemm_shape;
+#[cfg(feature = "cuda")]
+pub(crate) mod laps;
 pub mod plan;
 #[cfg(feature = "cuda")]
 mod trainer;

@@ -45,6 +45,8 @@ pub struct CudaTrainer {
     step: u64,
     /// The stream the gradient buckets are summed on (data parallel; made on first use).
     comm: Option<Arc<CudaStream>>,
+    profiling: bool,
+    profile: rdrop_core::Profile,
 }
 
 impl CudaTrainer {
@@ -57,6 +59,8 @@ impl CudaTrainer {
             cfg,
             step: 0,
             comm: None,
+            profiling: false,
+            profile: rdrop_core::Profile::default(),
         })
     }
 
@@ -101,6 +105,19 @@ impl CudaTrainer {
     /// The learning rate of the next update.
     pub fn next_lr(&self) -> f64 {
         self.cfg.optim.lr * lr_lambda(self.step + 1, &self.cfg.schedule)
+    }
+
+    /// Records (`true`) where each update's time goes: the engine's op groups (CUDA events)
+    /// plus `grad_reduce` and `optimizer` (zeroing, unscaling, norm, clipping and the step),
+    /// timed on the host between stream syncs. Read with [`CudaTrainer::take_profile`].
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiling = on;
+        self.profile = rdrop_core::Profile::default();
+    }
+
+    /// The profile of the updates since the last take (summed; empty when not profiling).
+    pub fn take_profile(&mut self) -> rdrop_core::Profile {
+        std::mem::take(&mut self.profile)
     }
 
     /// The current loss scale (1 unless f16).
@@ -281,8 +298,15 @@ impl CudaTrainer {
             let ready = engine.grad_ready_cuts();
             rdrop_core::dist::cuts_for(self.cfg.grad_bucket_mb, &ready, engine.layout().len())
         });
-        engine.set_sync_timing(self.cfg.sync_timing);
+        let prof = self.profiling;
+        engine.set_sync_timing(self.cfg.sync_timing || prof);
+        engine.set_profiling(prof);
+        let t0 = Instant::now();
         engine.zero_grads().map_err(core)?;
+        if prof {
+            engine.synchronize().map_err(core)?;
+        }
+        let zero_s = t0.elapsed().as_secs_f64();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd) = (0f64, 0f64);
         let last = micro_batches.len().saturating_sub(1);
@@ -301,6 +325,7 @@ impl CudaTrainer {
             fwd += l.forward_s;
             bwd += l.backward_s;
         }
+        let tr = Instant::now();
         if let Some(c) = collective {
             if cuts.is_none() {
                 let (ptr, len) = engine.grads_device_ptr();
@@ -308,7 +333,11 @@ impl CudaTrainer {
                 c.all_reduce_sum_device(ptr, len, stream)?;
             }
             [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
+            if prof {
+                engine.synchronize().map_err(core)?;
+            }
         }
+        let reduce_s = tr.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
         let max_norm = self.cfg.clip_norm.unwrap_or(f64::INFINITY);
@@ -329,10 +358,27 @@ impl CudaTrainer {
                 .map_err(core)?;
             self.opt.set_parts(Vec::new(), Vec::new(), steps)?;
         }
-        if self.cfg.sync_timing {
+        if self.cfg.sync_timing || prof {
             engine.synchronize().map_err(core)?;
         }
         self.step = k;
+        if prof {
+            let p = engine.take_profile();
+            self.profile.merge(&p);
+            let n = engine.layout().len() as f64;
+            // As rdrop_core::FlatTrainer counts them: the reduction moves the f32 gradient in
+            // and out; the optimiser reads g for the norm, then p, g, the moment, and writes p,
+            // the moment and the compute copy.
+            if collective.is_some() {
+                self.profile.add("grad_reduce", reduce_s * 1e3, n, 8.0 * n);
+            }
+            self.profile.add(
+                "optimizer",
+                (zero_s + t1.elapsed().as_secs_f64()) * 1e3,
+                6.0 * n,
+                28.0 * n,
+            );
+        }
         Ok(StepStats {
             step: k,
             lr,
