@@ -39,6 +39,75 @@ pub const PRESETS: &[&str] = &["demo", "vit-b16-cifar100", "vit-src"];
 /// `clap` feature).
 pub use rdrop_core::TwoPass as Passes;
 
+/// `micro_batch`: a number of images per forward/backward, or `auto`: on CUDA the largest
+/// divisor of the per-rank batch whose activation plan fits the GPU's free memory with a
+/// margin (`rdrop_vit::engine::cuda::fit`), decided when the run opens the device; on the CPU
+/// the largest divisor not above 64. `config.toml` records the number chosen, and a run
+/// continued with `auto` keeps it (the data order depends on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicroBatch {
+    /// Decided for the device.
+    Auto,
+    /// This many images.
+    Fixed(usize),
+}
+
+impl MicroBatch {
+    /// The number, `None` for `auto`.
+    pub fn fixed(self) -> Option<usize> {
+        match self {
+            Self::Auto => None,
+            Self::Fixed(n) => Some(n),
+        }
+    }
+}
+
+impl std::fmt::Display for MicroBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for MicroBatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        s.parse::<usize>()
+            .map(Self::Fixed)
+            .map_err(|_| format!("`{s}` is neither a number of images nor `auto`"))
+    }
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Self::Fixed(n as usize)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Training-time augmentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -236,8 +305,8 @@ pub struct RunConfig {
     pub steps: u64,
     /// Images per update (= micro_batch × accumulation).
     pub batch_size: usize,
-    /// Images per forward/backward.
-    pub micro_batch: usize,
+    /// Images per forward/backward, or `auto` ([`MicroBatch`]).
+    pub micro_batch: MicroBatch,
     /// Base learning rate.
     pub lr: f64,
     /// Linear warm-up updates.
@@ -323,7 +392,7 @@ impl Default for RunConfig {
             layer_norm_eps: Some(1e-6),
             steps: 20_000,
             batch_size: 512,
-            micro_batch: 64,
+            micro_batch: MicroBatch::Auto,
             lr: 8e-3,
             warmup_steps: 500,
             schedule: DecayKind::Cosine,
@@ -369,7 +438,8 @@ impl RunConfig {
                 image_size: 384,
                 lr: 1e-2,
                 steps: 10_000,
-                micro_batch: 32,
+                // The reference loss's KL scale depends on the micro-batch: fixed, as there.
+                micro_batch: MicroBatch::Fixed(32),
                 loss_reduction: LossMode::Reference,
                 passes: Passes::Sequential,
                 precision: PrecisionSetting::F16,
@@ -384,7 +454,7 @@ impl RunConfig {
                 layer_norm_eps: None,
                 steps: 500,
                 batch_size: 64,
-                micro_batch: 64,
+                micro_batch: MicroBatch::Fixed(64),
                 lr: 3e-3,
                 warmup_steps: 20,
                 optimizer: OptimizerKind::AdamW,
@@ -487,9 +557,15 @@ impl RunConfig {
         self.precision.assumed(&self.device)
     }
 
+    /// Images per forward/backward: the number set or chosen (`rdrop train` fixes `auto` when
+    /// it opens the device); for `auto` before that, the whole batch.
+    pub fn micro(&self) -> usize {
+        self.micro_batch.fixed().unwrap_or(self.batch_size).max(1)
+    }
+
     /// Gradient-accumulation steps (`batch_size / micro_batch`).
     pub fn accumulation(&self) -> usize {
-        self.batch_size / self.micro_batch.max(1)
+        self.batch_size / self.micro()
     }
 
     /// Checks the numbers before anything heavy starts, and that there is a dataset.
@@ -506,13 +582,21 @@ impl RunConfig {
     /// Checks every setting except the presence of a dataset (what `--dry-run` checks).
     pub fn validate_settings(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.steps > 0, "steps must be at least 1");
-        anyhow::ensure!(self.micro_batch > 0, "micro-batch must be at least 1");
+        anyhow::ensure!(self.batch_size > 0, "batch size must be at least 1");
         anyhow::ensure!(
-            self.batch_size >= self.micro_batch && self.batch_size.is_multiple_of(self.micro_batch),
-            "batch size {} must be a positive multiple of the micro-batch {}",
-            self.batch_size,
-            self.micro_batch
+            !(self.micro_batch == MicroBatch::Auto && self.loss_reduction == LossMode::Reference),
+            "micro_batch = auto with loss_reduction = reference: the reference loss's KL term \
+             scales with the micro-batch, so the objective would depend on the GPU; give \
+             --micro-batch N (or use loss_reduction = mean, which does not depend on it)"
         );
+        if let MicroBatch::Fixed(m) = self.micro_batch {
+            anyhow::ensure!(m > 0, "micro-batch must be at least 1");
+            anyhow::ensure!(
+                self.batch_size >= m && self.batch_size.is_multiple_of(m),
+                "batch size {} must be a positive multiple of the micro-batch {m}",
+                self.batch_size,
+            );
+        }
         anyhow::ensure!(self.image_size > 0, "image size must be positive");
         anyhow::ensure!(
             self.train_images != Some(0),
@@ -633,9 +717,12 @@ pub struct Overrides {
     /// Images per update (micro-batch × accumulation).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Images per forward/backward.
-    #[arg(long)]
-    pub micro_batch: Option<usize>,
+    /// Images per forward/backward, or `auto`: on CUDA the largest divisor of the per-rank
+    /// batch whose activation plan fits the GPU's free memory (less max(1/16, 512 MiB)),
+    /// computed from the plan's formula before anything is allocated; on the CPU the largest
+    /// divisor not above 64. The GPU presets' default.
+    #[arg(long, value_name = "N|auto")]
+    pub micro_batch: Option<MicroBatch>,
     /// Base learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -780,8 +867,12 @@ impl Overrides {
             c.shuffle = false;
         }
         // A batch smaller than the preset's micro-batch means "no accumulation".
-        if self.batch_size.is_some() && self.micro_batch.is_none() && c.micro_batch > c.batch_size {
-            c.micro_batch = c.batch_size;
+        if let (Some(_), None, MicroBatch::Fixed(m)) =
+            (self.batch_size, self.micro_batch, c.micro_batch)
+        {
+            if m > c.batch_size {
+                c.micro_batch = MicroBatch::Fixed(c.batch_size);
+            }
         }
         c
     }
@@ -878,8 +969,20 @@ mod tests {
         let s = RunConfig::preset("vit-src").unwrap();
         assert_eq!(
             (s.image_size, s.lr, s.micro_batch, s.steps),
-            (384, 1e-2, 32, 10_000)
+            (384, 1e-2, MicroBatch::Fixed(32), 10_000)
         );
+        // The GPU presets choose their micro-batch for the GPU; the reference loss cannot.
+        assert_eq!(b.micro_batch, MicroBatch::Auto);
+        let mut r = b.clone();
+        r.loss_reduction = LossMode::Reference;
+        let e = r.validate_settings().unwrap_err().to_string();
+        assert!(e.contains("auto") && e.contains("--micro-batch N"), "{e}");
+        for (text, want) in [("auto", MicroBatch::Auto), ("48", MicroBatch::Fixed(48))] {
+            let m: MicroBatch = text.parse().unwrap();
+            assert_eq!(m, want);
+            assert_eq!(m.to_string(), text);
+        }
+        assert!("4x".parse::<MicroBatch>().is_err());
         assert_eq!(s.loss_reduction, LossMode::Reference);
         assert_eq!(s.accumulation(), 16);
         let d = RunConfig::preset("demo").unwrap();
@@ -937,7 +1040,7 @@ mod tests {
         assert!(e.contains("lrr"), "{e}");
         let mut c = RunConfig::preset("demo").unwrap();
         c.batch_size = 100;
-        c.micro_batch = 64;
+        c.micro_batch = MicroBatch::Fixed(64);
         assert!(c.validate().unwrap_err().to_string().contains("multiple"));
     }
 

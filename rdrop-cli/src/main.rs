@@ -16,6 +16,7 @@ mod hub;
 mod launch;
 mod learner;
 mod metrics;
+mod micro;
 mod progress;
 mod restart;
 mod setup;

@@ -130,6 +130,14 @@ pub fn differences(recorded: &RunConfig, now: &RunConfig) -> anyhow::Result<Vec<
         flatten("", toml::Value::try_from(c)?, &mut out);
         Ok(out)
     };
+    // `micro_batch = auto` continues with the number the run chose and recorded.
+    let now = &match (now.micro_batch, recorded.micro_batch) {
+        (crate::config::MicroBatch::Auto, m @ crate::config::MicroBatch::Fixed(_)) => RunConfig {
+            micro_batch: m,
+            ..now.clone()
+        },
+        _ => now.clone(),
+    };
     let (a, b) = (flat(recorded)?, flat(now)?);
     let mut keys: Vec<&String> = a.iter().chain(&b).map(|(k, _)| k).collect();
     keys.sort();
@@ -339,6 +347,13 @@ mod tests {
         b.keep_last = 9;
         b.save_every_minutes = 5.0;
         assert_eq!(differences(&a, &b).unwrap(), vec![]);
+        // A recorded micro-batch answers `auto`, not another number.
+        b.micro_batch = crate::config::MicroBatch::Auto;
+        assert_eq!(differences(&a, &b).unwrap(), vec![]);
+        b.micro_batch = crate::config::MicroBatch::Fixed(8);
+        assert_eq!(differences(&a, &b).unwrap()[0].key, "micro_batch");
+        assert_eq!(differences(&b, &a).unwrap()[0].now, "64");
+        b.micro_batch = a.micro_batch;
         b.lr = 0.5;
         b.vit.dropout = 0.25;
         b.weights = Some("x".into());

@@ -64,7 +64,7 @@ pub fn train_config(c: &RunConfig) -> TrainConfig {
         },
         clip_norm: (c.clip_grad_norm > 0.0).then_some(c.clip_grad_norm),
         accum_steps: c.accumulation(),
-        micro_batch: c.micro_batch,
+        micro_batch: c.micro(),
         two_pass: c.passes,
         precision: c.compute_precision(),
         scaler: ScalerConfig {
@@ -182,7 +182,7 @@ pub fn loaders(c: &RunConfig, mut data: Cifar) -> anyhow::Result<(Loader, Loader
     let train = Loader::new(
         Arc::new(data.train),
         LoaderConfig {
-            batch_size: c.micro_batch,
+            batch_size: c.micro(),
             image_size: c.image_size,
             seed: c.seed,
             shuffle: c.shuffle,

@@ -79,19 +79,19 @@ pub fn check(cfg: &RunConfig, world: usize, local: usize, hardware: bool) -> any
     if world <= 1 {
         return Ok(());
     }
-    let accum = cfg.batch_size / (world * cfg.micro_batch.max(1));
-    rdrop_core::dist::check_batch(cfg.batch_size, world, cfg.micro_batch, accum.max(1)).map_err(
-        |_| {
-            anyhow::anyhow!(
-                "batch size {} is not divisible by {world} ranks × micro-batch {} = {}: every \
-                 rank takes micro-batches of the same size (batch_size = ranks × micro_batch × \
-                 accumulation); change --batch-size, --micro-batch or the number of ranks",
-                cfg.batch_size,
-                cfg.micro_batch,
-                world * cfg.micro_batch
-            )
-        },
-    )?;
+    // `auto` picks a divisor of the per-rank batch: the batch must split over the ranks.
+    let micro = cfg.micro_batch.fixed().unwrap_or(1);
+    let accum = cfg.batch_size / (world * micro);
+    rdrop_core::dist::check_batch(cfg.batch_size, world, micro, accum.max(1)).map_err(|_| {
+        anyhow::anyhow!(
+            "batch size {} is not divisible by {world} ranks × micro-batch {} = {}: every \
+             rank takes micro-batches of the same size (batch_size = ranks × micro_batch × \
+             accumulation); change --batch-size, --micro-batch or the number of ranks",
+            cfg.batch_size,
+            cfg.micro_batch,
+            world * micro
+        )
+    })?;
     check_ranks(cfg.device, world, local, hardware)
 }
 
@@ -419,7 +419,7 @@ mod tests {
     fn demo(batch: usize, micro: usize) -> RunConfig {
         RunConfig {
             batch_size: batch,
-            micro_batch: micro,
+            micro_batch: crate::config::MicroBatch::Fixed(micro),
             ..RunConfig::preset("demo").unwrap()
         }
     }

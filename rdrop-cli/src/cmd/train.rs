@@ -30,11 +30,11 @@ use rdrop_core::atomic::{clean_stale, write_dir};
 use rdrop_core::run_folder::{prune, step_name};
 use rdrop_core::{CoreError, RunFolder, StepStats, TrainState};
 use rdrop_data::Loader;
-use rdrop_vit::{save_hf, VisionTransformer};
+use rdrop_vit::{save_hf, ViTConfig, VisionTransformer};
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::Interrupted;
-use crate::config::{self, RunConfig};
+use crate::config::{self, MicroBatch, RunConfig};
 use crate::device::{set_threads, DeviceSpec, GpuModel, PrecisionSetting};
 use crate::evaluate::{evaluate, EvalResult};
 use crate::learner::Learner;
@@ -305,8 +305,11 @@ fn dry_run(cfg: &RunConfig, nproc_per_node: Option<usize>) -> anyhow::Result<()>
     {
         eprintln!("{}", dry_run_precision(cfg)?);
     }
+    if cfg.micro_batch == MicroBatch::Auto {
+        eprintln!("{}", dry_run_micro_batch(cfg, n)?);
+    }
     if n > 1 {
-        let accum = cfg.batch_size / (n * cfg.micro_batch);
+        let accum = cfg.batch_size / (n * cfg.micro());
         eprintln!(
             "world: {n} ranks on this node (--nproc-per-node {n}; cuda:0..cuda:{}): each takes              {} images of every global batch of {} ({n} ranks × micro-batch {} × accumulation {accum})",
             n - 1,
@@ -343,6 +346,59 @@ fn dry_run_precision(cfg: &RunConfig) -> anyhow::Result<String> {
         ),
         _ => format!("precision: {p}"),
     })
+}
+
+/// `--dry-run` with `micro_batch = auto`: what it resolves to on this machine's GPU (a CUDA
+/// build with a GPU: the device is opened and asked for its memory; the model as its preset
+/// or `[vit]` says, with CIFAR-100's 100 classes), else when it will be decided.
+fn dry_run_micro_batch(cfg: &RunConfig, ranks: usize) -> anyhow::Result<String> {
+    let per_rank = cfg.batch_size / ranks;
+    let classes = 100;
+    let vc = match cfg
+        .vit
+        .architecture(cfg.image_size, classes, cfg.layer_norm_eps)
+    {
+        Some(v) => Some(v),
+        None => cfg
+            .model
+            .as_deref()
+            .map(ViTConfig::preset)
+            .transpose()?
+            .map(|v| ViTConfig {
+                image_size: cfg.image_size,
+                num_classes: classes,
+                dropout: cfg.vit.dropout,
+                attention_dropout: cfg.vit.attention_dropout,
+                attention_output_dropout: cfg.vit.attention_output_dropout,
+                ..v
+            }),
+    };
+    let device = match cfg.device {
+        DeviceSpec::Cuda(_) if candle_core::utils::cuda_is_available() => cfg.device.open().ok(),
+        DeviceSpec::Cpu => Some(Device::Cpu),
+        _ => None,
+    };
+    let (Some(vc), Some(device)) = (vc, device) else {
+        return Ok(format!(
+            "micro-batch auto: decided when the run opens {} (the largest divisor of {per_rank}              whose activation plan fits the GPU's free memory less max(1/16, 512 MiB))",
+            cfg.device
+        ));
+    };
+    let gpu = GpuModel::of(&device);
+    let precision = cfg.precision.resolve(&cfg.device, gpu.as_ref())?;
+    let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, precision)?;
+    let memory = if explicit {
+        crate::micro::gpu_memory(&device)
+    } else {
+        None
+    };
+    let name = gpu.map_or_else(|| cfg.device.to_string(), |g| g.name);
+    let cfg = RunConfig {
+        precision: precision.into(),
+        ..cfg.clone()
+    };
+    let c = crate::micro::choose(&vc, &cfg, precision, per_rank, memory, &name, false)?;
+    Ok(format!("{} on {name}", c.why))
 }
 
 /// How the gradients are summed over the ranks, for the run's header.
@@ -478,7 +534,12 @@ pub fn train(
         position,
         mut best,
         mut metrics,
+        micro: (micro_batch, micro_why),
     } = self::start(&cfg, &record, &dir, start, classes, &device, world)?;
+    let cfg = RunConfig {
+        micro_batch: MicroBatch::Fixed(micro_batch),
+        ..cfg
+    };
     let (train_loader, test_loader) = setup::loaders(&cfg, data)?;
     let share = Share {
         world: world.size(),
@@ -498,6 +559,9 @@ pub fn train(
                 _ => precision.to_string(),
             },
         );
+        if let Some(why) = &micro_why {
+            eprintln!("{why}");
+        }
         if world.collective().is_some() {
             eprintln!(
                 "data parallel: {}; each rank takes {} × {} images of every update; {}",
@@ -516,6 +580,7 @@ pub fn train(
 
     let mut stream = Stream::new(Arc::new(train_loader), position, share)?;
     let mut progress = Progress::new(learner.step(), cfg.steps, lead);
+    let position_step = learner.step();
     let mut last_eval: Option<EvalResult> = None;
     // Rank 0's clock decides the timed checkpoints (`--save-every-minutes`).
     let mut last_save = Instant::now();
@@ -542,6 +607,15 @@ pub fn train(
             ));
         }
         test_hooks::after_update();
+        if lead && stats.step == position_step + 1 {
+            if let Some((free, total)) = crate::micro::gpu_memory(&device) {
+                progress.println(&format!(
+                    "GPU memory after the first update: {} MiB in use of {} MiB",
+                    (total - free) >> 20,
+                    total >> 20
+                ));
+            }
+        }
 
         let step = stats.step;
         let last = step == cfg.steps;
@@ -670,6 +744,59 @@ struct Session {
     position: Position,
     best: Best,
     metrics: Option<MetricsWriter>,
+    /// The micro-batch the run takes (the number set, or what `auto` chose) and, for `auto`,
+    /// how it was chosen.
+    micro: (usize, Option<String>),
+}
+
+/// The run's micro-batch: the number set, the one `config.toml` recorded when a run with
+/// `auto` continues (`recorded`), or `auto`'s choice for `model` on `device` (rank 0's, sent to
+/// every rank).
+fn decide_micro_batch(
+    cfg: &RunConfig,
+    vc: &rdrop_vit::ViTConfig,
+    recorded: Option<usize>,
+    device: &Device,
+    explicit: bool,
+    world: &World,
+) -> anyhow::Result<(usize, Option<String>)> {
+    if let MicroBatch::Fixed(m) = cfg.micro_batch {
+        return Ok((m, None));
+    }
+    if let Some(m) = recorded {
+        return Ok((m, Some(format!("micro-batch auto: {m}, as the run chose"))));
+    }
+    let per_rank = cfg.batch_size / world.size();
+    let memory = if explicit {
+        crate::micro::gpu_memory(device)
+    } else {
+        None
+    };
+    let gpu = crate::device::GpuModel::of(device).map_or_else(|| "the GPU".into(), |g| g.name);
+    let own = crate::micro::choose(
+        vc,
+        cfg,
+        cfg.compute_precision(),
+        per_rank,
+        memory,
+        &gpu,
+        true,
+    )?;
+    // Every rank must take the same micro-batch: rank 0's.
+    let mut v = [if world.is_lead() {
+        own.micro_batch as f64
+    } else {
+        0.0
+    }];
+    world.sum(&mut v)?;
+    let lead = v[0] as usize;
+    anyhow::ensure!(
+        lead <= own.micro_batch,
+        "rank {} fits a micro-batch of {} on its GPU, rank 0 chose {lead}: give --micro-batch",
+        world.rank(),
+        own.micro_batch
+    );
+    Ok((lead, Some(own.why)))
 }
 
 /// A fresh session (writing `record`, the configuration as given, to `config.toml` and a new
@@ -685,11 +812,19 @@ fn start(
     device: &Device,
     world: &World,
 ) -> anyhow::Result<Session> {
-    let mut tcfg = setup::train_config(cfg);
-    // Each rank accumulates its share of the update's micro-batches.
-    tcfg.accum_steps = cfg.accumulation() / world.size();
     let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.compute_precision())?;
     let lead = world.is_lead();
+    // The training configuration once the micro-batch is decided.
+    let tcfg_for = |m: usize| {
+        let c = RunConfig {
+            micro_batch: MicroBatch::Fixed(m),
+            ..cfg.clone()
+        };
+        let mut tcfg = setup::train_config(&c);
+        // Each rank accumulates its share of the update's micro-batches.
+        tcfg.accum_steps = c.accumulation() / world.size();
+        tcfg
+    };
     match start {
         Start::Fresh { required_model } => {
             if let (Some(spec), true) = (&cfg.weights, world.size() > 1) {
@@ -700,9 +835,16 @@ fn start(
                 world.barrier()?;
             }
             let model = setup::initial_model(cfg, classes, required_model.as_deref(), device)?;
-            let learner = Learner::new(model, tcfg, explicit, world.collective())?;
+            // Decided with the model on the GPU, before the engine allocates anything.
+            let micro = decide_micro_batch(cfg, model.config(), None, device, explicit, world)?;
+            let learner = Learner::new(model, tcfg_for(micro.0), explicit, world.collective())?;
             let metrics = if lead {
-                // The resolved configuration, before step 0 (`--dry-run` prints the same text).
+                // The resolved configuration, before step 0 (`--dry-run` prints the same text),
+                // with the micro-batch `auto` chose.
+                let record = RunConfig {
+                    micro_batch: MicroBatch::Fixed(micro.0),
+                    ..record.clone()
+                };
                 rdrop_core::atomic::write_bytes(&dir.config(), record.to_toml()?.as_bytes())?;
                 Some(MetricsWriter::create(&dir.metrics())?)
             } else {
@@ -713,13 +855,25 @@ fn start(
                 position: Position::default(),
                 best: Best::default(),
                 metrics,
+                micro,
             })
         }
         Start::Resume(ck) => {
             let model = setup::checkpoint_model(cfg, &ck, device)?;
             let state = TrainState::load(&ck)
                 .with_context(|| format!("loading the training state of {}", ck.display()))?;
-            let learner = Learner::restore(model, tcfg, &state, explicit, world.collective())?;
+            // A continued run keeps its micro-batch (the data position counts micro-batches).
+            let recorded = RunConfig::load(&dir.config())
+                .ok()
+                .and_then(|r| r.micro_batch.fixed());
+            let micro = decide_micro_batch(cfg, model.config(), recorded, device, explicit, world)?;
+            let learner = Learner::restore(
+                model,
+                tcfg_for(micro.0),
+                &state,
+                explicit,
+                world.collective(),
+            )?;
             let metrics = if lead {
                 eprintln!(
                     "resuming {} from {} (step {})",
@@ -739,6 +893,7 @@ fn start(
                 },
                 best: serde_json::from_value(state.extra.clone()).unwrap_or_default(),
                 metrics,
+                micro,
             })
         }
     }
@@ -771,7 +926,7 @@ fn announce(
         precision_label,
         learner.engine_name(),
         learner
-            .planned_bytes(cfg.micro_batch)
+            .planned_bytes(cfg.micro())
             .map(|b| format!(", activation plan {:.2} GiB", b as f64 / (1u64 << 30) as f64))
             .unwrap_or_default(),
         dir.root.display()

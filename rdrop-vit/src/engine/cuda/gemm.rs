@@ -205,7 +205,7 @@ pub struct Gemm {
 }
 
 /// Workspace bytes (NVIDIA's recommendation for Hopper; enough for every earlier GPU).
-pub const WORKSPACE_BYTES: usize = 32 << 20;
+pub const WORKSPACE_BYTES: usize = super::plan::GEMM_WORKSPACE_BYTES;
 
 impl Gemm {
     /// A cuBLASLt handle and its workspace on `stream`.

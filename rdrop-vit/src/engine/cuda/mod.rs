@@ -6,6 +6,7 @@
 //! - [`plan`]: the device activation plan and its byte formula, and [`gemm_shape`]: the
 //!   row-major GEMMs as cuBLASLt's column-major problems (both compiled in every build, so the
 //!   CLI can print a CUDA plan's size and CI tests the formula and the mapping);
+//! - [`fit`]: the largest micro-batch whose plan fits a GPU's free memory;
 //! - with the `cuda` feature: `gemm` (cuBLASLt with cached plans), `forward`, `backward`,
 //!   `CudaEngine` (parameters, gradients, optimiser state and the plan on the device) and
 //!   `CudaTrainer` (the update: accumulation, f16 loss scaling, clipping, SGD/AdamW).
@@ -17,6 +18,7 @@
 pub(crate) mod backward;
 #[cfg(feature = "cuda")]
 mod engine;
+pub mod fit;
 #[cfg(feature = "cuda")]
 pub(crate) mod forward;
 #[cfg(feature = "cuda")]
@@ -32,6 +34,7 @@ mod trainer;
 pub use backward::BucketReady;
 #[cfg(feature = "cuda")]
 pub use engine::CudaEngine;
+pub use fit::{largest_micro_batch, Fit};
 pub use plan::{plan_bytes, PlanSpec};
 #[cfg(feature = "cuda")]
 pub use trainer::CudaTrainer;

@@ -40,6 +40,9 @@ pub fn attn_ld(tokens: usize) -> usize {
     tokens.div_ceil(8) * 8
 }
 
+/// Bytes of the cuBLASLt workspace the engine allocates once (32 MiB, Hopper's recommendation).
+pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+
 /// Rows of a column partial (bias gradient, LayerNorm `dγ, dβ`): the kernels' block.
 pub const COLUMN_ROWS: usize = rdrop_kernels::layernorm::BWD_ROWS;
 
