@@ -6,7 +6,7 @@
 # non-zero when a mark is missed.
 #
 # usage: scripts/gpu-emu-check.sh [--skip-build] [--only PART[,PART…]]
-#   parts: symbols tests archs demo eval resume dp2 mutations gpucheck   (default: all)
+#   parts: symbols tests archs fit profile demo eval resume dp2 mutations gpucheck   (default: all)
 # Environment:
 #   GPU_EMU_DEMO_STEPS   updates of the bf16/f16 demo runs (default 400, 95 % top-1 on the CPU; the
 #                        CPU run of the same command must reach ≥ 90 %, checked and recorded)
@@ -27,8 +27,8 @@ while [[ $# -gt 0 ]]; do
         ONLY=$2
         for p in ${ONLY//,/ }; do
             case $p in
-            symbols | tests | archs | demo | eval | resume | dp2 | mutations | gpucheck) ;;
-            *) echo "gpu-emu-check.sh: unknown part '$p' (parts: symbols tests archs demo eval resume dp2 mutations gpucheck)" >&2; exit 2 ;;
+            symbols | tests | archs | fit | profile | demo | eval | resume | dp2 | mutations | gpucheck) ;;
+            *) echo "gpu-emu-check.sh: unknown part '$p' (parts: symbols tests archs fit profile demo eval resume dp2 mutations gpucheck)" >&2; exit 2 ;;
             esac
         done
         shift ;;
@@ -164,14 +164,97 @@ if want archs; then
     put arch_precision_auto "${precisions%, }}"
 fi
 
+pyjson() { python3 - "$@"; }
+
+# --------------------------------------------------------------- micro-batch auto
+# The recipe (ViT-B/16 at 224, batch 512) on emulated GPUs of 16 to 80 GiB and compute
+# capability 7.0 to 9.0: what `--micro-batch auto` and `--precision auto` choose (--dry-run
+# opens the device and asks it; nothing is allocated); then a real run whose choice is tight
+# (the demo model, a batch of 512, a GPU of 1100 MiB of which the emulated context takes 512)
+# stays within the GPU less the margin.
+if want fit; then
+    say "fit: micro-batch and precision auto on 16/24/40/80 GiB GPUs of cc 7.0-9.0, and a run within its margin"
+    fits="{" fit_ok=true
+    for spec in 7.0:16GiB 7.5:16GiB 8.9:24GiB 8.0:40GiB 8.0:80GiB 9.0:80GiB; do
+        cc=${spec%%:*} mem=${spec##*:}
+        RDROP_EMU_CC=$cc RDROP_EMU_MEMORY=$mem "$BIN" train --device cuda --dry-run \
+            >/dev/null 2>"$RES/fit-$cc-$mem.txt"
+        rc=$?
+        mb=$(sed -n 's/^micro-batch auto: \([0-9]*\) of 512 per rank.*/\1/p' "$RES/fit-$cc-$mem.txt")
+        prec=$(sed -n 's/^precision: auto is \([a-z0-9]*\) on .*/\1/p' "$RES/fit-$cc-$mem.txt")
+        want=bf16
+        [[ ${cc%%.*} -lt 8 ]] && want=f16
+        if [[ $rc != 0 || -z $mb || $((512 % ${mb:-1})) != 0 || $prec != "$want" ]]; then
+            fit_ok=false
+            tail -n 5 "$RES/fit-$cc-$mem.txt" >&2
+        fi
+        say "  cc $cc, $mem: micro-batch ${mb:-none}, precision ${prec:-none}"
+        fits+="\"$cc/$mem\": {\"micro_batch\": ${mb:-null}, \"precision\": \"${prec:-none}\"}, "
+    done
+    put fit_choices "${fits%, }}"
+    # More memory never chooses a smaller micro-batch (same precision).
+    pyjson "$RES" >>"$RES/figures" <<'EOF2'
+import json, re, sys, glob
+got = {}
+for f in glob.glob(f"{sys.argv[1]}/fit-*.txt"):
+    t = open(f).read()
+    m = re.search(r"^micro-batch auto: (\d+) of 512", t, re.M)
+    p = re.search(r"^precision: auto is (\w+)", t, re.M)
+    g = re.search(r"fit-([\d.]+)-(\d+)GiB", f)
+    if m and p and g:
+        got[(p.group(1), g.group(1), int(g.group(2)))] = int(m.group(1))
+ok = len(got) == 6 and all(got[a] <= got[b] for a in got for b in got if a[0] == b[0] and a[2] < b[2])
+print("fit_monotone", json.dumps(ok))
+EOF2
+    # A run whose micro-batch auto is tight: it must stay within total − margin on the device.
+    RDROP_EMU_MEMORY=1100MiB "$BIN" train --preset demo --device cuda --micro-batch auto \
+        --batch-size 512 --train-images 512 --steps 1 --eval-every 0 --out "$RUNS/fit-run" \
+        >"$RES/fit-run.txt" 2>&1
+    rc=$?
+    pyjson "$RES/fit-run.txt" "$rc" >>"$RES/figures" <<'EOF2'
+import json, re, sys
+t = open(sys.argv[1]).read()
+m = re.search(r"^micro-batch auto: (\d+) of 512 per rank .* of ([\d.]+) GiB free less a ([\d.]+) GiB margin", t, re.M)
+u = re.search(r"GPU memory after the first update: (\d+) MiB in use of (\d+) MiB", t)
+ok = sys.argv[2] == "0" and m is not None and u is not None
+used = int(u.group(1)) if u else None
+limit = int(u.group(2)) - round(float(m.group(3)) * 1024) if (m and u) else None
+print("fit_run", json.dumps({"exit": int(sys.argv[2]), "micro_batch": int(m.group(1)) if m else None,
+      "used_mib": used, "limit_mib": limit,
+      "within_margin": bool(ok and used <= limit)}))
+EOF2
+    grep -E "^micro-batch auto|^GPU memory" "$RES/fit-run.txt" >&2
+    put fit_dry_runs_ok $fit_ok
+fi
+
+# ----------------------------------------------------------------------- step profile
+# `rdrop bench train --profile` on the CUDA engine: CUDA events between the op groups; the
+# groups must cover the step (sum within 5 % of the step time) and name every group.
+if want profile; then
+    say "profile: bench train --profile --json on cuda (events between the op groups)"
+    "$BIN" bench train --model tiny --image-size 32 --micro-batch 8 --steps 2 --warmup 1 \
+        --device cuda --precision bf16 --engine explicit --profile --json \
+        >"$RES/profile.json" 2>"$RES/profile.log"
+    pyjson "$RES/profile.json" >>"$RES/figures" <<'EOF2'
+import json, sys
+try:
+    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+    groups = [g["group"] for g in r["profile"]]
+    ok = (abs(r["profile_ms"] - r["step_ms"]) <= 0.05 * r["step_ms"]
+          and all(k in g for g in r["profile"] for k in ("group", "ms", "flops", "bytes"))
+          and {"qkv_gemm", "attention_bwd", "optimizer", "loss"} <= set(groups))
+    print("cuda_profile", json.dumps({"groups": len(groups), "sum_over_step": round(r["profile_ms"] / r["step_ms"], 4), "ok": ok}))
+except Exception as e:
+    print("cuda_profile", json.dumps({"error": str(e), "ok": False}))
+EOF2
+fi
+
 # ---------------------------------------------------------------------------- the demo
 train() { # DIR DEVICE [flags...]: rdrop train --preset demo into DIR
     local dir=$1 dev=$2
     shift 2
     "$BIN" train --preset demo --device "$dev" --out "$dir" --seed 42 "$@" >"$dir.log" 2>&1
 }
-pyjson() { python3 - "$@"; }
-
 if want demo; then
     say "demo f32: 20 updates on cuda vs cpu (losses within 1e-4 relative)"
     train "$RUNS/f32-cpu" cpu --steps 20 --eval-every 20
@@ -376,6 +459,10 @@ marks = {
     "dp2_max_param_diff": lambda v: v is not None and v <= 1e-6,
     "mutations_caught": lambda v: v == fig.get("mutations_tried") and (v or 0) >= 7,
     "gpu_check_emulated_pass": lambda v: v is True,
+    "fit_dry_runs_ok": lambda v: v is True,
+    "fit_monotone": lambda v: v is True,
+    "fit_run": lambda v: isinstance(v, dict) and v.get("within_margin") is True,
+    "cuda_profile": lambda v: isinstance(v, dict) and v.get("ok") is True,
 }
 missed = [k for k, ok in marks.items() if k in fig and not ok(fig[k])]
 fig["missed"] = missed
