@@ -468,10 +468,21 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
         mb = 8 if self.small else 64
         s["micro_batch"] = mb
         s["rdrop"] = self.rdrop_train(mb, steps, self.budget.box(120))
+        # Where rdrop's step goes: op groups timed by CUDA events (FLOPs, bytes, TFLOP/s)
+        model, size, prec, _ = self.bench_args()
+        p = run(self.rdrop("bench", "train", "--model", model, "--image-size", size, "--micro-batch", mb,
+                           "--steps", max(2, steps // 4), "--warmup", 2, "--precision", prec,
+                           "--device", self.cuda, "--engine", "explicit", "--profile", "--json"),
+                self.budget.box(90), self.env)
+        pj = p.get("json") or {}
+        s["rdrop_profile"] = {"rc": p.get("rc"), "step_ms": pj.get("step_ms"), "profile_ms": pj.get("profile_ms"),
+                              "step_tflops": pj.get("step_tflops"), "profile": pj.get("profile"),
+                              **({"error": p.get("error")} if p.get("rc") != 0 else {})}
         if self.emu:  # the CUDA path ran; timings and PyTorch mean nothing here
             s["skipped"] = "emulated: no PyTorch, no timings"
             return
-        s["torch_eager"] = self.torch_train(mb, steps, self.budget.box(120))
+        # PyTorch eager with torch.profiler's per-op table over 3 more steps
+        s["torch_eager"] = self.torch_train(mb, steps, self.budget.box(150), "--profile", 3)
         s["torch_compile"] = self.torch_train(mb, steps, self.budget.box(240), "--compile")
         s["summary"] = self.train_ratios(s["rdrop"], s["torch_eager"], s["torch_compile"])
         # what dropout's random masks cost rdrop (if this rdrop's bench takes --dropout)
@@ -572,7 +583,10 @@ print(json.dumps({{'top1': float((l.argmax(-1) == np.asarray(d['fine_labels'])).
             self.summary["summary"]["emulated_pass"] = bool(
                 g("parity", "pass") and g("eval", "cuda_f32_vs_cpu", "pass")
                 and g("eval", "cuda_bf16_vs_cpu", "pass") and g("dp", "pass")
-                and g("train_mb64", "rdrop", "rc") == 0)
+                and g("train_mb64", "rdrop", "rc") == 0
+                and g("train_mb64", "rdrop_profile", "rc") == 0
+                and all(k in row for row in (g("train_mb64", "rdrop_profile", "profile") or [{}])
+                        for k in ("group", "ms", "flops", "bytes")))
         self.summary["headline"] = headline(self.summary)
         self.save()
         gpu = re.sub(r"[^a-z0-9]+", "-", str(_get(self.summary, ("env", "python", "gpu")) or

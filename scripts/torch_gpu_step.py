@@ -59,6 +59,9 @@ def parse_args():
     p.add_argument("--fallback-on-oom", action="store_true",
                    help="if the measurement runs out of memory, retry 1/8 smaller (down to 8)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the timed steps, STEPS more under torch.profiler: its per-op table "
+                        "(top 30 by device time, or CPU time on the CPU) in the JSON")
     p.add_argument("--json-out", help="also write the JSON line to this file")
     return p.parse_args()
 
@@ -134,6 +137,28 @@ class Runner:
             out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         return out
+
+    def profile(self, B, steps):
+        """torch.profiler's per-op table over `steps` steps: the ops with the most self time."""
+        from torch.profiler import ProfilerActivity, profile
+        x, y = self.batch(B)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                self.step(x, y)
+            self.sync()
+        dev_key = "self_device_time_total" if self.dev == "cuda" else "self_cpu_time_total"
+        rows = []
+        for e in prof.key_averages():
+            dev_us = getattr(e, dev_key, None)
+            if dev_us is None and self.dev == "cuda":
+                dev_us = getattr(e, "self_cuda_time_total", 0)
+            rows.append({"op": e.key, "calls": e.count // steps,
+                         "self_ms": round(dev_us / 1000 / steps, 4),
+                         "cpu_ms": round(e.self_cpu_time_total / 1000 / steps, 4)})
+        rows.sort(key=lambda r: -r["self_ms"])
+        return {"steps": steps, "time": "device" if self.dev == "cuda" else "cpu",
+                "ops": rows[:30], "total_self_ms": round(sum(r["self_ms"] for r in rows), 3)}
 
     def fits(self, B):
         """Two steps at micro-batch B; False on out-of-memory (and memory freed again)."""
@@ -224,6 +249,8 @@ def main():
             info.setdefault("oom_at", []).append(B)
             B -= max(8, B // 8 // 8 * 8)
             print(f"[torch_gpu_step] out of memory, retrying at micro-batch {B}", file=sys.stderr)
+    if a.profile > 0:
+        info["profile"] = r.profile(B, a.profile)
     emit(info, a)
 
 
