@@ -7,7 +7,15 @@
 # from cudarc's own symbol list (never committed; every stub function returns
 # CUDA_ERROR_NO_DEVICE). See ../shared/reference/cuda-build.md.
 #
-# usage: scripts/build-cuda.sh [--build]   release `rdrop` with --features cuda, stripped,
+# Two flavours, each in its own target and dist folder: CUDA 13 (the default; nvcc from PyPI;
+# cubins sm_75-sm_90 + PTX; drivers of the 580 series and newer; what scripts/gpu-check.sh
+# runs) and CUDA 12 (`--cuda 12`: cubins sm_70-sm_90 + PTX, so V100s too; drivers of the 525
+# series and newer). PyPI's CUDA 12 wheels (nvidia-cuda-nvcc-cu12) hold ptxas but no nvcc, so
+# the CUDA 12 flavour builds with an installed CUDA 12 toolkit: RDROP_CUDA12_HOME, else a
+# CUDA_HOME of release 12, else the newest /usr/local/cuda-12.* (`module load cuda/12.x` on
+# clusters); without one it stops and says so.
+#
+# usage: scripts/build-cuda.sh [--cuda 12|13] [--build]   release `rdrop` with --features cuda, stripped,
 #                                          into dist/cuda/rdrop (default), and the CUDA test
 #                                          binaries (rdrop-vit tests/cuda.rs, rdrop-kernels
 #                                          tests/cuda_kernels.rs) into dist/cuda/tests/
@@ -16,7 +24,9 @@
 #        scripts/build-cuda.sh --check     cargo clippy --release -D warnings (cargo check if
 #                                          clippy is missing) of the whole workspace, all
 #                                          targets, CUDA on; compiles the kernels (needs nvcc
-#                                          only; quick after a --build)
+#                                          only; quick after a --build) and checks that their
+#                                          fat binaries hold a cubin for every architecture of
+#                                          the flavour and the PTX of the lowest
 #        scripts/build-cuda.sh --setup     only install the toolchain and make the stub
 #        scripts/build-cuda.sh --env       set up, then print `export ...` lines for the build
 #                                          (eval "$(scripts/build-cuda.sh --env)")
@@ -26,9 +36,11 @@
 #
 # Idempotent: the venv, the symlinks, the stub and target-cuda/ are reused.
 # Environment:
-#   RDROP_CUDA_VENV        venv holding nvcc & co  (default ~/.cache/rdrop/cuda-venv)
-#   RDROP_CUDA_TARGET_DIR  cargo target dir        (default target-cuda, ignored by git)
-#   RDROP_CUDA_DIST        where the binary goes   (default dist/cuda, ignored by git)
+#   RDROP_CUDA_VENV        venv holding nvcc & co  (CUDA 13; default ~/.cache/rdrop/cuda-venv)
+#   RDROP_CUDA12_HOME      a CUDA 12 toolkit (CUDA 12: bin/nvcc, include/, lib64/)
+#   RDROP_CUDA_TARGET_DIR  cargo target dir        (default target-cuda, CUDA 12: target-cuda12;
+#                          ignored by git)
+#   RDROP_CUDA_DIST        where the binary goes   (default dist/cuda, CUDA 12: dist/cuda12)
 #   RDROP_CUDA_ARCHS       rdrop's kernels: cubins for these architectures, e.g. 80 or 80,90
 #                          (default: sm_75, 80, 86, 89, 90 and PTX for compute_75, which newer
 #                          GPUs JIT; a CUDA_COMPUTE_CAP given narrows it to that one)
@@ -42,29 +54,47 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 MODE=build
-case "${1:-}" in
-    "" | --build) MODE=build ;;
+CUDA=13
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --build) MODE=build ;;
     --check) MODE=check ;;
     --setup) MODE=setup ;;
     --env) MODE=env ;;
     --run-env) MODE=run-env ;;
+    --cuda)
+        CUDA=${2:-}
+        [[ $CUDA == 12 || $CUDA == 13 ]] || { echo "build-cuda.sh: --cuda takes 12 or 13" >&2; exit 2; }
+        shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-cuda.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
-esac
+    esac
+    shift
+done
 
-VENV=${RDROP_CUDA_VENV:-$HOME/.cache/rdrop/cuda-venv}
-TARGET=${RDROP_CUDA_TARGET_DIR:-$REPO/target-cuda}
-DIST=${RDROP_CUDA_DIST:-$REPO/dist/cuda}
+if [[ $CUDA == 13 ]]; then
+    VENV=${RDROP_CUDA_VENV:-$HOME/.cache/rdrop/cuda-venv}
+    TARGET=${RDROP_CUDA_TARGET_DIR:-$REPO/target-cuda}
+    DIST=${RDROP_CUDA_DIST:-$REPO/dist/cuda}
+    WANT_CUBINS="75, 80, 86, 89, 90"
+else
+    VENV=
+    TARGET=${RDROP_CUDA_TARGET_DIR:-$REPO/target-cuda12}
+    DIST=${RDROP_CUDA_DIST:-$REPO/dist/cuda12}
+    WANT_CUBINS="70, 75, 80, 86, 89, 90"
+fi
 CUDA_ROOT=$TARGET/cuda-root # symlinks + stub: generated, inside an ignored folder
 PY=${PYTHON:-python3}
 
 log() { echo "[build-cuda] $*" >&2; }
 
 # What kernels need to compile (nvcc, its front end, libdevice, headers) ...
-COMPILE_PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
 # ... and what the binary links against (cudarc's dynamic-linking feature).
-LINK_PKGS=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88)
+if [[ $CUDA == 13 ]]; then
+    COMPILE_PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+        nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
+    LINK_PKGS=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88)
+fi
 
 pip_install() { # $1 = stamp name, rest = packages; skipped when the stamp matches
     local stamp="$VENV/.rdrop-$1" want
@@ -81,6 +111,10 @@ pip_install() { # $1 = stamp name, rest = packages; skipped when the stamp match
 }
 
 setup_toolchain() { # $1 = compile | link
+    if [[ $CUDA == 12 ]]; then
+        setup_cuda12 "$1"
+        return
+    fi
     if [[ ! -x $VENV/bin/python && ! -d $VENV/site ]]; then
         log "creating venv $VENV"
         mkdir -p "$VENV"
@@ -96,21 +130,77 @@ setup_toolchain() { # $1 = compile | link
     fi
     pip_install compile "${COMPILE_PKGS[@]}"
     [[ $1 == link ]] && pip_install link "${LINK_PKGS[@]}"
+    mkdir -p "$CUDA_ROOT/lib64/stubs"
     NV=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 "$VENV"/site/nvidia/cu13 2>/dev/null | head -1 || true)
     if [[ -z $NV || ! -x $NV/bin/nvcc ]]; then
         log "nvcc not found under $VENV (nvidia/cu13/bin/nvcc); remove $VENV and retry"
         exit 1
     fi
-    mkdir -p "$CUDA_ROOT/lib64/stubs"
     # CUDA_HOME's layout as build scripts expect it: bin/, include/, nvvm/ from the wheels.
     for d in bin include nvvm; do ln -sfn "$NV/$d" "$CUDA_ROOT/$d"; done
     if [[ $1 == link ]]; then
         local l
+        LIBDIRS=$NV/lib
         for l in cudart:13 cublas:13 cublasLt:13 curand:10 nvrtc:13; do
             ln -sf "$NV/lib/lib${l%%:*}.so.${l##*:}" "$CUDA_ROOT/lib64/lib${l%%:*}.so"
         done
         make_stub
     fi
+}
+
+setup_cuda12() { # $1 = compile | link: an installed CUDA 12 toolkit (PyPI has no CUDA 12 nvcc)
+    local home="" c
+    for c in "${RDROP_CUDA12_HOME:-}" "${CUDA_HOME:-}" $(ls -d /usr/local/cuda-12.* 2>/dev/null | sort -V -r); do
+        [[ -n $c && -x $c/bin/nvcc ]] || continue
+        if "$c/bin/nvcc" --version | grep -q "release 12\."; then home=$c; break; fi
+    done
+    if [[ -z $home ]]; then
+        log "--cuda 12 needs a CUDA 12 toolkit (bin/nvcc of release 12): set RDROP_CUDA12_HOME, or"
+        log "load one (\`module load cuda/12.x\` on clusters; NVIDIA's runfile or apt repository"
+        log "elsewhere). PyPI's CUDA 12 wheels (nvidia-cuda-nvcc-cu12) hold ptxas but not nvcc."
+        exit 1
+    fi
+    NV=$home
+    mkdir -p "$CUDA_ROOT/lib64/stubs"
+    for c in bin include nvvm; do ln -sfn "$home/$c" "$CUDA_ROOT/$c"; done
+    local lib=$home/lib64
+    [[ -d $lib ]] || lib=$home/targets/x86_64-linux/lib
+    LIBDIRS=$lib
+    if [[ $1 == link ]]; then
+        for c in cudart cublas cublasLt curand nvrtc; do
+            ln -sf "$lib/lib$c.so" "$CUDA_ROOT/lib64/lib$c.so"
+        done
+        make_stub
+    fi
+    # cudarc's bindings for this toolkit's driver API (12.x from nvcc --version).
+    local v
+    v=$("$home/bin/nvcc" --version | sed -n 's/.*release 12\.\([0-9]*\).*/\1/p' | head -1)
+    export CUDARC_CUDA_VERSION=120${v:-0}0
+    log "CUDA 12 toolkit: $home (cudarc bindings $CUDARC_CUDA_VERSION)"
+}
+
+# The kernels' fat binaries of the last build hold a cubin for every architecture of the
+# flavour (unless RDROP_CUDA_ARCHS narrows it) and the PTX of the lowest.
+check_cubins() {
+    local out want_ptx got
+    out=$(ls -td "$TARGET"/release/build/rdrop-kernels-*/out 2>/dev/null | while read -r d; do
+        ls "$d"/*.fatbin >/dev/null 2>&1 && { echo "$d"; break; }; done)
+    [[ -n $out ]] || { log "no fat binaries of rdrop-kernels under $TARGET"; exit 1; }
+    if [[ -n ${RDROP_CUDA_ARCHS:-} ]]; then
+        log "RDROP_CUDA_ARCHS=$RDROP_CUDA_ARCHS: the architecture check is skipped"
+        return
+    fi
+    (cd "$REPO" && cargo build --release -q -p rdrop-gpu-emu)
+    want_ptx=${WANT_CUBINS%%,*}
+    local f
+    for f in "$out"/*.fatbin; do
+        got=$("$REPO/target/release/rdrop-gpu-emu" images "$f")
+        if [[ $got != *"\"cubins\": [$WANT_CUBINS], \"ptx\": [$want_ptx]}" ]]; then
+            log "$(basename "$f"): $got; want cubins [$WANT_CUBINS] and PTX [$want_ptx]"
+            exit 1
+        fi
+    done
+    log "kernels (CUDA $CUDA): every fat binary holds cubins sm_${WANT_CUBINS//, /, sm_} and PTX compute_$want_ptx"
 }
 
 make_stub() { # libcuda link stub from cudarc's driver symbol list (needs `cargo fetch`)
@@ -165,7 +255,8 @@ check)
     else
         (cd "$REPO" && cargo check --release --workspace --all-targets --features rdrop-cli/cuda)
     fi
-    log "cuda check passed"
+    check_cubins
+    log "cuda $CUDA check passed"
     ;;
 build)
     setup_toolchain link
@@ -202,7 +293,7 @@ PYEOF
     tar -C "$DIST" -czf "$DIST-pack/cuda-tests.tar.gz.tmp" tests && mv "$DIST-pack/cuda-tests.tar.gz.tmp" "$DIST-pack/cuda-tests.tar.gz"
     log "packed $DIST-pack/cuda-tests.tar.gz: $(ls "$DIST/tests" | tr '\n' ' ')($(du -h "$DIST-pack/cuda-tests.tar.gz" | cut -f1))"
     # sanity: it starts here with the stub libcuda (no GPU) and prints its version
-    if v=$(LD_LIBRARY_PATH="$NV/lib:$CUDA_ROOT/lib64/stubs" "$DIST/rdrop" --version); then
+    if v=$(LD_LIBRARY_PATH="$LIBDIRS:$CUDA_ROOT/lib64/stubs" "$DIST/rdrop" --version); then
         log "$v starts (stub libcuda)"
     else
         log "warning: $DIST/rdrop does not start with the stub libcuda"
@@ -218,9 +309,10 @@ env)
         printf 'export %s=%q\n' "$v" "${!v}"
     done
     [[ -z ${RDROP_CUDA_ARCHS:-} ]] || printf 'export RDROP_CUDA_ARCHS=%q\n' "$RDROP_CUDA_ARCHS"
+    [[ -z ${CUDARC_CUDA_VERSION:-} ]] || printf 'export CUDARC_CUDA_VERSION=%q\n' "$CUDARC_CUDA_VERSION"
     ;;
 run-env)
     setup_toolchain link
-    printf 'export LD_LIBRARY_PATH=%q\n' "$NV/lib:$CUDA_ROOT/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    printf 'export LD_LIBRARY_PATH=%q\n' "$LIBDIRS:$CUDA_ROOT/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     ;;
 esac
