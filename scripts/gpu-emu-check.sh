@@ -6,7 +6,7 @@
 # non-zero when a mark is missed.
 #
 # usage: scripts/gpu-emu-check.sh [--skip-build] [--only PART[,PART…]]
-#   parts: symbols tests archs fit profile demo eval resume dp2 mutations gpucheck   (default: all)
+#   parts: symbols tests archs fit profile demo eval resume dp2 mutations gpucheck (default: all)
 # Environment:
 #   GPU_EMU_DEMO_STEPS   updates of the bf16/f16 demo runs (default 400, 95 % top-1 on the CPU; the
 #                        CPU run of the same command must reach ≥ 90 %, checked and recorded)

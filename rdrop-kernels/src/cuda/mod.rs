@@ -343,10 +343,9 @@ impl CudaKernels {
                 covered: covered.join(", "),
                 ptx: PTX_ARCH,
                 hint: if major * 10 + minor < 75 {
-                    format!(
-                        "CUDA 13 no longer compiles for it: it needs a build with a CUDA 12 \
-                         toolkit (RDROP_CUDA_ARCHS={major}{minor})"
-                    )
+                    "CUDA 13 no longer compiles for it: build the CUDA 12 flavour \
+                     (`scripts/build-cuda.sh --cuda 12`, with a CUDA 12 toolkit installed)"
+                        .to_string()
                 } else {
                     format!("rebuild with RDROP_CUDA_ARCHS={major}{minor} scripts/build-cuda.sh")
                 },
