@@ -7,13 +7,15 @@
 # from cudarc's own symbol list (never committed; every stub function returns
 # CUDA_ERROR_NO_DEVICE). See ../shared/reference/cuda-build.md.
 #
-# Two flavours, each in its own target and dist folder: CUDA 13 (the default; nvcc from PyPI;
-# cubins sm_75-sm_90 + PTX; drivers of the 580 series and newer; what scripts/gpu-check.sh
-# runs) and CUDA 12 (`--cuda 12`: cubins sm_70-sm_90 + PTX, so V100s too; drivers of the 525
-# series and newer). PyPI's CUDA 12 wheels (nvidia-cuda-nvcc-cu12) hold ptxas but no nvcc, so
-# the CUDA 12 flavour builds with an installed CUDA 12 toolkit: RDROP_CUDA12_HOME, else a
-# CUDA_HOME of release 12, else the newest /usr/local/cuda-12.* (`module load cuda/12.x` on
-# clusters); without one it stops and says so.
+# Two flavours, each in its own target and dist folder: CUDA 13 (the default; nvcc 13.0 from
+# PyPI; cubins sm_75-sm_90 + PTX; drivers of the 580 series and newer; what
+# scripts/gpu-check.sh runs) and CUDA 12 (`--cuda 12`: cubins sm_70-sm_90 + PTX, so V100s too;
+# drivers of the 525 series and newer). PyPI's CUDA 12 wheels hold ptxas but no nvcc, so the
+# CUDA 12 flavour takes an installed CUDA 12 toolkit (RDROP_CUDA12_HOME, a CUDA_HOME of release
+# 12, or the newest /usr/local/cuda-12.*), else assembles one: nvcc, cicc, cudafe++, fatbinary
+# and ptxas of CUDA 12.4 from Debian's nvidia-cuda-toolkit and libnvvm4 packages (trixie,
+# non-free; downloaded from deb.debian.org, sha256-checked, unpacked, not installed) with the
+# CUDA 12.4 headers and libraries of PyPI's -cu12 wheels and CCCL 12.6.
 #
 # usage: scripts/build-cuda.sh [--cuda 12|13] [--build]   release `rdrop` with --features cuda, stripped,
 #                                          into dist/cuda/rdrop (default), and the CUDA test
@@ -37,7 +39,10 @@
 # Idempotent: the venv, the symlinks, the stub and target-cuda/ are reused.
 # Environment:
 #   RDROP_CUDA_VENV        venv holding nvcc & co  (CUDA 13; default ~/.cache/rdrop/cuda-venv)
-#   RDROP_CUDA12_HOME      a CUDA 12 toolkit (CUDA 12: bin/nvcc, include/, lib64/)
+#   RDROP_CUDA12_HOME      an installed CUDA 12 toolkit (bin/nvcc, include/, lib64/)
+#   RDROP_CUDA12_VENV      venv of the assembled CUDA 12 toolkit's wheels (default
+#                          ~/.cache/rdrop/cuda12-venv); its Debian packages go to
+#                          ~/.cache/rdrop/cuda12-debs
 #   RDROP_CUDA_TARGET_DIR  cargo target dir        (default target-cuda, CUDA 12: target-cuda12;
 #                          ignored by git)
 #   RDROP_CUDA_DIST        where the binary goes   (default dist/cuda, CUDA 12: dist/cuda12)
@@ -78,7 +83,7 @@ if [[ $CUDA == 13 ]]; then
     DIST=${RDROP_CUDA_DIST:-$REPO/dist/cuda}
     WANT_CUBINS="75, 80, 86, 89, 90"
 else
-    VENV=
+    VENV=${RDROP_CUDA12_VENV:-$HOME/.cache/rdrop/cuda12-venv}
     TARGET=${RDROP_CUDA_TARGET_DIR:-$REPO/target-cuda12}
     DIST=${RDROP_CUDA_DIST:-$REPO/dist/cuda12}
     WANT_CUBINS="70, 75, 80, 86, 89, 90"
@@ -94,6 +99,17 @@ if [[ $CUDA == 13 ]]; then
     COMPILE_PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
         nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
     LINK_PKGS=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88)
+else
+    # CUDA 12.4's headers (crt/ comes with the nvcc wheel) and CCCL 12.6 (12.4's wheel was
+    # yanked as broken) for the assembled toolkit; the libraries the binary links against.
+    COMPILE_PKGS=(nvidia-cuda-nvcc-cu12==12.4.131 nvidia-cuda-runtime-cu12==12.4.127
+        nvidia-cuda-cccl-cu12==12.6.77)
+    LINK_PKGS=(nvidia-cublas-cu12==12.4.5.8 nvidia-curand-cu12==10.3.5.147
+        nvidia-cuda-nvrtc-cu12==12.4.127)
+    # Debian trixie non-free: CUDA 12.4's compiler (path sha256).
+    DEBS=("pool/non-free/n/nvidia-cuda-toolkit/nvidia-cuda-toolkit_12.4.131~12.4.1-2_amd64.deb cd5fe85aee38d108b315f408a688641478f2402622a10c677478eb7a6c4e5319"
+        "pool/non-free/n/nvidia-cuda-toolkit/libnvvm4_12.4.131~12.4.1-2_amd64.deb 3c905c1df7453e1ad477516c4465629c310d2f58a796d66f44070dc289e7ec12")
+    DEBIAN_MIRROR=${RDROP_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 fi
 
 pip_install() { # $1 = stamp name, rest = packages; skipped when the stamp matches
@@ -155,10 +171,8 @@ setup_cuda12() { # $1 = compile | link: an installed CUDA 12 toolkit (PyPI has n
         if "$c/bin/nvcc" --version | grep -q "release 12\."; then home=$c; break; fi
     done
     if [[ -z $home ]]; then
-        log "--cuda 12 needs a CUDA 12 toolkit (bin/nvcc of release 12): set RDROP_CUDA12_HOME, or"
-        log "load one (\`module load cuda/12.x\` on clusters; NVIDIA's runfile or apt repository"
-        log "elsewhere). PyPI's CUDA 12 wheels (nvidia-cuda-nvcc-cu12) hold ptxas but not nvcc."
-        exit 1
+        assemble_cuda12 "$1"
+        return
     fi
     NV=$home
     mkdir -p "$CUDA_ROOT/lib64/stubs"
@@ -179,6 +193,89 @@ setup_cuda12() { # $1 = compile | link: an installed CUDA 12 toolkit (PyPI has n
     log "CUDA 12 toolkit: $home (cudarc bindings $CUDARC_CUDA_VERSION)"
 }
 
+assemble_cuda12() { # $1 = compile | link: CUDA 12.4 from Debian's packages and PyPI's wheels
+    local debs=$HOME/.cache/rdrop/cuda12-debs d path sum f root=$CUDA_ROOT
+    mkdir -p "$debs"
+    for d in "${DEBS[@]}"; do
+        path=${d% *} sum=${d#* } f=$debs/$(basename "${d% *}")
+        if [[ ! -f $f ]] || ! echo "$sum  $f" | sha256sum -c --quiet 2>/dev/null; then
+            log "downloading $DEBIAN_MIRROR/$path"
+            curl -fsSL --retry 3 -o "$f.part" "$DEBIAN_MIRROR/$path" || {
+                log "cannot download $DEBIAN_MIRROR/$path (set RDROP_DEBIAN_MIRROR, or install a CUDA 12 toolkit and set RDROP_CUDA12_HOME)"
+                exit 1
+            }
+            echo "$sum  $f.part" | sha256sum -c --quiet || { log "$f: sha256 is not $sum"; rm -f "$f.part"; exit 1; }
+            mv "$f.part" "$f"
+        fi
+    done
+    # the venv of the wheels (headers; libraries for a build)
+    if [[ ! -x $VENV/bin/python ]]; then
+        log "creating venv $VENV"
+        "$PY" -m venv "$VENV"
+    fi
+    pip_install compile "${COMPILE_PKGS[@]}"
+    [[ $1 == link ]] && pip_install link "${LINK_PKGS[@]}"
+    local sp
+    sp=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia | head -1)
+    local stamp="$root/.assembled"
+    if [[ ! -f $stamp || "$(cat "$stamp")" != "${DEBS[*]} ${COMPILE_PKGS[*]}" ]]; then
+        log "assembling CUDA 12.4 in $root"
+        rm -rf "$root/bin" "$root/nvvm" "$root/include" "$root/deb"
+        mkdir -p "$root/deb" "$root/bin" "$root/nvvm/bin" "$root/nvvm/libdevice" "$root/include" \
+            "$root/lib64/stubs"
+        for d in "$debs"/*.deb; do
+            if command -v dpkg-deb >/dev/null; then
+                dpkg-deb -x "$d" "$root/deb"
+            else # ar + tar where dpkg is missing
+                (cd "$root/deb" && ar x "$d" data.tar.xz && tar -xJf data.tar.xz && rm data.tar.xz)
+            fi
+        done
+        local t=$root/deb/usr/lib/nvidia-cuda-toolkit
+        cp "$t/bin/nvcc" "$root/bin/"
+        cp -r "$t/bin/crt" "$root/bin/"
+        for f in cudafe++ fatbinary ptxas nvlink bin2c cuobjdump; do cp "$root/deb/usr/bin/$f" "$root/bin/"; done
+        cp "$t/bin/cicc" "$root/nvvm/bin/"
+        cp "$t/libdevice/libdevice.10.bc" "$root/nvvm/libdevice/"
+        for c in cuda_nvcc cuda_runtime cuda_cccl; do
+            cp -r "$sp/$c/include/." "$root/include/"
+        done
+        rm -f "$root/include/__init__.py"
+        # nvcc's profile as a toolkit's: its own folder's nvvm/, include/ and lib64/
+        cat >"$root/bin/nvcc.profile" <<'PROFILE'
+
+TOP              = $(_HERE_)/..
+
+NVVMIR_LIBRARY_DIR = $(TOP)/nvvm/libdevice
+
+LD_LIBRARY_PATH += $(TOP)/lib:
+PATH            += $(TOP)/nvvm/bin:$(_HERE_):
+
+INCLUDES        +=  "-I$(TOP)/include" $(_SPACE_)
+
+LIBRARIES        =+ $(_SPACE_) "-L$(TOP)/lib64/stubs" "-L$(TOP)/lib64"
+
+CUDAFE_FLAGS    +=
+PTXAS_FLAGS     +=
+PROFILE
+        rm -rf "$root/deb"
+        echo "${DEBS[*]} ${COMPILE_PKGS[*]}" >"$stamp"
+    fi
+    NV=$root
+    LIBDIRS=$sp/cuda_runtime/lib:$sp/cublas/lib:$sp/curand/lib:$sp/cuda_nvrtc/lib
+    if [[ $1 == link ]]; then
+        local l name
+        for l in cuda_runtime/cudart:12 cublas/cublas:12 cublas/cublasLt:12 curand/curand:10 \
+            cuda_nvrtc/nvrtc:12; do
+            name=${l#*/}
+            name=${name%%:*}
+            ln -sf "$sp/${l%%/*}/lib/lib$name.so.${l##*:}" "$root/lib64/lib$name.so"
+        done
+        make_stub
+    fi
+    export CUDARC_CUDA_VERSION=12040
+    log "CUDA 12.4 assembled in $root (Debian's compiler, PyPI's headers; cudarc bindings 12040)"
+}
+
 # The kernels' fat binaries of the last build hold a cubin for every architecture of the
 # flavour (unless RDROP_CUDA_ARCHS narrows it) and the PTX of the lowest.
 check_cubins() {
@@ -190,7 +287,8 @@ check_cubins() {
         log "RDROP_CUDA_ARCHS=$RDROP_CUDA_ARCHS: the architecture check is skipped"
         return
     fi
-    (cd "$REPO" && cargo build --release -q -p rdrop-gpu-emu)
+    # the fat-binary reader of gpu-emu (a host build, in the workspace's own target folder)
+    (cd "$REPO" && CARGO_TARGET_DIR="$REPO/target" cargo build --release -q -p rdrop-gpu-emu)
     want_ptx=${WANT_CUBINS%%,*}
     local f
     for f in "$out"/*.fatbin; do

@@ -344,7 +344,7 @@ impl CudaKernels {
                 ptx: PTX_ARCH,
                 hint: if major * 10 + minor < 75 {
                     "CUDA 13 no longer compiles for it: build the CUDA 12 flavour \
-                     (`scripts/build-cuda.sh --cuda 12`, with a CUDA 12 toolkit installed)"
+                     (`scripts/build-cuda.sh --cuda 12`)"
                         .to_string()
                 } else {
                     format!("rebuild with RDROP_CUDA_ARCHS={major}{minor} scripts/build-cuda.sh")
