@@ -235,7 +235,8 @@ pub struct ComputeArgs {
     #[arg(long, value_name = "T")]
     pub threads: Option<usize>,
     /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model:
-    /// any device and precision) or `auto` (explicit on CPU in f32, else autograd).
+    /// any device and precision) or `auto` (explicit on the CPU in f32 and on CUDA at every
+    /// precision, else autograd).
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     pub engine: EngineKind,
 }

@@ -170,3 +170,40 @@ fn an_hf_folder_of_another_architecture_trains_under_the_default_preset() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `micro_batch = "auto"`: the recipe's default, written as such by `--dry-run`, which says how
+/// it will be decided (no GPU here) or chooses it (the CPU); a fixed number and the reference
+/// loss are checked against it.
+#[test]
+fn micro_batch_auto_is_the_recipe_default_and_dry_run_explains_it() {
+    let out = ok(&["train", "--device", "cuda", "--dry-run"]);
+    assert_eq!(toml_of(&out)["micro_batch"].as_str(), Some("auto"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "micro-batch auto: decided when the run opens cuda:0 (the largest divisor of 512 \
+             whose activation plan fits"
+        ),
+        "{err}"
+    );
+    let out = ok(&[
+        "train",
+        "--device",
+        "cpu",
+        "--dry-run",
+        "--batch-size",
+        "96",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("micro-batch auto: 48 (the largest divisor of 96 up to 64"),
+        "{err}"
+    );
+    let out = ok(&["train", "--dry-run", "--micro-batch", "32"]);
+    assert_eq!(toml_of(&out)["micro_batch"].as_integer(), Some(32));
+    let bad = rdrop(&["train", "--dry-run", "--loss-reduction", "reference"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--micro-batch N"));
+    let bad = rdrop(&["train", "--dry-run", "--micro-batch", "lots"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither a number of images nor `auto`"));
+}

@@ -311,7 +311,7 @@ fn dry_run(cfg: &RunConfig, nproc_per_node: Option<usize>) -> anyhow::Result<()>
     if n > 1 {
         let accum = cfg.batch_size / (n * cfg.micro());
         eprintln!(
-            "world: {n} ranks on this node (--nproc-per-node {n}; cuda:0..cuda:{}): each takes              {} images of every global batch of {} ({n} ranks × micro-batch {} × accumulation {accum})",
+            "world: {n} ranks on this node (--nproc-per-node {n}; cuda:0..cuda:{}): each takes {} images of every global batch of {} ({n} ranks × micro-batch {} × accumulation {accum})",
             n - 1,
             cfg.batch_size / n,
             cfg.batch_size,
@@ -380,7 +380,8 @@ fn dry_run_micro_batch(cfg: &RunConfig, ranks: usize) -> anyhow::Result<String> 
     };
     let (Some(vc), Some(device)) = (vc, device) else {
         return Ok(format!(
-            "micro-batch auto: decided when the run opens {} (the largest divisor of {per_rank}              whose activation plan fits the GPU's free memory less max(1/16, 512 MiB))",
+            "micro-batch auto: decided when the run opens {} (the largest divisor of {per_rank} \
+             whose activation plan fits the GPU's free memory less max(1/16, 512 MiB))",
             cfg.device
         ));
     };
