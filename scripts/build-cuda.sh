@@ -360,7 +360,13 @@ build)
     setup_toolchain link
     export_env
     log "nvcc: $(nvcc --version | tail -1)"
-    (cd "$REPO" && cargo build --release -p rdrop-cli --features cuda)
+    # One cargo run for the binary and the GPU test binaries (`#[ignore]`d: no GPU here; run
+    # with --ignored on a GPU machine): one feature resolution, so candle's kernels are compiled
+    # by nvcc once (two runs resolved different features and compiled them twice).
+    log "building rdrop and the CUDA test binaries (rdrop-kernels tests/cuda_kernels.rs, rdrop-vit tests/cuda.rs)"
+    (cd "$REPO" && cargo build --release -p rdrop-cli -p rdrop-kernels -p rdrop-vit \
+        --features rdrop-cli/cuda --bin rdrop --test cuda --test cuda_kernels \
+        --message-format=json-render-diagnostics) >"$TARGET/cuda-tests.jsonl"
     mkdir -p "$DIST"
     cp "$TARGET/release/rdrop" "$DIST/rdrop.tmp"
     strip "$DIST/rdrop.tmp" 2>/dev/null || log "strip not found: binary left unstripped"
@@ -371,11 +377,8 @@ build)
     mkdir -p "$DIST-pack"
     gzip -6 -c "$DIST/rdrop" >"$DIST-pack/rdrop.gz.tmp" && mv "$DIST-pack/rdrop.gz.tmp" "$DIST-pack/rdrop.gz"
     log "packed $DIST-pack/rdrop.gz ($(du -h "$DIST-pack/rdrop.gz" | cut -f1))"
-    # the GPU tests (`#[ignore]`d: no GPU here), built as release test binaries, stripped and
-    # packed next to the binary: gpu-check.sh runs them with --ignored on the GPU machine
-    log "building the CUDA test binaries (rdrop-kernels, rdrop-vit; run there with --ignored)"
-    (cd "$REPO" && cargo test --release -p rdrop-kernels -p rdrop-vit --features rdrop-vit/cuda \
-        --no-run --message-format=json) >"$TARGET/cuda-tests.jsonl"
+    # the GPU test binaries, stripped and packed next to the binary: gpu-check.sh runs them with
+    # --ignored on the GPU machine
     rm -rf "$DIST/tests" && mkdir -p "$DIST/tests"
     "$PY" - "$TARGET/cuda-tests.jsonl" "$DIST/tests" <<'PYEOF'
 import json, shutil, sys
