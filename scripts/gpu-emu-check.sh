@@ -11,9 +11,12 @@
 #   GPU_EMU_DEMO_STEPS   updates of the bf16/f16 demo runs (default 400, 95 % top-1 on the CPU; the
 #                        CPU run of the same command must reach ≥ 90 %, checked and recorded)
 #   RDROP_EMU_THREADS    host threads per kernel (default: the cores)
+#   RDROP_EMU_OUT        where the libraries, runs and summary.json go (default target/gpu-emu)
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$REPO/target/gpu-emu
+OUT=${RDROP_EMU_OUT:-$REPO/target/gpu-emu}
+# the emulator as cargo builds it below (CARGO_TARGET_DIR as cargo reads it)
+EMU=${CARGO_TARGET_DIR:-$REPO/target}/release/rdrop-gpu-emu
 LIB=$OUT/lib
 BIN=$REPO/dist/cuda/rdrop
 TESTS=$REPO/dist/cuda/tests
@@ -52,7 +55,7 @@ if [[ $SKIP_BUILD == 0 ]]; then
 fi
 say "building the emulator (cargo build --release -p rdrop-gpu-emu)"
 (cd "$REPO" && cargo build --release -q -p rdrop-gpu-emu) || { say "the emulator does not build"; exit 1; }
-"$REPO/target/release/rdrop-gpu-emu" install "$LIB" >"$RES/install.txt" || exit 1
+"$EMU" install "$LIB" >"$RES/install.txt" || exit 1
 
 export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export RDROP_NCCL_LIBRARY=$LIB/libnccl.so.2 RDROP_EMU_KERNELS=$LIB/kernels RDROP_REPO=$REPO
@@ -62,7 +65,7 @@ rm -rf "$RUNS" && mkdir -p "$RUNS"
 
 if want symbols; then
     say "symbols: every import of the binaries is exported by the emulator"
-    if "$REPO/target/release/rdrop-gpu-emu" check-symbols "$LIB" "$BIN" "$TESTS"/* >"$RES/symbols.txt" 2>&1; then
+    if "$EMU" check-symbols "$LIB" "$BIN" "$TESTS"/* >"$RES/symbols.txt" 2>&1; then
         put symbols_complete true
     else
         cat "$RES/symbols.txt" >&2
@@ -72,7 +75,7 @@ if want symbols; then
     # rdrop's five must hold cubins for sm_75, 80, 86, 89 and 90 and PTX for compute_75 (CUDA
     # 13); candle's own few, sm_90 cubins of kernels rdrop never launches, are counted apart.
     say "images: the architectures of the kernels' fat binaries in $BIN"
-    "$REPO/target/release/rdrop-gpu-emu" images "$BIN" >"$RES/images.json" 2>&1
+    "$EMU" images "$BIN" >"$RES/images.json" 2>&1
     head -c 300 "$RES/images.json" >&2; echo " …" >&2
     put kernel_images "$(python3 -c '
 import json, sys
