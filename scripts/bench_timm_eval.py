@@ -2,7 +2,7 @@
 """Eval-mode throughput of timm's ViT in PyTorch on CPU: the peer of
 `cargo run -p rdrop-vit --example bench_eval`. Random weights (no download).
 
-Usage: /tmp/refenv/bin/python scripts/bench_timm_eval.py [--model vit_base_patch16_224]
+Usage: python3 scripts/bench_timm_eval.py [--model vit_base_patch16_224]
        [--image-size 224] [--batch 8] [--threads 2] [--iters 10] [--classes 100]
 Prints one JSON line: {"images_per_s", "ms_per_batch", ...}.
 """

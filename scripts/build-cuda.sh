@@ -5,7 +5,7 @@
 # refuse PTX from a newer nvcc); the CUDA libraries cudarc links against get unversioned
 # symlinks, and libcuda (the driver, present on a GPU machine) gets a link stub generated here
 # from cudarc's own symbol list (never committed; every stub function returns
-# CUDA_ERROR_NO_DEVICE). See ../shared/reference/cuda-build.md.
+# CUDA_ERROR_NO_DEVICE). README.md ("The full recipe on a GPU") says what each flavour runs on.
 #
 # Two flavours, each in its own target and dist folder: CUDA 13 (the default; nvcc 13.0 from
 # PyPI; cubins sm_75-sm_90 + PTX; drivers of the 580 series and newer; what

@@ -12,7 +12,7 @@ Writes into rdrop-core/tests/fixtures/:
                        updates by torch.optim.SGD (momentum, clip_grad_norm_, 2-step accumulation)
                        and torch.optim.AdamW; parameters after every update, losses, grad norms.
 
-Run: /tmp/refenv/bin/python scripts/gen_core_fixtures.py
+Run: python3 scripts/gen_core_fixtures.py
 """
 import json
 import math

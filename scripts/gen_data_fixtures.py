@@ -1,7 +1,7 @@
 """Generate rdrop-data's golden test fixtures (small, committed) with independent tools.
 
-Run from the repository root with the reference venv:
-    /tmp/refenv/bin/python scripts/gen_data_fixtures.py
+Run from the repository root, with a Python that has the packages imported below:
+    python3 scripts/gen_data_fixtures.py
 
 Writes rdrop-data/tests/fixtures/:
   cifar100/py2/{train,test,meta}      2009 layout, written opcode by opcode (write_py2_pickle.py)

@@ -6,7 +6,7 @@ test-split metrics transformers computes with the recipe's test transform
 (Resize((32, 32)) is the identity on the 32x32 demo images; ToTensor; Normalize(0.5, 0.5)).
 
 Writes rdrop-cli/tests/fixtures/eval-digits/{timm.safetensors, google.npz, expected.json}.
-Usage: /tmp/refenv/bin/python scripts/gen_eval_fixtures.py
+Usage: python3 scripts/gen_eval_fixtures.py
 """
 import json
 import os

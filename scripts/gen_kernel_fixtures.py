@@ -12,7 +12,7 @@ Writes rdrop-kernels/tests/fixtures/kernels.json:
              an independent Python Philox4x32-10 under the key convention of
              rdrop-kernels/src/philox.rs (checked against Random123's known answers).
 
-Run: /work/refenv/bin/python scripts/gen_kernel_fixtures.py
+Run: python3 scripts/gen_kernel_fixtures.py
 """
 import json
 import math

@@ -19,7 +19,7 @@ mean cross-entropy(logits, y) w.r.t. every parameter, HF ViTForImageClassificati
 and `posembed.safetensors` (position-embedding resizes with scipy.ndimage.zoom(order=1),
 class token untouched, as the R-Drop reference code does).
 
-Usage: /tmp/refenv/bin/python scripts/gen_vit_fixtures.py [OUT_DIR]
+Usage: python3 scripts/gen_vit_fixtures.py [OUT_DIR]
 (default rdrop-vit/tests/fixtures). Deterministic (seeded).
 """
 import json

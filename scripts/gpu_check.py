@@ -17,7 +17,7 @@ Parts, each time-boxed; a failing part records its error in the JSON and the res
   train  `rdrop bench train` (vit-b16, 224, bf16, micro-batch 64) vs scripts/torch_gpu_step.py
          eager and --compile, back to back; then each at the largest micro-batch it fits
   data   (only with --with-data) `rdrop data bench` vs scripts/torchvision_loader.py at 224 px
-The JSON (every figure and ratio, a top-level `summary` with the issue's figures) is rewritten
+The JSON (every figure and ratio, a top-level `summary` with the headline figures) is rewritten
 after each part, printed at the end, and copied to gpu-check-<gpu>-<date>.json beside --out
 (commit that one as docs/gpu-check-<gpu>-<date>.json).
 
@@ -644,7 +644,7 @@ def compare(ref, got, tol, relative):
 
 
 def issue_summary(s):
-    """The figures issues 10 and 11 ask for, at the top of the JSON."""
+    """The headline figures (step throughput and memory against PyTorch, the checks' passes), at the top of the JSON."""
     g = lambda *ks: _get(s, ks)
     out = {
         "train_ratio_vs_eager": g("train_mb64", "summary", "ratio_rdrop_over_torch_eager"),
@@ -731,5 +731,5 @@ if __name__ == "__main__":
                     help="on the emulated device of gpu-emu/ (scripts/gpu-emu-check.sh): small sizes, "
                          "the real CUDA code paths, no PyTorch, no timings")
     ap.add_argument("--with-data", action="store_true",
-                    help="also compare the data loader with torchvision (not needed by the issues)")
+                    help="also compare the data loader with torchvision (not part of the headline figures)")
     Check(ap.parse_args()).main()

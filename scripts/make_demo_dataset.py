@@ -17,7 +17,7 @@ The output is committed as rdrop-cli/assets/digits-demo.tar.gz and embedded in t
 binary (`rdrop train --preset demo`). Deterministic: the same inputs give the same bytes
 (gzip mtime 0, fixed tar metadata).
 
-Usage: /tmp/refenv/bin/python scripts/make_demo_dataset.py [OUT]
+Usage: python3 scripts/make_demo_dataset.py [OUT]
 """
 
 import gzip

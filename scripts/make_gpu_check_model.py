@@ -9,7 +9,7 @@ near-ties, and "identical predictions on CPU and GPU" would test noise). Saved i
 (config.json + model.safetensors, about 0.6 MB) under scripts/fixtures/gpu-check-vit/.
 Deterministic on CPU (seed 0, one thread).
 
-usage: /tmp/refenv/bin/python scripts/make_gpu_check_model.py [OUT_DIR]
+usage: python3 scripts/make_gpu_check_model.py [OUT_DIR]
 """
 import pickle
 import sys

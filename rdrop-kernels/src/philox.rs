@@ -118,7 +118,7 @@ pub fn fill_mask(key: &MaskKey, p: f32, out: &mut [f32]) {
 mod tests {
     use super::*;
 
-    /// Known answers from `../shared/reference/engine.md` (Random123's kat_vectors).
+    /// Known answers of Random123's kat_vectors (listed in docs/engine.md).
     #[test]
     fn known_answers() {
         assert_eq!(

@@ -60,7 +60,7 @@ fn same_bits(what: &str, a: &[f32], b: &[f32]) {
 
 #[test]
 fn philox_known_answers_and_rust_equality() {
-    // ../shared/reference/engine.md (Random123's kat_vectors)
+    // Random123's kat_vectors (listed in docs/engine.md)
     assert_eq!(
         twin::philox([0; 4], [0; 2]),
         [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]

@@ -3,10 +3,11 @@
 //! model, `--engine`: two passes, loss, backward, clipping, SGD momentum), timed phase by phase.
 //! `rdrop bench eval`: inference throughput of the same models.
 //!
-//! Comparable with `../shared/bench/torch_cpu_step.py THREADS cpu-small` (one forward of
-//! [x; x], α 0.3, SGD momentum 0.9, clip 1.0, 3 warm-up steps): "samples/s" counts each
-//! training sample once although it goes through the network twice; and with
-//! `../shared/bench/torch_cpu_eval.py THREADS MODEL BATCH ITERS` (timm, eval mode, no grad).
+//! Comparable with the PyTorch peer benchmark `torch_cpu_step.py THREADS cpu-small` (one
+//! forward of [x; x], α 0.3, SGD momentum 0.9, clip 1.0, 3 warm-up steps): "samples/s" counts
+//! each training sample once although it goes through the network twice; and with
+//! `torch_cpu_eval.py THREADS MODEL BATCH ITERS` (timm, eval mode, no grad). The CPU peer
+//! benchmarks are not kept in this repository (`scripts/torch_gpu_step.py` is the GPU one).
 
 use candle_core::{Device, Tensor};
 use rdrop_core::{DecayKind, LossConfig, OptimConfig, ScheduleConfig, TrainConfig};

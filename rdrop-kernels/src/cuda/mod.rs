@@ -3,7 +3,7 @@
 //! lowest, [`PTX_ARCH`]), loaded once by [`CudaKernels::new`] on the caller's stream (candle's,
 //! so that they order with its GEMMs) and launched by the methods below.
 //!
-//! Conventions (as the CPU kernels'; see `/work/prompts/cuda-interface.md`):
+//! Conventions (as the CPU kernels'; docs/engine.md has the formulas and the precision rules):
 //! - buffers are row-major; inputs are `&impl DevicePtr<X>`, outputs `&mut impl DevicePtrMut<X>`
 //!   (a `CudaSlice`, `CudaView` or `CudaViewMut`: sub-views of flat buffers work);
 //! - `T: Compute` is the GEMM-side storage type (f32, bf16, f16); the residual stream,
