@@ -1,4 +1,6 @@
-//! Inverted dropout with masks regenerated from [`crate::philox`] keys (never stored).
+//! Inverted dropout with masks drawn from [`crate::philox`] keys: regenerated from the key
+//! wherever they are needed, or recorded by the `*_keep` functions as one byte an element
+//! (`1` kept, `0` dropped) for a backward to read with [`apply_keep`].
 //!
 //! An activation of a batch is `rows` samples of `n` elements each (row-major); row `r` is
 //! sample `rows[r].sample` in R-Drop pass `rows[r].pass`. Element `i` of row `r` is kept with

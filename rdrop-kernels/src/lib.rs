@@ -8,7 +8,9 @@
 //!   programming error and panics (the engine plans every buffer once);
 //! - backward kernels **accumulate** (`+=`) into parameter gradients and into gradients of
 //!   the residual stream, and overwrite everything else (documented per function);
-//! - dropout never stores a mask: [`philox`] regenerates it from its key in the backward.
+//! - a dropout mask is a pure function of its [`philox`] key: a backward either regenerates it
+//!   from the key (the attention probabilities') or reads the bytes (one an element) that the
+//!   forward's `*_keep` kernel recorded (the residual and MLP sites'); docs/engine.md.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod arch;

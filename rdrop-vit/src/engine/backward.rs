@@ -1,7 +1,9 @@
-//! The engine's hand-derived backward (formulas in `shared/reference/engine.md` and in each
-//! kernel's documentation): from `∂loss/∂logits` in `plan.dlogits` to every parameter's
-//! gradient, accumulated (`+=`) into the flat gradient buffer. Dropout masks are regenerated
-//! from their keys; LayerNorm outputs and GELU outputs are recomputed from saved inputs.
+//! The engine's hand-derived backward (formulas in docs/engine.md and in each kernel's
+//! documentation): from `∂loss/∂logits` in `plan.dlogits` to every parameter's gradient,
+//! accumulated (`+=`) into the flat gradient buffer. The embedding, attention-output and MLP
+//! dropout masks are the bytes the forward recorded; the attention-probability mask is
+//! regenerated from its Philox key. LayerNorm outputs are recomputed from the saved input and
+//! statistics; GELU's derivative is taken at the saved `pre`.
 
 use rayon::prelude::*;
 use rdrop_kernels::attention::attention_bwd;
