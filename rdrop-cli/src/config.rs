@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 pub use rdrop_core::{DecayKind, LossMode, OptimizerKind};
+use rdrop_core::{LossConfig, OptimConfig, ScalerConfig, ScheduleConfig, TrainConfig};
 use rdrop_vit::ViTConfig;
 use serde::{Deserialize, Serialize};
 
@@ -568,6 +569,45 @@ impl RunConfig {
         self.batch_size / self.micro()
     }
 
+    /// The rdrop-core update configuration of the run.
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            loss: LossConfig {
+                alpha: self.alpha,
+                mode: self.loss_reduction,
+                label_smoothing: self.label_smoothing,
+            },
+            optim: OptimConfig {
+                kind: self.optimizer,
+                lr: self.lr,
+                momentum: if self.optimizer == OptimizerKind::Sgd {
+                    self.momentum
+                } else {
+                    0.0
+                },
+                weight_decay: self.weight_decay,
+                ..OptimConfig::default()
+            },
+            schedule: ScheduleConfig {
+                decay: self.schedule,
+                warmup_steps: self.warmup_steps,
+                total_steps: self.steps,
+                cycles: 0.5,
+            },
+            clip_norm: (self.clip_grad_norm > 0.0).then_some(self.clip_grad_norm),
+            accum_steps: self.accumulation(),
+            micro_batch: self.micro(),
+            two_pass: self.passes,
+            precision: self.compute_precision(),
+            scaler: ScalerConfig {
+                init_scale: self.loss_scale,
+                ..ScalerConfig::default()
+            },
+            sync_timing: false,
+            grad_bucket_mb: self.grad_bucket_mb,
+        }
+    }
+
     /// Checks the numbers before anything heavy starts, and that there is a dataset.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_settings()?;
@@ -661,7 +701,7 @@ impl RunConfig {
         crate::learner::use_explicit(self.engine, &self.device, assumed)?;
         // rdrop-core's own checks of the update (clipping, bucket size, loss scale, …), before
         // anything is created rather than when the trainer is built.
-        crate::setup::train_config(self)
+        self.train_config()
             .validate()
             .context("invalid training configuration")?;
         Ok(())

@@ -513,7 +513,7 @@ pub fn train(
     set_threads(cfg.threads)?;
     let data_name = cfg.data.clone().unwrap_or_default();
     let data = setup::open_data(&data_name)?;
-    let classes = setup::num_classes(&data);
+    let classes = data.num_classes();
     let class_names = (!data.fine_label_names.is_empty()).then(|| data.fine_label_names.clone());
     let device = world::device(&cfg, &world.spec).open()?;
     // config.toml records the settings as given (`auto` stays `auto`, resolved again for the
@@ -821,7 +821,7 @@ fn start(
             micro_batch: MicroBatch::Fixed(m),
             ..cfg.clone()
         };
-        let mut tcfg = setup::train_config(&c);
+        let mut tcfg = c.train_config();
         // Each rank accumulates its share of the update's micro-batches.
         tcfg.accum_steps = c.accumulation() / world.size();
         tcfg
