@@ -483,18 +483,22 @@ impl RunConfig {
         })
     }
 
-    /// Reads a TOML file over `self` (fields in the file replace those of `self`; tables such
-    /// as `[vit]` are merged key by key). Unknown keys are errors.
+    /// Reads a TOML file over `self` ([`RunConfig::merge`]).
     pub fn merge_file(self, path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let file: toml::Table =
             toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
-        let mut base = toml::Table::try_from(&self).context("serialising the preset")?;
-        merge_tables(&mut base, file);
-        let c: Self = toml::Value::Table(base)
-            .try_into()
-            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        self.merge(file)
+            .with_context(|| format!("{}: invalid configuration", path.display()))
+    }
+
+    /// One layer of settings over `self`: the keys of `over` replace those of `self`, tables
+    /// such as `[vit]` are merged key by key. Unknown keys are errors.
+    pub fn merge(self, over: toml::Table) -> anyhow::Result<Self> {
+        let mut base = toml::Table::try_from(&self).context("serialising the configuration")?;
+        merge_tables(&mut base, over);
+        let c: Self = toml::Value::Table(base).try_into()?;
         Ok(c.normalise())
     }
 
@@ -738,8 +742,9 @@ fn merge_tables(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Flags of `rdrop train` that override the preset and the config file.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// Flags of `rdrop train` that override the preset and the config file. Each is the
+/// [`RunConfig`] key of its name, so that a new setting is a field there and a flag here.
+#[derive(clap::Args, Serialize, Debug, Clone, Default)]
 pub struct Overrides {
     /// Dataset: cifar-100-python.tar.gz (or cifar-10), its extracted folder, or builtin:digits.
     #[arg(long, value_name = "PATH")]
@@ -798,6 +803,11 @@ pub struct Overrides {
     pub augment: Option<AugmentKind>,
     /// Take the train split in file order (no shuffling).
     #[arg(long)]
+    #[serde(
+        rename = "shuffle",
+        serialize_with = "shuffle_key",
+        skip_serializing_if = "is_false"
+    )]
     pub no_shuffle: bool,
     /// Global gradient-norm clipping threshold (0 = off).
     #[arg(long)]
@@ -850,62 +860,16 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// Applies the flags that were given.
-    pub fn apply(&self, mut c: RunConfig) -> RunConfig {
-        macro_rules! set {
-            ($($f:ident),*) => {$( if let Some(v) = self.$f.clone() { c.$f = v; } )*};
-        }
-        set!(
-            steps,
-            batch_size,
-            micro_batch,
-            lr,
-            warmup_steps,
-            schedule,
-            alpha,
-            loss_reduction,
-            passes,
-            image_size,
-            augment,
-            clip_grad_norm,
-            weight_decay,
-            momentum,
-            optimizer,
-            precision,
-            engine,
-            grad_bucket_mb,
-            device,
-            seed,
-            eval_every,
-            save_every,
-            save_every_minutes,
-            keep_last
-        );
-        if let Some(d) = &self.data {
-            c.data = Some(d.clone());
-        }
-        if let Some(w) = &self.weights {
-            c.weights = Some(w.clone());
-        }
-        if let Some(m) = &self.model {
-            c.model = Some(m.clone());
+    /// Applies the flags that were given: one more layer of settings ([`RunConfig::merge`]),
+    /// each flag the key of its name (`--no-shuffle`: `shuffle = false`). A new `--model`
+    /// replaces the architecture that the preset or the file gave.
+    pub fn apply(&self, mut c: RunConfig) -> anyhow::Result<RunConfig> {
+        if self.model.is_some() {
             c.vit.clear_architecture();
         }
-        if let Some(p) = self.dropout {
-            c.dropout = Some(p);
-        }
-        if let Some(p) = self.attention_dropout {
-            c.attention_dropout = Some(p);
-        }
-        if let Some(t) = self.threads {
-            c.threads = Some(t);
-        }
-        if let Some(n) = self.train_images {
-            c.train_images = Some(n);
-        }
-        if self.no_shuffle {
-            c.shuffle = false;
-        }
+        // Flags not given are `None`, which TOML leaves out.
+        let layer = toml::Table::try_from(self).context("serialising the flags")?;
+        let mut c = c.merge(layer).context("invalid flags")?;
         // A batch smaller than the preset's micro-batch means "no accumulation".
         if let (Some(_), None, MicroBatch::Fixed(m)) =
             (self.batch_size, self.micro_batch, c.micro_batch)
@@ -914,8 +878,17 @@ impl Overrides {
                 c.micro_batch = MicroBatch::Fixed(c.batch_size);
             }
         }
-        c
+        Ok(c)
     }
+}
+
+/// `--no-shuffle` as the `shuffle` key.
+fn shuffle_key<S: serde::Serializer>(no_shuffle: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(!no_shuffle)
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// Resolves preset < config file < flags. The preset comes from `--preset`, else from the
@@ -944,7 +917,7 @@ pub fn resolve(
         c = c.merge_file(f)?;
         c.preset = name;
     }
-    flags.apply(c).normalise().finish()
+    flags.apply(c)?.finish()
 }
 
 /// `runs/<preset>-<UTC yyyymmdd-hhmmss>`.
@@ -1177,6 +1150,65 @@ mod tests {
         assert!(e.contains("attention_output_dropout"), "{e}");
     }
 
+    /// Every flag is the key of its name: given all at once, each lands in the configuration.
+    #[test]
+    fn every_flag_lands_on_its_key() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flags: Overrides,
+        }
+        let line = "rdrop --data d --weights w --model vit-s16 --steps 11 --batch-size 48 \
+                    --micro-batch 16 --lr 0.02 --warmup-steps 3 --schedule linear --alpha 0.7 \
+                    --loss-reduction reference --passes sequential --dropout 0.2 \
+                    --attention-dropout 0.03 --train-images 100 --image-size 32 --augment none \
+                    --no-shuffle --clip-grad-norm 2.5 --weight-decay 0.01 --momentum 0.8 \
+                    --optimizer adamw --precision f32 --engine explicit --grad-bucket-mb 7.5 \
+                    --device cpu --seed 5 --eval-every 4 --save-every 6 \
+                    --save-every-minutes 1.5 --keep-last 4 --threads 2";
+        let cli = <Cli as clap::Parser>::try_parse_from(line.split_whitespace()).unwrap();
+        let got = cli.flags.apply(RunConfig::default()).unwrap();
+        let want = RunConfig {
+            data: Some("d".into()),
+            weights: Some("w".into()),
+            model: Some("vit-s16".into()),
+            steps: 11,
+            batch_size: 48,
+            micro_batch: MicroBatch::Fixed(16),
+            lr: 0.02,
+            warmup_steps: 3,
+            schedule: DecayKind::Linear,
+            alpha: 0.7,
+            loss_reduction: LossMode::Reference,
+            passes: Passes::Sequential,
+            dropout: Some(0.2),
+            attention_dropout: Some(0.03),
+            train_images: Some(100),
+            image_size: 32,
+            augment: AugmentKind::None,
+            shuffle: false,
+            clip_grad_norm: 2.5,
+            weight_decay: 0.01,
+            momentum: 0.8,
+            optimizer: OptimizerKind::AdamW,
+            precision: PrecisionSetting::F32,
+            engine: EngineKind::Explicit,
+            grad_bucket_mb: 7.5,
+            device: DeviceSpec::Cpu,
+            seed: 5,
+            eval_every: 4,
+            save_every: 6,
+            save_every_minutes: 1.5,
+            keep_last: 4,
+            threads: Some(2),
+            ..RunConfig::default()
+        };
+        assert_eq!(got, want);
+        // No flag, no change.
+        let none = Overrides::default().apply(RunConfig::default()).unwrap();
+        assert_eq!(none, RunConfig::default());
+    }
+
     #[test]
     fn architecture_only_where_it_decides_the_model() {
         // Weights: config.json decides, so [vit] has no architecture.
@@ -1189,7 +1221,7 @@ mod tests {
         };
         let mut c = RunConfig::preset("vit-b16-cifar100").unwrap();
         c.weights = None;
-        let c = flags.apply(c).finish().unwrap();
+        let c = flags.apply(c).unwrap().finish().unwrap();
         assert_eq!((c.vit.hidden_size, c.vit.num_heads), (Some(384), Some(6)));
         // --weights on the demo drops its architecture.
         let c = resolve(
