@@ -40,10 +40,10 @@ pub const PRESETS: &[&str] = &["demo", "vit-b16-cifar100", "vit-src"];
 /// `clap` feature).
 pub use rdrop_core::TwoPass as Passes;
 
-/// `micro_batch`: a number of images per forward/backward, or `auto`: on CUDA the largest
-/// divisor of the per-rank batch whose activation plan fits the GPU's free memory with a
-/// margin (`rdrop_vit::engine::cuda::fit`), decided when the run opens the device; on the CPU
-/// the largest divisor not above 64. `config.toml` records the number chosen, and a run
+/// `micro_batch`: a number of images per forward/backward, or `auto`: on CUDA with the
+/// explicit engine the largest divisor of the per-rank batch whose activation plan fits the
+/// GPU's free memory with a margin (`rdrop_vit::engine::cuda::fit`), decided when the run
+/// opens the device; elsewhere the largest divisor not above 64. `config.toml` records the number chosen, and a run
 /// continued with `auto` keeps it (the data order depends on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MicroBatch {
@@ -759,13 +759,13 @@ pub struct Overrides {
     /// Optimiser updates.
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Images per update (micro-batch × accumulation).
+    /// Images per update (ranks × micro-batch × accumulation).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Images per forward/backward, or `auto`: on CUDA the largest divisor of the per-rank
-    /// batch whose activation plan fits the GPU's free memory (less max(1/16, 512 MiB)),
-    /// computed from the plan's formula before anything is allocated; on the CPU the largest
-    /// divisor not above 64. The GPU presets' default.
+    /// Images per forward/backward, or `auto`: on CUDA with the explicit engine the largest
+    /// divisor of the per-rank batch whose activation plan fits the GPU's free memory (less
+    /// max(1/16, 512 MiB)), computed from the plan's formula before anything is allocated;
+    /// elsewhere the largest divisor not above 64. vit-b16-cifar100's default.
     #[arg(long, value_name = "N|auto")]
     pub micro_batch: Option<MicroBatch>,
     /// Base learning rate.
@@ -821,17 +821,19 @@ pub struct Overrides {
     /// `sgd` (momentum; the recipe) or `adamw`.
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerKind>,
-    /// Forward precision: auto (the presets' default: f32 on the CPU; on CUDA bf16 from
+    /// Forward precision: auto (vit-b16-cifar100's default: f32 on the CPU; on CUDA bf16 from
     /// compute capability 8.0, f16 with dynamic loss scaling below), f32, bf16 or f16.
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionSetting>,
-    /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model: any
-    /// device and precision) or `auto` (explicit on CPU in f32, else autograd).
+    /// `explicit` (hand-written forward/backward: the CPU in f32, CUDA at every precision),
+    /// `autograd` (the candle model: any device and precision) or `auto` (explicit where it
+    /// runs, else autograd).
     #[arg(long, value_enum)]
     pub engine: Option<EngineKind>,
-    /// Data parallel: sum the gradients over the ranks in buckets of at least this many MiB
-    /// (whole blocks), each as soon as the backward has finished it, overlapped with the rest
-    /// of the backward; 0 = one all-reduce after the backward. Default 25. Every rank must use
+    /// Data parallel with the explicit engine: sum the gradients over the ranks in buckets of
+    /// at least this many MiB (whole blocks), each as soon as the backward has finished it,
+    /// overlapped with the rest of the backward; 0 = one all-reduce after the backward (as
+    /// autograd always does). Default 25. Every rank must use
     /// the same value (launchers pass every rank the same command line).
     #[arg(long, value_name = "MIB")]
     pub grad_bucket_mb: Option<f64>,
