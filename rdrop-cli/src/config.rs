@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 pub use rdrop_core::{DecayKind, LossMode, OptimizerKind};
+use rdrop_core::{LossConfig, OptimConfig, ScalerConfig, ScheduleConfig, TrainConfig};
 use rdrop_vit::ViTConfig;
 use serde::{Deserialize, Serialize};
 
@@ -39,10 +40,10 @@ pub const PRESETS: &[&str] = &["demo", "vit-b16-cifar100", "vit-src"];
 /// `clap` feature).
 pub use rdrop_core::TwoPass as Passes;
 
-/// `micro_batch`: a number of images per forward/backward, or `auto`: on CUDA the largest
-/// divisor of the per-rank batch whose activation plan fits the GPU's free memory with a
-/// margin (`rdrop_vit::engine::cuda::fit`), decided when the run opens the device; on the CPU
-/// the largest divisor not above 64. `config.toml` records the number chosen, and a run
+/// `micro_batch`: a number of images per forward/backward, or `auto`: on CUDA with the
+/// explicit engine the largest divisor of the per-rank batch whose activation plan fits the
+/// GPU's free memory with a margin (`rdrop_vit::engine::cuda::fit`), decided when the run
+/// opens the device; elsewhere the largest divisor not above 64. `config.toml` records the number chosen, and a run
 /// continued with `auto` keeps it (the data order depends on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MicroBatch {
@@ -482,18 +483,22 @@ impl RunConfig {
         })
     }
 
-    /// Reads a TOML file over `self` (fields in the file replace those of `self`; tables such
-    /// as `[vit]` are merged key by key). Unknown keys are errors.
+    /// Reads a TOML file over `self` ([`RunConfig::merge`]).
     pub fn merge_file(self, path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let file: toml::Table =
             toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
-        let mut base = toml::Table::try_from(&self).context("serialising the preset")?;
-        merge_tables(&mut base, file);
-        let c: Self = toml::Value::Table(base)
-            .try_into()
-            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        self.merge(file)
+            .with_context(|| format!("{}: invalid configuration", path.display()))
+    }
+
+    /// One layer of settings over `self`: the keys of `over` replace those of `self`, tables
+    /// such as `[vit]` are merged key by key. Unknown keys are errors.
+    pub fn merge(self, over: toml::Table) -> anyhow::Result<Self> {
+        let mut base = toml::Table::try_from(&self).context("serialising the configuration")?;
+        merge_tables(&mut base, over);
+        let c: Self = toml::Value::Table(base).try_into()?;
         Ok(c.normalise())
     }
 
@@ -566,6 +571,45 @@ impl RunConfig {
     /// Gradient-accumulation steps (`batch_size / micro_batch`).
     pub fn accumulation(&self) -> usize {
         self.batch_size / self.micro()
+    }
+
+    /// The rdrop-core update configuration of the run.
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            loss: LossConfig {
+                alpha: self.alpha,
+                mode: self.loss_reduction,
+                label_smoothing: self.label_smoothing,
+            },
+            optim: OptimConfig {
+                kind: self.optimizer,
+                lr: self.lr,
+                momentum: if self.optimizer == OptimizerKind::Sgd {
+                    self.momentum
+                } else {
+                    0.0
+                },
+                weight_decay: self.weight_decay,
+                ..OptimConfig::default()
+            },
+            schedule: ScheduleConfig {
+                decay: self.schedule,
+                warmup_steps: self.warmup_steps,
+                total_steps: self.steps,
+                cycles: 0.5,
+            },
+            clip_norm: (self.clip_grad_norm > 0.0).then_some(self.clip_grad_norm),
+            accum_steps: self.accumulation(),
+            micro_batch: self.micro(),
+            two_pass: self.passes,
+            precision: self.compute_precision(),
+            scaler: ScalerConfig {
+                init_scale: self.loss_scale,
+                ..ScalerConfig::default()
+            },
+            sync_timing: false,
+            grad_bucket_mb: self.grad_bucket_mb,
+        }
     }
 
     /// Checks the numbers before anything heavy starts, and that there is a dataset.
@@ -661,7 +705,7 @@ impl RunConfig {
         crate::learner::use_explicit(self.engine, &self.device, assumed)?;
         // rdrop-core's own checks of the update (clipping, bucket size, loss scale, …), before
         // anything is created rather than when the trainer is built.
-        crate::setup::train_config(self)
+        self.train_config()
             .validate()
             .context("invalid training configuration")?;
         Ok(())
@@ -698,8 +742,9 @@ fn merge_tables(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Flags of `rdrop train` that override the preset and the config file.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// Flags of `rdrop train` that override the preset and the config file. Each is the
+/// [`RunConfig`] key of its name, so that a new setting is a field there and a flag here.
+#[derive(clap::Args, Serialize, Debug, Clone, Default)]
 pub struct Overrides {
     /// Dataset: cifar-100-python.tar.gz (or cifar-10), its extracted folder, or builtin:digits.
     #[arg(long, value_name = "PATH")]
@@ -714,13 +759,13 @@ pub struct Overrides {
     /// Optimiser updates.
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Images per update (micro-batch × accumulation).
+    /// Images per update (ranks × micro-batch × accumulation).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Images per forward/backward, or `auto`: on CUDA the largest divisor of the per-rank
-    /// batch whose activation plan fits the GPU's free memory (less max(1/16, 512 MiB)),
-    /// computed from the plan's formula before anything is allocated; on the CPU the largest
-    /// divisor not above 64. The GPU presets' default.
+    /// Images per forward/backward, or `auto`: on CUDA with the explicit engine the largest
+    /// divisor of the per-rank batch whose activation plan fits the GPU's free memory (less
+    /// max(1/16, 512 MiB)), computed from the plan's formula before anything is allocated;
+    /// elsewhere the largest divisor not above 64. vit-b16-cifar100's default.
     #[arg(long, value_name = "N|auto")]
     pub micro_batch: Option<MicroBatch>,
     /// Base learning rate.
@@ -758,6 +803,11 @@ pub struct Overrides {
     pub augment: Option<AugmentKind>,
     /// Take the train split in file order (no shuffling).
     #[arg(long)]
+    #[serde(
+        rename = "shuffle",
+        serialize_with = "shuffle_key",
+        skip_serializing_if = "is_false"
+    )]
     pub no_shuffle: bool,
     /// Global gradient-norm clipping threshold (0 = off).
     #[arg(long)]
@@ -771,17 +821,19 @@ pub struct Overrides {
     /// `sgd` (momentum; the recipe) or `adamw`.
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerKind>,
-    /// Forward precision: auto (the presets' default: f32 on the CPU; on CUDA bf16 from
+    /// Forward precision: auto (vit-b16-cifar100's default: f32 on the CPU; on CUDA bf16 from
     /// compute capability 8.0, f16 with dynamic loss scaling below), f32, bf16 or f16.
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionSetting>,
-    /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model: any
-    /// device and precision) or `auto` (explicit on CPU in f32, else autograd).
+    /// `explicit` (hand-written forward/backward: the CPU in f32, CUDA at every precision),
+    /// `autograd` (the candle model: any device and precision) or `auto` (explicit where it
+    /// runs, else autograd).
     #[arg(long, value_enum)]
     pub engine: Option<EngineKind>,
-    /// Data parallel: sum the gradients over the ranks in buckets of at least this many MiB
-    /// (whole blocks), each as soon as the backward has finished it, overlapped with the rest
-    /// of the backward; 0 = one all-reduce after the backward. Default 25. Every rank must use
+    /// Data parallel with the explicit engine: sum the gradients over the ranks in buckets of
+    /// at least this many MiB (whole blocks), each as soon as the backward has finished it,
+    /// overlapped with the rest of the backward; 0 = one all-reduce after the backward (as
+    /// autograd always does). Default 25. Every rank must use
     /// the same value (launchers pass every rank the same command line).
     #[arg(long, value_name = "MIB")]
     pub grad_bucket_mb: Option<f64>,
@@ -810,62 +862,16 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// Applies the flags that were given.
-    pub fn apply(&self, mut c: RunConfig) -> RunConfig {
-        macro_rules! set {
-            ($($f:ident),*) => {$( if let Some(v) = self.$f.clone() { c.$f = v; } )*};
-        }
-        set!(
-            steps,
-            batch_size,
-            micro_batch,
-            lr,
-            warmup_steps,
-            schedule,
-            alpha,
-            loss_reduction,
-            passes,
-            image_size,
-            augment,
-            clip_grad_norm,
-            weight_decay,
-            momentum,
-            optimizer,
-            precision,
-            engine,
-            grad_bucket_mb,
-            device,
-            seed,
-            eval_every,
-            save_every,
-            save_every_minutes,
-            keep_last
-        );
-        if let Some(d) = &self.data {
-            c.data = Some(d.clone());
-        }
-        if let Some(w) = &self.weights {
-            c.weights = Some(w.clone());
-        }
-        if let Some(m) = &self.model {
-            c.model = Some(m.clone());
+    /// Applies the flags that were given: one more layer of settings ([`RunConfig::merge`]),
+    /// each flag the key of its name (`--no-shuffle`: `shuffle = false`). A new `--model`
+    /// replaces the architecture that the preset or the file gave.
+    pub fn apply(&self, mut c: RunConfig) -> anyhow::Result<RunConfig> {
+        if self.model.is_some() {
             c.vit.clear_architecture();
         }
-        if let Some(p) = self.dropout {
-            c.dropout = Some(p);
-        }
-        if let Some(p) = self.attention_dropout {
-            c.attention_dropout = Some(p);
-        }
-        if let Some(t) = self.threads {
-            c.threads = Some(t);
-        }
-        if let Some(n) = self.train_images {
-            c.train_images = Some(n);
-        }
-        if self.no_shuffle {
-            c.shuffle = false;
-        }
+        // Flags not given are `None`, which TOML leaves out.
+        let layer = toml::Table::try_from(self).context("serialising the flags")?;
+        let mut c = c.merge(layer).context("invalid flags")?;
         // A batch smaller than the preset's micro-batch means "no accumulation".
         if let (Some(_), None, MicroBatch::Fixed(m)) =
             (self.batch_size, self.micro_batch, c.micro_batch)
@@ -874,8 +880,17 @@ impl Overrides {
                 c.micro_batch = MicroBatch::Fixed(c.batch_size);
             }
         }
-        c
+        Ok(c)
     }
+}
+
+/// `--no-shuffle` as the `shuffle` key.
+fn shuffle_key<S: serde::Serializer>(no_shuffle: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(!no_shuffle)
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// Resolves preset < config file < flags. The preset comes from `--preset`, else from the
@@ -904,7 +919,7 @@ pub fn resolve(
         c = c.merge_file(f)?;
         c.preset = name;
     }
-    flags.apply(c).normalise().finish()
+    flags.apply(c)?.finish()
 }
 
 /// `runs/<preset>-<UTC yyyymmdd-hhmmss>`.
@@ -1137,6 +1152,65 @@ mod tests {
         assert!(e.contains("attention_output_dropout"), "{e}");
     }
 
+    /// Every flag is the key of its name: given all at once, each lands in the configuration.
+    #[test]
+    fn every_flag_lands_on_its_key() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flags: Overrides,
+        }
+        let line = "rdrop --data d --weights w --model vit-s16 --steps 11 --batch-size 48 \
+                    --micro-batch 16 --lr 0.02 --warmup-steps 3 --schedule linear --alpha 0.7 \
+                    --loss-reduction reference --passes sequential --dropout 0.2 \
+                    --attention-dropout 0.03 --train-images 100 --image-size 32 --augment none \
+                    --no-shuffle --clip-grad-norm 2.5 --weight-decay 0.01 --momentum 0.8 \
+                    --optimizer adamw --precision f32 --engine explicit --grad-bucket-mb 7.5 \
+                    --device cpu --seed 5 --eval-every 4 --save-every 6 \
+                    --save-every-minutes 1.5 --keep-last 4 --threads 2";
+        let cli = <Cli as clap::Parser>::try_parse_from(line.split_whitespace()).unwrap();
+        let got = cli.flags.apply(RunConfig::default()).unwrap();
+        let want = RunConfig {
+            data: Some("d".into()),
+            weights: Some("w".into()),
+            model: Some("vit-s16".into()),
+            steps: 11,
+            batch_size: 48,
+            micro_batch: MicroBatch::Fixed(16),
+            lr: 0.02,
+            warmup_steps: 3,
+            schedule: DecayKind::Linear,
+            alpha: 0.7,
+            loss_reduction: LossMode::Reference,
+            passes: Passes::Sequential,
+            dropout: Some(0.2),
+            attention_dropout: Some(0.03),
+            train_images: Some(100),
+            image_size: 32,
+            augment: AugmentKind::None,
+            shuffle: false,
+            clip_grad_norm: 2.5,
+            weight_decay: 0.01,
+            momentum: 0.8,
+            optimizer: OptimizerKind::AdamW,
+            precision: PrecisionSetting::F32,
+            engine: EngineKind::Explicit,
+            grad_bucket_mb: 7.5,
+            device: DeviceSpec::Cpu,
+            seed: 5,
+            eval_every: 4,
+            save_every: 6,
+            save_every_minutes: 1.5,
+            keep_last: 4,
+            threads: Some(2),
+            ..RunConfig::default()
+        };
+        assert_eq!(got, want);
+        // No flag, no change.
+        let none = Overrides::default().apply(RunConfig::default()).unwrap();
+        assert_eq!(none, RunConfig::default());
+    }
+
     #[test]
     fn architecture_only_where_it_decides_the_model() {
         // Weights: config.json decides, so [vit] has no architecture.
@@ -1149,7 +1223,7 @@ mod tests {
         };
         let mut c = RunConfig::preset("vit-b16-cifar100").unwrap();
         c.weights = None;
-        let c = flags.apply(c).finish().unwrap();
+        let c = flags.apply(c).unwrap().finish().unwrap();
         assert_eq!((c.vit.hidden_size, c.vit.num_heads), (Some(384), Some(6)));
         // --weights on the demo drops its architecture.
         let c = resolve(

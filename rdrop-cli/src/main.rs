@@ -17,6 +17,7 @@ mod launch;
 mod learner;
 mod metrics;
 mod micro;
+mod picture;
 mod progress;
 mod restart;
 mod setup;

@@ -1,6 +1,7 @@
 //! A run's pieces built from its [`RunConfig`]: the dataset, the model (random init or
-//! pre-trained weights), rdrop-core's update configuration and the two loaders. Shared by
-//! `rdrop train` and `rdrop bench`, so that no command reaches into another's internals.
+//! pre-trained weights) and the two loaders. Shared by `rdrop train`, `rdrop eval` and
+//! `rdrop bench`, so that no command reaches into another's internals. (rdrop-core's update
+//! configuration is the configuration's own view: [`RunConfig::train_config`].)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,11 +9,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use rdrop_core::{DropoutRng, LossConfig, OptimConfig, ScalerConfig, ScheduleConfig, TrainConfig};
+use rdrop_core::DropoutRng;
 use rdrop_data::{Augment, Cifar, Loader, LoaderConfig, Split, TrainTransform};
 use rdrop_vit::{load_model, LoadOptions, ViTConfig, VisionTransformer};
 
-use crate::config::{self, AugmentKind, OptimizerKind, RunConfig};
+use crate::config::{self, AugmentKind, RunConfig};
 
 /// The embedded demo dataset (scikit-learn digits in CIFAR-100 layout; see assets/README.md).
 pub static DEMO_ARCHIVE: &[u8] = include_bytes!("../assets/digits-demo.tar.gz");
@@ -30,50 +31,6 @@ pub fn open_data(data: &str) -> anyhow::Result<Cifar> {
          an extracted folder; `rdrop data download` fetches CIFAR-100)"
     );
     Cifar::open(p).with_context(|| format!("reading dataset {data}"))
-}
-
-/// Classes of a dataset: its label names, else the largest label + 1.
-pub fn num_classes(data: &Cifar) -> usize {
-    data.fine_label_names.len().max(data.train.num_classes())
-}
-
-/// The rdrop-core update configuration of a run.
-pub fn train_config(c: &RunConfig) -> TrainConfig {
-    TrainConfig {
-        loss: LossConfig {
-            alpha: c.alpha,
-            mode: c.loss_reduction,
-            label_smoothing: c.label_smoothing,
-        },
-        optim: OptimConfig {
-            kind: c.optimizer,
-            lr: c.lr,
-            momentum: if c.optimizer == OptimizerKind::Sgd {
-                c.momentum
-            } else {
-                0.0
-            },
-            weight_decay: c.weight_decay,
-            ..OptimConfig::default()
-        },
-        schedule: ScheduleConfig {
-            decay: c.schedule,
-            warmup_steps: c.warmup_steps,
-            total_steps: c.steps,
-            cycles: 0.5,
-        },
-        clip_norm: (c.clip_grad_norm > 0.0).then_some(c.clip_grad_norm),
-        accum_steps: c.accumulation(),
-        micro_batch: c.micro(),
-        two_pass: c.passes,
-        precision: c.compute_precision(),
-        scaler: ScalerConfig {
-            init_scale: c.loss_scale,
-            ..ScalerConfig::default()
-        },
-        sync_timing: false,
-        grad_bucket_mb: c.grad_bucket_mb,
-    }
 }
 
 /// A randomly initialised model of architecture `vc` (f32 master weights on `device`).
@@ -147,7 +104,8 @@ pub fn checkpoint_model(
 }
 
 /// The run's `precision` decides the model's compute dtype here, and the trainer's (loss
-/// scaling, input cast) through [`train_config`]: both from the one `RunConfig` field.
+/// scaling, input cast) through [`RunConfig::train_config`]: both from the one `RunConfig`
+/// field.
 fn with_precision(
     mut model: VisionTransformer,
     c: &RunConfig,

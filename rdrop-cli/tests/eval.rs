@@ -1,7 +1,8 @@
 //! `rdrop eval` end to end: the same trained model in three layouts (HF folder, timm file,
-//! Google npz) gives the metrics transformers computes (scripts/gen_eval_fixtures.py), and an
-//! untrained head is refused.
+//! Google npz) gives the metrics transformers computes (scripts/gen_eval_fixtures.py), an
+//! untrained head is refused, and `builtin:digits` names the embedded demo archive.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,12 +20,18 @@ fn eval(weights: &Path, extra: &[&str]) -> std::process::Output {
 /// `rdrop eval` of `weights` on the digits; `cpu_ranks`: with the test hook that lets ranks run
 /// on the CPU.
 fn eval_ranks(weights: &Path, extra: &[&str], cpu_ranks: bool) -> std::process::Output {
+    let digits = root().join("rdrop-cli/assets/digits-demo.tar.gz");
+    eval_on(weights, digits.as_os_str(), extra, cpu_ranks)
+}
+
+/// `rdrop eval` of `weights` on `data`.
+fn eval_on(weights: &Path, data: &OsStr, extra: &[&str], cpu_ranks: bool) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rdrop"));
     cmd.arg("eval")
         .arg("--weights")
         .arg(weights)
         .arg("--data")
-        .arg(root().join("rdrop-cli/assets/digits-demo.tar.gz"))
+        .arg(data)
         .args(["--batch-size", "64", "--json", "--threads", "1"])
         .args(extra);
     if cpu_ranks {
@@ -71,6 +78,25 @@ fn three_layouts_give_the_same_metrics_as_transformers() {
         top1s.push(got["top1"].as_f64().unwrap());
     }
     assert!(top1s.iter().all(|t| *t == top1s[0]));
+}
+
+/// `--data builtin:digits` is the embedded demo archive, as for `rdrop train`: the same
+/// metrics as the archive's file.
+#[test]
+fn builtin_digits_is_the_embedded_archive() {
+    let weights = root().join("scripts/fixtures/gpu-check-vit");
+    let builtin = eval_on(&weights, OsStr::new("builtin:digits"), &[], false);
+    assert!(
+        builtin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&builtin.stderr)
+    );
+    let file = eval(&weights, &[]);
+    assert!(file.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&builtin.stdout),
+        String::from_utf8_lossy(&file.stdout)
+    );
 }
 
 #[test]

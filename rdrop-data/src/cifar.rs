@@ -223,6 +223,12 @@ pub struct RawBatch {
 }
 
 impl Cifar {
+    /// Number of fine classes: as many as there are names (the meta file's), or the training
+    /// split's number where a dataset built in memory has more.
+    pub fn num_classes(&self) -> usize {
+        self.fine_label_names.len().max(self.train.num_classes())
+    }
+
     /// Open a dataset: a `.tar.gz` archive (streamed, nothing extracted) or an extracted
     /// folder (the `cifar-100-python` / `cifar-10-batches-py` folder or its parent).
     pub fn open(path: &Path) -> Result<Cifar> {

@@ -64,6 +64,7 @@ fn check(c: &Cifar, which: &str) {
     assert_eq!(c.fine_label_names, names(&e["fine_label_names"]));
     assert_eq!(c.coarse_label_names, names(&e["coarse_label_names"]));
     assert_eq!(c.train.num_classes(), c.fine_label_names.len());
+    assert_eq!(c.num_classes(), c.fine_label_names.len());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
-use rdrop_data::{Cifar, Loader, LoaderConfig};
+use rdrop_data::{Loader, LoaderConfig};
 use rdrop_vit::{load_model, HeadStatus, LoadOptions};
 
 use crate::device::ComputeArgs;
@@ -32,9 +32,10 @@ pub struct Args {
     /// Weights: HF folder / hub repo id / timm .safetensors / Google .npz / run or checkpoint folder.
     #[arg(long, value_name = "SPEC")]
     pub weights: String,
-    /// Dataset: cifar-100-python.tar.gz / cifar-10-python.tar.gz or an extracted folder.
+    /// Dataset: cifar-100-python.tar.gz / cifar-10-python.tar.gz, an extracted folder, or
+    /// builtin:digits (the demo's embedded digits, as `rdrop train` takes it).
     #[arg(long, value_name = "PATH")]
-    pub data: PathBuf,
+    pub data: String,
     /// Input size S (default: the checkpoint's); position embeddings are resized if it differs.
     #[arg(long, value_name = "S")]
     pub image_size: Option<usize>,
@@ -109,13 +110,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn evaluate(args: &Args, compute: &ComputeArgs, world: &World) -> anyhow::Result<()> {
     let lead = world.is_lead();
     let device = compute.open()?;
-    let data = Cifar::open(&args.data)
-        .with_context(|| format!("reading dataset {}", args.data.display()))?;
-    let classes = if data.fine_label_names.is_empty() {
-        data.test.num_classes()
-    } else {
-        data.fine_label_names.len()
-    };
+    let data = crate::setup::open_data(&args.data)?;
+    let classes = data.num_classes();
     let opts = LoadOptions {
         preset: args.model.clone(),
         num_heads: args.num_heads,

@@ -3,17 +3,15 @@
 //! end of `rdrop train`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 use rdrop_core::RunFolder;
 
 use crate::metrics::{read_metrics, MetricLine};
+use crate::picture::{draw_png, FAMILY};
 
-/// Text font of the plots (DejaVu Sans Mono, Bitstream Vera licence; see assets/README.md).
-static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
-const FAMILY: &str = "sans-serif";
+/// The picture's size in pixels.
+const SIZE: (u32, u32) = (1400, 900);
 
 /// Arguments of `rdrop plot`.
 #[derive(clap::Args, Debug)]
@@ -49,15 +47,6 @@ pub fn plot_run(dir: &RunFolder, out: &Path) -> anyhow::Result<usize> {
     Ok(lines.len())
 }
 
-fn register_font() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
-            eprintln!("warning: the embedded plot font could not be loaded; text may be missing");
-        }
-    });
-}
-
 struct Series {
     name: &'static str,
     points: Vec<(f64, f64)>,
@@ -82,7 +71,6 @@ fn ema(points: &[(f64, f64)], beta: f64) -> Vec<(f64, f64)> {
 
 /// Draws the 2×2 panels to a PNG.
 pub fn draw(lines: &[MetricLine], out: &Path, title: &str) -> anyhow::Result<()> {
-    register_font();
     let mut loss = Vec::new();
     let mut ce = Vec::new();
     let mut kl = Vec::new();
@@ -103,12 +91,6 @@ pub fn draw(lines: &[MetricLine], out: &Path, title: &str) -> anyhow::Result<()>
     }
     let x_max = lines.iter().map(|l| l.step()).max().unwrap_or(1).max(1) as f64;
     let beta = if loss.len() > 50 { 0.9 } else { 0.0 };
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", out.display());
-
-    let root = BitMapBackend::new(out, (1400, 900)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let root = root.titled(title, (FAMILY, 24)).map_err(|e| err(&e))?;
-    let panels = root.split_evenly((2, 2));
     let grey = RGBColor(170, 190, 230);
     let spec: [(&str, Vec<Series>); 4] = [
         (
@@ -158,11 +140,16 @@ pub fn draw(lines: &[MetricLine], out: &Path, title: &str) -> anyhow::Result<()>
             }],
         ),
     ];
-    for (area, (caption, series)) in panels.iter().zip(spec) {
-        panel(area, caption, &series, x_max).map_err(|e| err(&e))?;
-    }
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    let (w, h) = SIZE;
+    draw_png(out, vec![255; (w * h * 3) as usize], SIZE, |root| {
+        let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+        let root = root.titled(title, (FAMILY, 24)).map_err(|e| err(&e))?;
+        let panels = root.split_evenly((2, 2));
+        for (area, (caption, series)) in panels.iter().zip(spec) {
+            panel(area, caption, &series, x_max).map_err(|e| err(&e))?;
+        }
+        Ok(())
+    })
 }
 
 fn panel<DB: DrawingBackend>(

@@ -50,7 +50,7 @@ use crate::world::{self, Role, World};
 /// `rdrop train --help`, after the flags.
 const TRAIN_HELP: &str =
     "Settings come from a preset (--preset), then a TOML file (--config; same keys as the
-OUT/config.toml a run writes), then the flags below. Examples:
+OUT/config.toml a run writes), then the flags above. Examples:
 
   rdrop train --preset demo                      # embedded digits, tiny ViT, CPU, ~2 min
 
@@ -103,8 +103,8 @@ pub struct Args {
     /// `sbatch --requeue --signal=USR1@90`.
     #[arg(long)]
     pub requeue: bool,
-    /// Continue the run in DIR from its newest checkpoint (its config.toml; other flags except
-    /// --threads are ignored).
+    /// Continue the run in DIR from its newest checkpoint (its config.toml decides the run: of
+    /// the other flags only --threads, --nproc-per-node, --requeue and --json count).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Print the fully resolved configuration (the config.toml the run would write) and exit,
@@ -513,7 +513,7 @@ pub fn train(
     set_threads(cfg.threads)?;
     let data_name = cfg.data.clone().unwrap_or_default();
     let data = setup::open_data(&data_name)?;
-    let classes = setup::num_classes(&data);
+    let classes = data.num_classes();
     let class_names = (!data.fine_label_names.is_empty()).then(|| data.fine_label_names.clone());
     let device = world::device(&cfg, &world.spec).open()?;
     // config.toml records the settings as given (`auto` stays `auto`, resolved again for the
@@ -821,7 +821,7 @@ fn start(
             micro_batch: MicroBatch::Fixed(m),
             ..cfg.clone()
         };
-        let mut tcfg = setup::train_config(&c);
+        let mut tcfg = c.train_config();
         // Each rank accumulates its share of the update's micro-batches.
         tcfg.accum_steps = c.accumulation() / world.size();
         tcfg

@@ -3,16 +3,13 @@
 //! `--augment`), un-normalised for display.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
-use anyhow::Context;
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 use rdrop_data::{Augment, Loader, LoaderConfig, Normalize, TrainTransform};
 
-/// Caption font (DejaVu Sans Mono, Bitstream Vera licence; see assets/README.md).
-static FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSansMono.ttf");
-const FAMILY: &str = "rdrop-preview";
+use crate::picture::{draw_png, FAMILY};
+
 const CAPTION: u32 = 16;
 const PAD: u32 = 4;
 
@@ -101,9 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    register_font();
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+    draw_png(&args.out, buf, (w, h), |root| {
         let style = TextStyle::from((FAMILY, 12).into_font()).color(&BLACK);
         for (k, &label) in batch.labels.iter().enumerate() {
             let (_, y0) = tile_origin(k as u32, cols, tile_w, tile_h, s);
@@ -117,13 +112,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 name = name.chars().take(max_chars - 1).collect::<String>() + "…";
             }
             root.draw_text(&name, &style, (x0 as i32, (y0 + s + 2) as i32))
-                .map_err(|e| anyhow::anyhow!("drawing captions: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("captions: {e}"))?;
         }
-        root.present()
-            .map_err(|e| anyhow::anyhow!("drawing captions: {e}"))?;
-    }
-    image::save_buffer(&args.out, &buf, w, h, image::ColorType::Rgb8)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+        Ok(())
+    })?;
     println!(
         "wrote {} ({n} {} images, {}, {w}×{h} px)",
         args.out.display(),
@@ -146,13 +138,4 @@ fn tile_origin(k: u32, cols: u32, tile_w: u32, tile_h: u32, s: u32) -> (u32, u32
         PAD + cx * tile_w + (tile_w - PAD - s) / 2,
         PAD + cy * tile_h,
     )
-}
-
-fn register_font() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
-            eprintln!("warning: the embedded caption font could not be loaded");
-        }
-    });
 }
