@@ -4,7 +4,8 @@
 //! the same dropout masks (Philox keys, [`crate::sites`]) and tests hold logits and every gradient
 //! together.
 //!
-//! - [`params`]: the flat layout (checkpoint names, fused q/k/v), copies to and from the model;
+//! - [`params`]: the flat layout (checkpoint names, fused q/k/v), each tensor named once
+//!   (`Offsets`: per layer, views of any buffer), copies to and from the model;
 //! - [`plan`]: the saved activations and scratch, and their size;
 //! - [`forward`], [`backward`]: the passes, block by block;
 //! - [`Engine`]: the composition, an R-Drop micro-batch step ([`rdrop_core::FlatRDropModel`])
