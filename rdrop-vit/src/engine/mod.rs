@@ -6,7 +6,8 @@
 //!
 //! - [`params`]: the flat layout (checkpoint names, fused q/k/v), each tensor named once
 //!   (`Offsets`: per layer, views of any buffer), copies to and from the model;
-//! - [`plan`]: the saved activations and scratch, and their size;
+//! - [`plan`]: the saved activations and scratch, each buffer declared once in a table
+//!   (`plan_table!`: the plan's struct, allocation and bytes), on both backends;
 //! - [`forward`], [`backward`]: the passes, block by block;
 //! - [`Engine`]: the composition, an R-Drop micro-batch step ([`rdrop_core::FlatRDropModel`])
 //!   and inference.

@@ -14,7 +14,7 @@ use rdrop_kernels::cuda::Compute;
 use super::forward::Ctx;
 use super::gemm::{GemmType, RowGemm};
 use super::gemm_shape::AttnShapes;
-use super::plan::device::DevicePlan;
+use super::plan::DevicePlan;
 use crate::engine::cost;
 use crate::engine::forward::{embed_cost, head_cost};
 use crate::engine::params::{Offsets, WeightBias};

@@ -20,7 +20,7 @@ use super::backward::{backward, BucketReady};
 use super::forward::{forward, Ctx};
 use super::gemm::{Gemm, GemmType};
 use super::laps::EventLaps;
-use super::plan::device::DevicePlan;
+use super::plan::DevicePlan;
 use super::plan::PlanSpec;
 use crate::config::ViTConfig;
 use crate::engine::forward::Masks;

@@ -9,7 +9,7 @@ use rdrop_kernels::cuda::{Compute, CudaKernels};
 use super::gemm::{DevicePtrDyn, Gemm, GemmType, RowGemm};
 use super::gemm_shape::AttnShapes;
 use super::laps::EventLaps;
-use super::plan::device::{DevicePlan, LayerBufs};
+use super::plan::{DevicePlan, LayerBufs};
 use crate::config::ViTConfig;
 use crate::engine::cost::{self, Cost};
 use crate::engine::forward::Masks;
