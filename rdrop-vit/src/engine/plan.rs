@@ -105,21 +105,44 @@ macro_rules! elem_bytes {
 pub(crate) use elem_bytes;
 
 /// Declares a plan's buffers once, each with its doc, element type and length (a formula in
-/// the fields of [`Dims`] it names), and generates from that one list:
+/// the fields of [`Dims`] it names), and generates from that one list, for each table:
 /// - `$Spec`: every buffer's element count (`sizes`) and their bytes (`buffer_bytes`);
 /// - `$Bufs`: the buffers (`$Buf<type>`), allocated by `$zeros` for a `$Spec` (`alloc`), and
 ///   the bytes they hold (`held`).
 ///
 /// Both structs start with the extra fields listed in their braces (passed to `sizes` and
-/// `alloc` in that order).
+/// `alloc` in that order). `storage [...]` says once, for the tables that follow, what holds
+/// a buffer and what allocates it.
 macro_rules! plan_table {
+    (storage $st:tt $($tables:tt)*) => {
+        $crate::engine::plan::plan_table!(@tables $st $($tables)*);
+    };
+    (@tables $st:tt) => {};
     (
+        @tables $st:tt
+        $(#[$sm:meta])*
+        $svis:vis struct $Spec:ident $sx:tt sizes $D:ident $f:tt;
+        $(#[$bm:meta])*
+        struct $Bufs:ident $bx:tt;
+        buffers $body:tt
+        $($rest:tt)*
+    ) => {
+        $crate::engine::plan::plan_table!(
+            @one $st $(#[$sm])* $svis struct $Spec $sx sizes $D $f; $(#[$bm])* struct $Bufs $bx;
+            buffers $body
+        );
+        $crate::engine::plan::plan_table!(@tables $st $($rest)*);
+    };
+    (
+        @one [
+            $(#[$cm:meta])* $Buf:ident $(<$T:ident>)? $(where [$($w:tt)*])?
+            alloc $zeros:ident($A:ty) -> $E:ty
+        ]
         $(#[$sm:meta])*
         $svis:vis struct $Spec:ident { $($(#[$sxm:meta])* $sx:ident: $sxt:ty,)* }
             sizes $D:ident { $($f:ident),* $(,)? };
         $(#[$bm:meta])*
-        struct $Bufs:ident $(<$T:ident>)? { $($(#[$bxm:meta])* $bx:ident: $bxt:ty,)* }
-            in $Buf:ident $(where [$($w:tt)*])? alloc $zeros:ident($A:ty) -> $E:ty;
+        struct $Bufs:ident { $($(#[$bxm:meta])* $bx:ident: $bxt:ty,)* };
         buffers {
             $( $(#[$fm:meta])* $name:ident: $ty:ident = $len:expr, )*
         }
@@ -146,6 +169,7 @@ macro_rules! plan_table {
             }
         }
 
+        $(#[$cm])*
         $(#[$bm])*
         #[derive(Debug)]
         pub(crate) struct $Bufs $(<$T>)? {
@@ -153,7 +177,7 @@ macro_rules! plan_table {
             $( $(#[$fm])* pub $name: $Buf<$ty>, )*
         }
 
-        $(#[$bm])*
+        $(#[$cm])*
         impl $(<$T>)? $Bufs $(<$T>)? $(where $($w)*)? {
             /// Allocates every buffer of `sizes` with `at`.
             fn alloc(at: $A, sizes: &$Spec, $($bx: $bxt),*) -> std::result::Result<Self, $E> {
@@ -179,10 +203,12 @@ fn zeros<X: Copy + Default>(_: (), len: usize) -> Result<Vec<X>, std::convert::I
 }
 
 plan_table! {
+    storage [Vec alloc zeros(()) -> std::convert::Infallible]
+
     /// Element counts of one block's saved activations.
     pub(crate) struct LayerSizes {} sizes Dims { b, t, n, d, m, h, tr, pd, po };
     /// One block's saved activations.
-    struct LayerActs {} in Vec alloc zeros(()) -> std::convert::Infallible;
+    struct LayerActs {};
     buffers {
         /// Residual stream entering the block.
         x: f32 = n * d,
@@ -207,9 +233,7 @@ plan_table! {
         keep_hidden: u8 = tr * pd * n * m,
         keep_out: u8 = tr * pd * n * d,
     }
-}
 
-plan_table! {
     /// Element counts of the buffers a plan holds once.
     pub(crate) struct PlanSizes {} sizes Dims { b, t, n, d, m, h, dh, c, g, k, tr, pd };
     /// Every buffer of a forward and backward at `rows` rows.
@@ -218,7 +242,7 @@ plan_table! {
         /// Whether the plan can run a backward (every block's activations and the scratch).
         train: bool,
         layers: Vec<LayerActs>,
-    } in Vec alloc zeros(()) -> std::convert::Infallible;
+    };
     buffers {
         /// Residual stream after the last block.
         x_out: f32 = n * d,

@@ -44,12 +44,16 @@ pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 pub const COLUMN_ROWS: usize = rdrop_kernels::layernorm::BWD_ROWS;
 
 plan_table! {
+    storage [
+        #[cfg(feature = "cuda")]
+        CudaSlice<T> where [T: DeviceRepr + ValidAsZeroBits]
+        alloc zeros(&Arc<CudaStream>) -> VitError
+    ]
+
     /// Element counts of one layer's saved activations.
     pub struct LayerSpec {} sizes Dims { n, d, m, a, tr, pd, pa, po };
     /// One block's saved activations.
-    #[cfg(feature = "cuda")]
-    struct LayerBufs<T> {} in CudaSlice where [T: DeviceRepr + ValidAsZeroBits]
-        alloc zeros(&Arc<CudaStream>) -> VitError;
+    struct LayerBufs {};
     buffers {
         /// Residual stream entering the block / after attention.
         x: f32 = n * d,
@@ -75,9 +79,7 @@ plan_table! {
         keep_out: u8 = tr * pd * n * d,
         keep_probs: u8 = tr * pa * a,
     }
-}
 
-plan_table! {
     /// Every buffer of a plan, in elements.
     pub struct PlanSpec {
         /// Rows (`2m` for a training micro-batch of `m`).
@@ -92,12 +94,10 @@ plan_table! {
     /// Every buffer of a forward and backward at `spec.rows` rows. A buffer the spec sizes
     /// 0 (a mask where nothing drops, the backward's buffers in an inference plan) holds one
     /// element: the kernels never read it.
-    #[cfg(feature = "cuda")]
-    struct DevicePlan<T> {
+    struct DevicePlan {
         spec: PlanSpec,
         layers: Vec<LayerBufs<T>>,
-    } in CudaSlice where [T: DeviceRepr + ValidAsZeroBits]
-        alloc zeros(&Arc<CudaStream>) -> VitError;
+    };
     buffers {
         /// f32: residual stream after the last block, class rows, their LN statistics.
         x_out: f32 = n * d,
