@@ -16,16 +16,10 @@ use rdrop_core::Stopwatch;
 
 use super::cost;
 use super::forward::{embed_cost, head_cost, Masks};
-use super::params::Offsets;
+use super::params::{Layer, Offsets, Tensors};
 use super::plan::{attn_dims, Plan};
 use crate::config::ViTConfig;
 use crate::sites;
-
-/// Two disjoint mutable views `[a, a + na)` and `[b, b + nb)` of `g`, with `a + na <= b`.
-fn pair(g: &mut [f32], a: usize, na: usize, b: usize, nb: usize) -> (&mut [f32], &mut [f32]) {
-    let (lo, hi) = g.split_at_mut(b);
-    (&mut lo[a..a + na], &mut hi[..nb])
-}
 
 /// The hidden dropout rate as the forward applied it (0 outside training).
 fn hidden_p(cfg: &ViTConfig, masks: &Masks) -> f32 {
@@ -40,8 +34,8 @@ fn hidden_p(cfg: &ViTConfig, masks: &Masks) -> f32 {
 /// LayerNorm (classifier and final LayerNorm done), each block's first tensor from the last
 /// block down, then 0 (`rdrop_core::FlatRDropModel::grad_ready_cuts`).
 pub(crate) fn ready_cuts(off: &Offsets) -> Vec<usize> {
-    let mut v = vec![off.lnf_w];
-    v.extend(off.layers.iter().rev().map(|o| o.ln1_w));
+    let mut v = vec![off.layernorm.weight.start];
+    v.extend(off.layers.iter().rev().map(Layer::start));
     v.push(0);
     v
 }
@@ -94,32 +88,32 @@ pub(crate) fn backward<'g>(
 
     // Classifier and final LayerNorm (class rows only).
     {
-        let (dw, db) = pair(grads, off.head_w, c * d, off.head_b, c);
+        let (w, g) = (off.classifier.view(p), off.classifier.view_mut(grads));
         linear_bwd(
             Some(&mut plan.dcls),
             false,
-            dw,
-            Some(db),
+            g.weight,
+            Some(g.bias),
             &plan.dlogits,
             &plan.lnf,
-            &p[off.head_w..off.head_w + c * d],
+            w.weight,
             rows,
             d,
             c,
         );
         let dx = &mut plan.dtmp[..rows * d];
         dx.fill(0.0);
-        let (dg, db) = pair(grads, off.lnf_w, d, off.lnf_b, d);
+        let (w, g) = (off.layernorm.view(p), off.layernorm.view_mut(grads));
         layernorm_bwd(
             dx,
-            dg,
-            db,
+            g.weight,
+            g.bias,
             &mut plan.ln_scratch,
             &plan.dcls,
             &plan.cls,
             &plan.meanf,
             &plan.rstdf,
-            &p[off.lnf_w..off.lnf_w + d],
+            w.weight,
             d,
         );
         plan.dres.fill(0.0);
@@ -129,10 +123,11 @@ pub(crate) fn backward<'g>(
     }
     let (f, b) = head_cost(cfg, rows, 4);
     sw.lap("head_bwd", 2.0 * f, 2.0 * b);
-    release(&mut grads, off.lnf_w, &mut cuts, ready);
+    release(&mut grads, off.layernorm.weight.start, &mut cuts, ready);
 
     for l in (0..cfg.num_layers).rev() {
         let o = &off.layers[l];
+        let (w, g) = (o.view(p), o.view_mut(grads));
         let acts = &mut plan.layers[l];
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
         let p_hidden = hidden_p(cfg, masks);
@@ -142,15 +137,14 @@ pub(crate) fn backward<'g>(
             "residual_bwd",
             cost::elementwise(n * d, 1, 1, 4, 1.0, true),
         );
-        let (dw, db) = pair(grads, o.fc2_w, d * m, o.fc2_b, d);
         linear_bwd(
             Some(&mut plan.dhidden),
             false,
-            dw,
-            Some(db),
+            g.output.weight,
+            Some(g.output.bias),
             &plan.dtmp,
             &acts.h,
-            &p[o.fc2_w..o.fc2_w + d * m],
+            w.output.weight,
             n,
             m,
             d,
@@ -168,37 +162,35 @@ pub(crate) fn backward<'g>(
             &mut acts.mean2,
             &mut acts.rstd2,
             &acts.mid,
-            &p[o.ln2_w..o.ln2_w + d],
-            &p[o.ln2_b..o.ln2_b + d],
+            w.layernorm_after.weight,
+            w.layernorm_after.bias,
             eps,
             d,
         );
         lap(sw, "layernorm_bwd", cost::layernorm(n, d, 4));
-        let (dw, db) = pair(grads, o.fc1_w, m * d, o.fc1_b, m);
         linear_bwd(
             Some(&mut plan.dln),
             false,
-            dw,
-            Some(db),
+            g.intermediate.weight,
+            Some(g.intermediate.bias),
             &plan.dhidden,
             &plan.ln,
-            &p[o.fc1_w..o.fc1_w + m * d],
+            w.intermediate.weight,
             n,
             d,
             m,
         );
         lap(sw, "mlp_gemm_bwd", cost::gemm_bwd(n, d, m, 4, true));
-        let (dg, db) = pair(grads, o.ln2_w, d, o.ln2_b, d);
         layernorm_bwd(
             &mut plan.dres,
-            dg,
-            db,
+            g.layernorm_after.weight,
+            g.layernorm_after.bias,
             &mut plan.ln_scratch,
             &plan.dln,
             &acts.mid,
             &acts.mean2,
             &acts.rstd2,
-            &p[o.ln2_w..o.ln2_w + d],
+            w.layernorm_after.weight,
             d,
         );
         lap(sw, "layernorm_bwd", cost::layernorm_bwd(n, d, 4));
@@ -215,15 +207,14 @@ pub(crate) fn backward<'g>(
             "residual_bwd",
             cost::elementwise(n * d, 1, 1, 4, 1.0, true),
         );
-        let (dw, db) = pair(grads, o.out_w, d * d, o.out_b, d);
         linear_bwd(
             Some(&mut plan.dattn),
             false,
-            dw,
-            Some(db),
+            g.attention_output.weight,
+            Some(g.attention_output.bias),
             &plan.dtmp,
             &acts.attn,
-            &p[o.out_w..o.out_w + d * d],
+            w.attention_output.weight,
             n,
             d,
             d,
@@ -245,50 +236,49 @@ pub(crate) fn backward<'g>(
             &mut acts.mean1,
             &mut acts.rstd1,
             &acts.x,
-            &p[o.ln1_w..o.ln1_w + d],
-            &p[o.ln1_b..o.ln1_b + d],
+            w.layernorm_before.weight,
+            w.layernorm_before.bias,
             eps,
             d,
         );
         lap(sw, "layernorm_bwd", cost::layernorm(n, d, 4));
-        let (dw, db) = pair(grads, o.qkv_w, 3 * d * d, o.qkv_b, 3 * d);
         linear_bwd(
             Some(&mut plan.dln),
             false,
-            dw,
-            Some(db),
+            g.query_key_value.weight,
+            Some(g.query_key_value.bias),
             &plan.dqkv,
             &plan.ln,
-            &p[o.qkv_w..o.qkv_w + 3 * d * d],
+            w.query_key_value.weight,
             n,
             d,
             3 * d,
         );
         lap(sw, "qkv_gemm_bwd", cost::gemm_bwd(n, d, 3 * d, 4, true));
-        let (dg, db) = pair(grads, o.ln1_w, d, o.ln1_b, d);
         layernorm_bwd(
             &mut plan.dres,
-            dg,
-            db,
+            g.layernorm_before.weight,
+            g.layernorm_before.bias,
             &mut plan.ln_scratch,
             &plan.dln,
             &acts.x,
             &acts.mean1,
             &acts.rstd1,
-            &p[o.ln1_w..o.ln1_w + d],
+            w.layernorm_before.weight,
             d,
         );
         lap(sw, "layernorm_bwd", cost::layernorm_bwd(n, d, 4));
-        release(&mut grads, o.ln1_w, &mut cuts, ready);
+        release(&mut grads, o.start(), &mut cuts, ready);
     }
 
     // Embeddings: x0 = drop([cls; tok] + pos).
     apply_keep(&mut plan.dres, &plan.keep_embed, hidden_p(cfg, masks));
     let dres = &plan.dres;
+    let (w, g) = (off.embeddings.view(p), off.embeddings.view_mut(grads));
     {
         // Σ over the batch in a fixed order (thread-count independent): split the (T·D)
         // columns, never the batch.
-        let (dcls, dpos) = pair(grads, off.cls, d, off.pos, td);
+        let (dcls, dpos) = (g.cls_token, g.position_embeddings);
         dpos.par_chunks_mut(1024)
             .enumerate()
             .for_each(|(ci, chunk)| {
@@ -312,15 +302,14 @@ pub(crate) fn backward<'g>(
         .enumerate()
         .for_each(|(bi, tk)| tk.copy_from_slice(&dres[bi * td + d..(bi + 1) * td]));
     let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
-    let (dw, db) = pair(grads, off.patch_w, d * cpp, off.patch_b, d);
     linear_bwd(
         None,
         false,
-        dw,
-        Some(db),
+        g.projection.weight,
+        Some(g.projection.bias),
         &plan.tok,
         &plan.patches,
-        &p[off.patch_w..off.patch_w + d * cpp],
+        w.projection.weight,
         rows * g2,
         cpp,
         d,

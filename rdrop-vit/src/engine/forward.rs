@@ -12,7 +12,7 @@ use rdrop_kernels::patch::im2col;
 use rdrop_core::Stopwatch;
 
 use super::cost;
-use super::params::{LayerOffsets, Offsets};
+use super::params::{Embeddings, Layer, Offsets, Tensors};
 use super::plan::{attn_dims, LayerActs, Plan};
 use crate::config::ViTConfig;
 use crate::sites;
@@ -58,21 +58,20 @@ pub(crate) fn residual_add(
 
 /// Embeddings into `out` `(B, T, D)`: `[cls; patches·Wᵀ + b] + pos`, then dropout.
 /// `plan.patches` must already hold the im2col rows of the `B` images.
-pub(crate) fn embed(cfg: &ViTConfig, p: &[f32], off: &Offsets, plan: &mut Plan, masks: &Masks) {
+pub(crate) fn embed(cfg: &ViTConfig, w: &Embeddings<&[f32]>, plan: &mut Plan, masks: &Masks) {
     let (b, t, d) = (plan.rows, cfg.num_tokens(), cfg.hidden_size);
     let g2 = t - 1;
     let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
     linear_fwd(
         &mut plan.tok,
         &plan.patches,
-        &p[off.patch_w..off.patch_w + d * cpp],
-        Some(&p[off.patch_b..off.patch_b + d]),
+        w.projection.weight,
+        Some(w.projection.bias),
         b * g2,
         cpp,
         d,
     );
-    let cls = &p[off.cls..off.cls + d];
-    let pos = &p[off.pos..off.pos + t * d];
+    let (cls, pos) = (w.cls_token, w.position_embeddings);
     let Plan {
         layers,
         x_out,
@@ -114,8 +113,7 @@ pub(crate) fn embed_cost(cfg: &ViTConfig, b: usize, e: usize) -> cost::Cost {
 pub(crate) fn block(
     cfg: &ViTConfig,
     l: usize,
-    p: &[f32],
-    o: &LayerOffsets,
+    w: &Layer<&[f32]>,
     acts: &mut LayerActs,
     out: &mut [f32],
     ln: &mut [f32],
@@ -134,8 +132,8 @@ pub(crate) fn block(
         &mut acts.mean1,
         &mut acts.rstd1,
         &acts.x,
-        &p[o.ln1_w..o.ln1_w + d],
-        &p[o.ln1_b..o.ln1_b + d],
+        w.layernorm_before.weight,
+        w.layernorm_before.bias,
         eps,
         d,
     );
@@ -143,8 +141,8 @@ pub(crate) fn block(
     linear_fwd(
         &mut acts.qkv,
         ln,
-        &p[o.qkv_w..o.qkv_w + 3 * d * d],
-        Some(&p[o.qkv_b..o.qkv_b + 3 * d]),
+        w.query_key_value.weight,
+        Some(w.query_key_value.bias),
         n,
         d,
         3 * d,
@@ -162,8 +160,8 @@ pub(crate) fn block(
     linear_fwd(
         proj,
         &acts.attn,
-        &p[o.out_w..o.out_w + d * d],
-        Some(&p[o.out_b..o.out_b + d]),
+        w.attention_output.weight,
+        Some(w.attention_output.bias),
         n,
         d,
         d,
@@ -189,8 +187,8 @@ pub(crate) fn block(
         &mut acts.mean2,
         &mut acts.rstd2,
         &acts.mid,
-        &p[o.ln2_w..o.ln2_w + d],
-        &p[o.ln2_b..o.ln2_b + d],
+        w.layernorm_after.weight,
+        w.layernorm_after.bias,
         eps,
         d,
     );
@@ -199,8 +197,8 @@ pub(crate) fn block(
         &mut acts.pre,
         &mut acts.h,
         ln,
-        &p[o.fc1_w..o.fc1_w + m * d],
-        &p[o.fc1_b..o.fc1_b + m],
+        w.intermediate.weight,
+        w.intermediate.bias,
         n,
         d,
         m,
@@ -216,15 +214,7 @@ pub(crate) fn block(
         "gelu_dropout",
         cost::elementwise(n * m, 1, 2, 4, 20.0, true),
     );
-    linear_fwd(
-        proj,
-        &acts.h,
-        &p[o.fc2_w..o.fc2_w + d * m],
-        Some(&p[o.fc2_b..o.fc2_b + d]),
-        n,
-        m,
-        d,
-    );
+    linear_fwd(proj, &acts.h, w.output.weight, Some(w.output.bias), n, m, d);
     lap(sw, "mlp_gemm", cost::gemm(n, m, d, 4));
     out.copy_from_slice(&acts.mid);
     let s = masks.site(sites::mlp_output(l as u32), cfg.dropout);
@@ -263,7 +253,7 @@ pub(crate) fn forward(
         let (a, b) = plan.patches.split_at_mut(half);
         b.copy_from_slice(a);
     }
-    embed(cfg, p, off, plan, masks);
+    embed(cfg, &off.embeddings.view(p), plan, masks);
     let (f, b) = embed_cost(cfg, rows, 4);
     sw.lap("patch_embed", f, b);
     let nl = cfg.num_layers;
@@ -285,8 +275,7 @@ pub(crate) fn forward(
             block(
                 cfg,
                 l,
-                p,
-                &off.layers[l],
+                &off.layers[l].view(p),
                 &mut head[l],
                 out,
                 ln,
@@ -299,8 +288,7 @@ pub(crate) fn forward(
             block(
                 cfg,
                 l,
-                p,
-                &off.layers[l],
+                &off.layers[l].view(p),
                 &mut layers[0],
                 x_out,
                 ln,
@@ -314,6 +302,7 @@ pub(crate) fn forward(
             }
         }
     }
+    let (lnf, head) = (off.layernorm.view(p), off.classifier.view(p));
     for (bi, row) in plan.cls.chunks_mut(d).enumerate() {
         row.copy_from_slice(&plan.x_out[bi * t * d..bi * t * d + d]);
     }
@@ -322,16 +311,16 @@ pub(crate) fn forward(
         &mut plan.meanf,
         &mut plan.rstdf,
         &plan.cls,
-        &p[off.lnf_w..off.lnf_w + d],
-        &p[off.lnf_b..off.lnf_b + d],
+        lnf.weight,
+        lnf.bias,
         cfg.layer_norm_eps as f32,
         d,
     );
     linear_fwd(
         &mut plan.logits,
         &plan.lnf,
-        &p[off.head_w..off.head_w + c * d],
-        Some(&p[off.head_b..off.head_b + c]),
+        head.weight,
+        Some(head.bias),
         rows,
         d,
         c,

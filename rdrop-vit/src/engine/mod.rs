@@ -4,8 +4,10 @@
 //! the same dropout masks (Philox keys, [`crate::sites`]) and tests hold logits and every gradient
 //! together.
 //!
-//! - [`params`]: the flat layout (checkpoint names, fused q/k/v), copies to and from the model;
-//! - [`plan`]: the saved activations and scratch, and their size;
+//! - [`params`]: the flat layout (checkpoint names, fused q/k/v), each tensor named once
+//!   (`Offsets`: per layer, views of any buffer), copies to and from the model;
+//! - [`plan`]: the saved activations and scratch, each buffer declared once in a table
+//!   (`plan_table!`: the plan's struct, allocation and bytes), on both backends;
 //! - [`forward`], [`backward`]: the passes, block by block;
 //! - [`Engine`]: the composition, an R-Drop micro-batch step ([`rdrop_core::FlatRDropModel`])
 //!   and inference.
@@ -169,8 +171,7 @@ impl Engine {
     }
 
     /// Training-mode logits `(B, classes)` with the masks of `update` and `rows` (one per image:
-    /// sample index in the update's batch and R-Drop pass). Keeps the activations for
-    /// [`Engine::backward`].
+    /// sample index in the update's batch and R-Drop pass).
     pub fn forward_train(&mut self, x: &Tensor, update: u32, rows: &[RowKey]) -> Result<Tensor> {
         self.forward_logits(x, update, rows, true)
     }
@@ -213,46 +214,6 @@ impl Engine {
             (b, self.cfg.num_classes),
             &Device::Cpu,
         )?)
-    }
-
-    /// Backward of the last [`Engine::forward_train`] (same `update`, `rows`) from
-    /// `dlogits (B, classes)`: adds every parameter's gradient into [`Engine::grads`].
-    pub fn backward(&mut self, dlogits: &Tensor, update: u32, rows: &[RowKey]) -> Result<()> {
-        let nl = self.cfg.num_layers;
-        let plan = self
-            .plan
-            .as_mut()
-            .filter(|p| p.rows == rows.len() && p.layers.len() == nl)
-            .ok_or_else(|| {
-                VitError::Config("backward without a matching training forward".into())
-            })?;
-        if dlogits.dims() != [rows.len(), self.cfg.num_classes] {
-            return Err(VitError::Config(format!(
-                "dlogits of shape {:?}, expected [{}, {}]",
-                dlogits.dims(),
-                rows.len(),
-                self.cfg.num_classes
-            )));
-        }
-        with_cpu(dlogits, |g: &[f32]| plan.dlogits.copy_from_slice(g))?;
-        let masks = Masks {
-            seed: self.rng.seed,
-            update,
-            rows,
-            train: true,
-        };
-        backward::backward(
-            &self.cfg,
-            &self.params,
-            &mut self.grads,
-            &self.off,
-            plan,
-            &masks,
-            &[],
-            &mut |_| {},
-            &mut Stopwatch::new(false),
-        );
-        Ok(())
     }
 
     /// Sets every gradient to zero.

@@ -6,41 +6,52 @@
 //! For a linear `y (n, o) = x (n, i)·Wᵀ + b`: `dW (o, i) += dyᵀ·x` (T operands, f32 output,
 //! β = 1), `db += Σ_rows dy` (deterministic column sums), `dx (n, i) = dy·W`.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
+use std::ops::Range;
+
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use rdrop_kernels::cuda::Compute;
 
 use super::forward::Ctx;
 use super::gemm::{GemmType, RowGemm};
 use super::gemm_shape::AttnShapes;
-use super::plan::device::DevicePlan;
+use super::plan::DevicePlan;
 use crate::engine::cost;
 use crate::engine::forward::{embed_cost, head_cost};
-use crate::engine::params::Offsets;
+use crate::engine::params::{Offsets, WeightBias};
 use crate::error::{Result, VitError};
 
-/// Runs `f` on the adjacent gradient views `[a, a + na)` and `[a + na, a + na + nb)` (a
-/// weight and its bias, the class token and the position embeddings).
+/// Runs `f` on the gradient views of the adjacent tensors `a` and `b` (a weight and its
+/// bias, the class token and the position embeddings).
 fn with_pair<R>(
     g: &mut CudaSlice<f32>,
-    a: usize,
-    na: usize,
-    b: usize,
-    nb: usize,
-    f: impl FnOnce(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+    a: &Range<usize>,
+    b: &Range<usize>,
+    f: impl for<'v> FnOnce(&mut CudaViewMut<'v, f32>, &mut CudaViewMut<'v, f32>) -> Result<R>,
 ) -> Result<R> {
-    if b != a + na || b + nb > g.len() {
+    if a.end != b.start || b.end > g.len() {
         return Err(VitError::cuda(
             "CUDA backward",
-            format!("gradient views [{a}, +{na}) and [{b}, +{nb}) are not adjacent"),
+            format!("gradient views {a:?} and {b:?} are not adjacent"),
         ));
     }
-    let mut span = g.slice_mut(a..b + nb);
-    let (mut x, mut y) = span.split_at_mut(na);
+    let mut span = g.slice_mut(a.start..b.end);
+    let (mut x, mut y) = span.split_at_mut(a.len());
     f(&mut x, &mut y)
 }
 
-/// `dW += dyᵀ·x`, `db += Σ dy`, `dx = dy·W` (when `dx` is given) for the linear at weight
-/// offset `w`, bias offset `bo` (see the module doc).
+/// Runs `f` on the gradient views of `t`'s weight and bias.
+fn with_grads<R>(
+    g: &mut CudaSlice<f32>,
+    t: &WeightBias,
+    f: impl FnOnce(WeightBias<&mut CudaViewMut<'_, f32>>) -> Result<R>,
+) -> Result<R> {
+    with_pair(g, &t.weight, &t.bias, |weight, bias| {
+        f(WeightBias { weight, bias })
+    })
+}
+
+/// `dW += dyᵀ·x`, `db += Σ dy`, `dx = dy·W` (when `dx` is given) for the linear `t` (see the
+/// module doc).
 #[allow(clippy::too_many_arguments)]
 fn linear_bwd<T: Compute + GemmType>(
     c: &mut Ctx<'_, T>,
@@ -49,28 +60,28 @@ fn linear_bwd<T: Compute + GemmType>(
     dx: Option<&mut CudaSlice<T>>,
     dy: &impl DevicePtr<T>,
     x: &impl DevicePtr<T>,
-    w: usize,
-    bo: usize,
+    t: &WeightBias,
     n: usize,
     i: usize,
     o: usize,
 ) -> Result<()> {
-    c.gemm.matmul::<T, f32>(
-        &RowGemm::new(o, i, n, true, false),
-        dy,
-        x,
-        &mut grads.slice_mut(w..w + o * i),
-        None,
-        1.0,
-        1.0,
-    )?;
-    c.k.bias_grad::<T>(&mut grads.slice_mut(bo..bo + o), cols, dy, n, o)?;
+    with_grads(grads, t, |g| {
+        c.gemm.matmul::<T, f32>(
+            &RowGemm::new(o, i, n, true, false),
+            dy,
+            x,
+            g.weight,
+            None,
+            1.0,
+            1.0,
+        )?;
+        Ok(c.k.bias_grad::<T>(g.bias, cols, dy, n, o)?)
+    })?;
     if let Some(dx) = dx {
-        let wv: CudaView<'_, T> = c.pt.slice(w..w + o * i);
         c.gemm.matmul::<T, T>(
             &RowGemm::new(n, i, o, false, false),
             dy,
-            &wv,
+            &c.compute(t).weight,
             dx,
             None,
             1.0,
@@ -115,7 +126,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
 ) -> Result<()> {
     let cfg = c.cfg;
     // The buffer's end: the classifier's bias is the layout's last tensor (engine::params).
-    let mut end = off.head_b + cfg.num_classes;
+    let mut end = off.classifier.bias.end;
     let rows = c.rows;
     let (t, d, m, h, classes) = (
         cfg.num_tokens(),
@@ -176,37 +187,36 @@ pub(crate) fn backward<T: Compute + GemmType>(
         None,
         &*dlogits_t,
         &*lnf,
-        off.head_w,
-        off.head_b,
+        &off.classifier,
         rows,
         d,
         classes,
     )?;
     {
-        let wv = c.pt.slice(off.head_w..off.head_w + classes * d);
         c.gemm.matmul::<T, T>(
             &RowGemm::new(rows, d, classes, false, false),
             &*dlogits_t,
-            &wv,
+            &c.compute(&off.classifier).weight,
             &mut dlnf,
             None,
             1.0,
             0.0,
         )?;
     }
-    let lnf_w = c.pf(off.lnf_w, d);
-    with_pair(grads, off.lnf_w, d, off.lnf_b, d, |dg, db| {
+    let lnf_w = c.master(&off.layernorm).weight;
+    with_grads(grads, &off.layernorm, |g| {
         Ok(k.layernorm_bwd::<T>(
-            dcls, dg, db, cols, &dlnf, &*cls, &lnf_w, &*meanf, &*rstdf, rows, d, false,
+            dcls, g.weight, g.bias, cols, &dlnf, &*cls, &lnf_w, &*meanf, &*rstdf, rows, d, false,
         )?)
     })?;
     k.cls_scatter_grad(dres, &*dcls, rows, t, d)?;
     let (f, b) = head_cost(cfg, rows, e);
     c.lap("head_bwd", (2.0 * f, 2.0 * b))?;
-    release(off.lnf_w, &mut end, &mut cuts, ready)?;
+    release(off.layernorm.weight.start, &mut end, &mut cuts, ready)?;
 
     for l in (0..cfg.num_layers).rev() {
         let o_ = &off.layers[l];
+        let master = c.master(o_);
         let acts = &mut layers[l];
         // x_{l+1} = mid + drop(fc2(h)),  h = drop(gelu(pre)),  pre = fc1(LN2(mid))
         k.dropout_grad::<T>(dy, &*dres, &acts.keep_out, p_hidden)?;
@@ -224,8 +234,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             Some(&mut *dhid),
             &*dy,
             &*hbuf,
-            o_.fc2_w,
-            o_.fc2_b,
+            &o_.output,
             n,
             m,
             d,
@@ -241,8 +250,8 @@ pub(crate) fn backward<T: Compute + GemmType>(
             &mut acts.mean2,
             &mut acts.rstd2,
             &acts.mid,
-            &c.pf(o_.ln2_w, d),
-            &c.pf(o_.ln2_b, d),
+            &master.layernorm_after.weight,
+            &master.layernorm_after.bias,
             eps,
             n,
             d,
@@ -255,23 +264,21 @@ pub(crate) fn backward<T: Compute + GemmType>(
             Some(&mut *dln),
             &*dhid,
             &*ln,
-            o_.fc1_w,
-            o_.fc1_b,
+            &o_.intermediate,
             n,
             d,
             m,
         )?;
         c.lap("mlp_gemm_bwd", cost::gemm_bwd(n, d, m, e, true))?;
-        let w = c.pf(o_.ln2_w, d);
-        with_pair(grads, o_.ln2_w, d, o_.ln2_b, d, |dg, db| {
+        with_grads(grads, &o_.layernorm_after, |g| {
             Ok(k.layernorm_bwd::<T>(
                 dres,
-                dg,
-                db,
+                g.weight,
+                g.bias,
                 cols,
                 &*dln,
                 &acts.mid,
-                &w,
+                &master.layernorm_after.weight,
                 &acts.mean2,
                 &acts.rstd2,
                 n,
@@ -291,8 +298,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             Some(&mut *dattn),
             &*dy,
             &acts.attn,
-            o_.out_w,
-            o_.out_b,
+            &o_.attention_output,
             n,
             d,
             d,
@@ -338,8 +344,8 @@ pub(crate) fn backward<T: Compute + GemmType>(
             &mut acts.mean1,
             &mut acts.rstd1,
             &acts.x,
-            &c.pf(o_.ln1_w, d),
-            &c.pf(o_.ln1_b, d),
+            &master.layernorm_before.weight,
+            &master.layernorm_before.bias,
             eps,
             n,
             d,
@@ -352,23 +358,21 @@ pub(crate) fn backward<T: Compute + GemmType>(
             Some(&mut *dln),
             &*qkv_rows,
             &*ln,
-            o_.qkv_w,
-            o_.qkv_b,
+            &o_.query_key_value,
             n,
             d,
             3 * d,
         )?;
         c.lap("qkv_gemm_bwd", cost::gemm_bwd(n, d, 3 * d, e, true))?;
-        let w = c.pf(o_.ln1_w, d);
-        with_pair(grads, o_.ln1_w, d, o_.ln1_b, d, |dg, db| {
+        with_grads(grads, &o_.layernorm_before, |g| {
             Ok(k.layernorm_bwd::<T>(
                 dres,
-                dg,
-                db,
+                g.weight,
+                g.bias,
                 cols,
                 &*dln,
                 &acts.x,
-                &w,
+                &master.layernorm_before.weight,
                 &acts.mean1,
                 &acts.rstd1,
                 n,
@@ -377,12 +381,14 @@ pub(crate) fn backward<T: Compute + GemmType>(
             )?)
         })?;
         c.lap("layernorm_bwd", cost::layernorm_bwd(n, d, e))?;
-        release(o_.ln1_w, &mut end, &mut cuts, ready)?;
+        release(o_.start(), &mut end, &mut cuts, ready)?;
     }
 
     // Embeddings: x0 = drop([cls; tok] + pos); tok = patches·Wᵀ + b.
     let g2 = t - 1;
-    with_pair(grads, off.cls, d, off.pos, t * d, |dcls_p, dpos| {
+    let emb = &off.embeddings;
+    let (ct, pe) = (&emb.cls_token, &emb.position_embeddings);
+    with_pair(grads, ct, pe, |dcls_p, dpos| {
         Ok(k.embed_bwd::<T>(
             tok,
             dcls_p,
@@ -403,8 +409,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
         None,
         &*tok,
         &*patches,
-        off.patch_w,
-        off.patch_b,
+        &emb.projection,
         rows * g2,
         cpp,
         d,

@@ -20,7 +20,7 @@ use super::backward::{backward, BucketReady};
 use super::forward::{forward, Ctx};
 use super::gemm::{Gemm, GemmType};
 use super::laps::EventLaps;
-use super::plan::device::DevicePlan;
+use super::plan::DevicePlan;
 use super::plan::PlanSpec;
 use crate::config::ViTConfig;
 use crate::engine::forward::Masks;
@@ -514,7 +514,7 @@ impl CudaEngine {
     }
 
     /// Training-mode logits `(B, classes)` with the masks of `update` and `rows` (one key per
-    /// image), keeping the activations for [`CudaEngine::backward`].
+    /// image).
     pub fn forward_train(&mut self, x: &Tensor, update: u32, rows: &[RowKey]) -> Result<Tensor> {
         self.forward_logits(x, update, rows, true)
     }
@@ -554,42 +554,6 @@ impl CudaEngine {
             d.logits_host(b, classes)?
         });
         Ok(Tensor::from_vec(logits, (b, classes), &self.device)?)
-    }
-
-    /// Backward of the last [`CudaEngine::forward_train`] (same `update`, `rows`) from
-    /// `dlogits (B, classes)`: adds every parameter's gradient into the gradient buffer.
-    pub fn backward(&mut self, dlogits: &Tensor, update: u32, rows: &[RowKey]) -> Result<()> {
-        let (b, classes) = (rows.len(), self.cfg.num_classes);
-        if dlogits.dims() != [b, classes] {
-            return Err(VitError::Config(format!(
-                "dlogits of shape {:?}, expected [{b}, {classes}]",
-                dlogits.dims()
-            )));
-        }
-        let host = dlogits
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
-        let (cfg, off) = (&self.cfg, &self.off);
-        let masks = Masks {
-            seed: self.rng.seed,
-            update,
-            rows: &[],
-            train: true,
-        };
-        with_dev!(&mut self.dev, d => {
-            let stream = d.stream.clone();
-            let plan = d
-                .plan
-                .as_mut()
-                .filter(|p| p.spec.train && p.spec.rows == b)
-                .ok_or_else(|| VitError::Config("backward without a matching training forward".into()))?;
-            stream
-                .memcpy_htod(&host, &mut plan.dlogits.slice_mut(..b * classes))
-                .map_err(drv("uploading dlogits"))?;
-            d.run_backward(cfg, off, &masks, &[], &mut |_| Ok(()), &mut self.laps)
-        })
     }
 
     /// Sets every gradient to zero.

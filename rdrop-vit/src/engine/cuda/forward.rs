@@ -9,11 +9,11 @@ use rdrop_kernels::cuda::{Compute, CudaKernels};
 use super::gemm::{DevicePtrDyn, Gemm, GemmType, RowGemm};
 use super::gemm_shape::AttnShapes;
 use super::laps::EventLaps;
-use super::plan::device::{DevicePlan, LayerBufs};
+use super::plan::{DevicePlan, LayerBufs};
 use crate::config::ViTConfig;
 use crate::engine::cost::{self, Cost};
 use crate::engine::forward::Masks;
-use crate::engine::params::{LayerOffsets, Offsets};
+use crate::engine::params::{Layer, Offsets, Tensors, WeightBias};
 use crate::error::{Result, VitError};
 use crate::sites;
 
@@ -31,10 +31,17 @@ pub(crate) struct Ctx<'a, T> {
     pub laps: &'a mut EventLaps,
 }
 
-impl<T: Compute + GemmType> Ctx<'_, T> {
-    /// f32 master parameters `[at, at + len)`.
-    pub fn pf(&self, at: usize, len: usize) -> CudaView<'_, f32> {
-        self.p.slice(at..at + len)
+impl<'a, T: Compute + GemmType> Ctx<'a, T> {
+    /// The tensors of `x` in the f32 master parameters (LayerNorms, embeddings, f32 biases).
+    pub fn master<X: Tensors>(&self, x: &X) -> X::Of<CudaView<'a, f32>> {
+        let p: &'a CudaSlice<f32> = self.p;
+        x.map(&mut |r| p.slice(r.clone()))
+    }
+
+    /// The tensors of `x` in the compute-type copy (GEMM operands).
+    pub fn compute<X: Tensors>(&self, x: &X) -> X::Of<CudaView<'a, T>> {
+        let pt: &'a CudaSlice<T> = self.pt;
+        x.map(&mut |r| pt.slice(r.clone()))
     }
 
     /// Ends the profile's current lap: the ops enqueued since the last are `group`.
@@ -76,7 +83,7 @@ pub(crate) fn linear<T: GemmType, C: GemmType>(
 fn block<T: Compute + GemmType>(
     c: &mut Ctx<'_, T>,
     l: usize,
-    o: &LayerOffsets,
+    o: &Layer,
     acts: &mut LayerBufs<T>,
     out: &mut CudaSlice<f32>,
     s: &mut Scratch<'_, T>,
@@ -94,22 +101,20 @@ fn block<T: Compute + GemmType>(
     let eps = cfg.layer_norm_eps as f32;
     let k = c.k;
     let e = c.e();
+    let (master, pt) = (c.master(o), c.compute(o));
     k.layernorm_fwd::<T>(
         s.ln,
         &mut acts.mean1,
         &mut acts.rstd1,
         &acts.x,
-        &c.pf(o.ln1_w, d),
-        &c.pf(o.ln1_b, d),
+        &master.layernorm_before.weight,
+        &master.layernorm_before.bias,
         eps,
         n,
         d,
     )?;
     c.lap("layernorm", cost::layernorm(n, d, e))?;
-    let (w, bias) = (
-        c.pt.slice(o.qkv_w..o.qkv_w + 3 * d * d),
-        c.pt.slice(o.qkv_b..o.qkv_b + 3 * d),
-    );
+    let WeightBias { weight: w, bias } = pt.query_key_value;
     linear(c.gemm, s.qkv_rows, &*s.ln, &w, Some(&bias), n, d, 3 * d)?;
     c.lap("qkv_gemm", cost::gemm(n, d, 3 * d, e))?;
     k.qkv_split::<T>(
@@ -125,10 +130,7 @@ fn block<T: Compute + GemmType>(
     attention_fwd(c, l, acts, s, keys)?;
     k.attn_merge::<T>(&mut acts.attn, &*s.o, b, t, h, dh)?;
     c.lap("attention", cost::attention(b, h, t, dh, e))?;
-    let (w, bias) = (
-        c.pt.slice(o.out_w..o.out_w + d * d),
-        c.pt.slice(o.out_b..o.out_b + d),
-    );
+    let WeightBias { weight: w, bias } = pt.attention_output;
     linear(c.gemm, s.proj, &acts.attn, &w, Some(&bias), n, d, d)?;
     c.lap("proj_gemm", cost::gemm(n, d, d, e))?;
     let site = c.masks.site(
@@ -152,17 +154,14 @@ fn block<T: Compute + GemmType>(
         &mut acts.mean2,
         &mut acts.rstd2,
         &acts.mid,
-        &c.pf(o.ln2_w, d),
-        &c.pf(o.ln2_b, d),
+        &master.layernorm_after.weight,
+        &master.layernorm_after.bias,
         eps,
         n,
         d,
     )?;
     c.lap("layernorm", cost::layernorm(n, d, e))?;
-    let (w, bias) = (
-        c.pt.slice(o.fc1_w..o.fc1_w + m * d),
-        c.pt.slice(o.fc1_b..o.fc1_b + m),
-    );
+    let WeightBias { weight: w, bias } = pt.intermediate;
     linear(c.gemm, &mut acts.pre, &*s.ln, &w, Some(&bias), n, d, m)?;
     c.lap("mlp_gemm", cost::gemm(n, d, m, e))?;
     let site = c.masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
@@ -171,10 +170,7 @@ fn block<T: Compute + GemmType>(
         "gelu_dropout",
         cost::elementwise(n * m, 1, 1, e, 20.0, true),
     )?;
-    let (w, bias) = (
-        c.pt.slice(o.fc2_w..o.fc2_w + d * m),
-        c.pt.slice(o.fc2_b..o.fc2_b + d),
-    );
+    let WeightBias { weight: w, bias } = pt.output;
     linear(c.gemm, s.proj, &*s.h, &w, Some(&bias), n, m, d)?;
     c.lap("mlp_gemm", cost::gemm(n, m, d, e))?;
     let site = c.masks.site(sites::mlp_output(l as u32), cfg.dropout);
@@ -304,22 +300,20 @@ pub(crate) fn forward<T: Compute + GemmType>(
             .memcpy_dtod(&a, &mut b)
             .map_err(|e| VitError::cuda("copying the second pass's patch rows", e))?;
     }
-    let (w, bias) = (
-        c.pt.slice(off.patch_w..off.patch_w + d * cpp),
-        c.pt.slice(off.patch_b..off.patch_b + d),
-    );
+    let WeightBias { weight: w, bias } = c.compute(&off.embeddings.projection);
     linear(c.gemm, tok, &*patches, &w, Some(&bias), rows * g2, cpp, d)?;
     let site = c.masks.site(sites::EMBEDDINGS, cfg.dropout);
     let first = match layers.first_mut() {
         Some(l) => &mut l.x,
         None => return Err(VitError::cuda("CUDA forward", "a plan without layer slots")),
     };
+    let emb = c.master(&off.embeddings);
     c.k.embed_fwd::<T>(
         first,
         keep_embed,
         &*tok,
-        &c.pf(off.cls, d),
-        &c.pf(off.pos, t * d),
+        &emb.cls_token,
+        &emb.position_embeddings,
         site,
         &*row_keys,
         rows,
@@ -364,19 +358,23 @@ pub(crate) fn forward<T: Compute + GemmType>(
         }
     }
     c.k.cls_gather(cls, &*x_out, rows, t, d)?;
+    let norm = c.master(&off.layernorm);
     c.k.layernorm_fwd::<T>(
         lnf,
         meanf,
         rstdf,
         &*cls,
-        &c.pf(off.lnf_w, d),
-        &c.pf(off.lnf_b, d),
+        &norm.weight,
+        &norm.bias,
         cfg.layer_norm_eps as f32,
         rows,
         d,
     )?;
-    let w = c.pt.slice(off.head_w..off.head_w + classes * d);
-    let bias = c.p.slice(off.head_b..off.head_b + classes);
+    // f32 logits: the classifier's bias from the f32 master.
+    let (w, bias) = (
+        c.compute(&off.classifier).weight,
+        c.master(&off.classifier).bias,
+    );
     linear::<T, f32>(c.gemm, logits, &*lnf, &w, Some(&bias), rows, d, classes)?;
     let head = crate::engine::forward::head_cost(cfg, rows, c.e());
     c.lap("head", head)?;
