@@ -1,4 +1,4 @@
-//! The explicit engine on CUDA (issue 10): the CPU engine's forward and hand-derived backward
+//! The explicit engine on CUDA: the CPU engine's forward and hand-derived backward
 //! (`super::forward`, `super::backward`) op for op, over device buffers, with the same flat
 //! layout (`super::params`), the same dropout masks (Philox keyed by the same row keys, in
 //! `rdrop_kernels::cuda`) and GEMMs through cuBLASLt (`gemm`).
