@@ -1,20 +1,31 @@
 //! Build script of rdrop-kernels.
 //!
-//! - Always: compiles `src/cuda/twin.cpp` (the CUDA kernels' per-element math of
-//!   `src/cuda/math.cuh`, built for the host by the C++ compiler) into a static library, so that
-//!   `tests/cuda_twin.rs` holds the GPU math to the Rust kernels on every CI run, without CUDA.
+//! - With the `twin` feature (the crate's own tests): compiles `src/cuda/twin.cpp` (the CUDA
+//!   kernels' per-element math of `src/cuda/math.cuh`, built for the host by the C++ compiler)
+//!   into a static library, so that `tests/cuda_twin.rs` holds the GPU math to the Rust kernels
+//!   on every CI run, without CUDA.
 //! - With the `cuda` feature: compiles every `src/cuda/*.cu` with `nvcc` (from `PATH`, or
 //!   `$CUDA_HOME/bin`) into a fat binary holding a cubin for each architecture ([`archs`]:
 //!   sm_75 to sm_90 with CUDA 13, sm_70 to sm_90 with CUDA 12, or `RDROP_CUDA_ARCHS`) and the
-//!   PTX of the lowest, which newer GPUs JIT. The files land in `OUT_DIR` and are embedded by
-//!   `src/cuda/mod.rs`. No CUDA toolkit is needed without the feature.
+//!   PTX of the lowest, which newer GPUs JIT. The files land in `OUT_DIR` with `modules.rs`,
+//!   the list of them that `src/cuda/mod.rs` embeds. No CUDA toolkit is needed without the
+//!   feature.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The kernel sources (each one module); `src/cuda/mod.rs` embeds `<name>.fatbin`.
-const MODULES: [&str; 5] = ["elementwise", "layernorm", "softmax", "loss", "optim"];
-
 fn main() {
+    #[cfg(feature = "twin")]
+    build_twin();
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        if let Err(e) = build_ptx() {
+            panic!("rdrop-kernels (feature cuda): {e}");
+        }
+    }
+}
+
+/// `src/cuda/twin.cpp` as the static library `rdrop_cuda_twin` (feature `twin`).
+#[cfg(feature = "twin")]
+fn build_twin() {
     println!("cargo:rerun-if-changed=src/cuda/math.cuh");
     println!("cargo:rerun-if-changed=src/cuda/twin.cpp");
     cc::Build::new()
@@ -29,12 +40,6 @@ fn main() {
         .cpp_link_stdlib(None)
         .warnings(true)
         .compile("rdrop_cuda_twin");
-
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        if let Err(e) = build_ptx() {
-            panic!("rdrop-kernels (feature cuda): {e}");
-        }
-    }
 }
 
 /// nvcc: `PATH` first, then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`.
@@ -99,17 +104,36 @@ fn archs(nvcc: &Path) -> Result<Vec<u32>, String> {
     }
 }
 
+/// The kernel modules: every `src/cuda/<name>.cu`, by name. (Cargo reruns this script when
+/// one of them changes, not when a new one appears: touch build.rs then. Watching the folder
+/// would rerun nvcc on every edit of a launcher.)
+fn modules() -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir("src/cuda").map_err(|e| format!("src/cuda: {e}"))? {
+        let p = e.map_err(|e| format!("src/cuda: {e}"))?.path();
+        if p.extension().is_some_and(|x| x == "cu") {
+            if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                names.push(stem.to_string());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Each module as a fat binary (`<m>.fatbin`: a cubin per architecture plus the PTX of the
-/// lowest, the driver picks) and as that PTX alone (`<m>.ptx`, whose entry names a test
-/// checks); `archs.rs` records the architectures.
+/// lowest, the driver picks) and as that PTX alone (`<m>.ptx`: the kernels are looked up by
+/// its entry names); `modules.rs` lists them, `archs.rs` records the architectures.
 fn build_ptx() -> Result<(), String> {
     println!("cargo:rerun-if-changed=src/cuda/common.cuh");
+    println!("cargo:rerun-if-changed=src/cuda/math.cuh");
     let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let nvcc = nvcc();
     let archs = archs(&nvcc)?;
     let lowest = archs[0];
+    let modules = modules()?;
     let mut jobs = Vec::new();
-    for m in MODULES {
+    for m in &modules {
         let src = format!("src/cuda/{m}.cu");
         println!("cargo:rerun-if-changed={src}");
         let mut fat = Command::new(&nvcc);
@@ -150,6 +174,24 @@ fn build_ptx() -> Result<(), String> {
             return Err(format!("nvcc failed on {what} ({})", st.status));
         }
     }
+    let mut table = String::from(
+        "/// The kernel modules: name, PTX of `PTX_ARCH`, fat binary (one per `src/cuda/*.cu`).\n\
+         const MODULES: &[(&str, &str, &[u8])] = &[\n",
+    );
+    for m in &modules {
+        let (ptx, fat) = (
+            out.join(format!("{m}.ptx")),
+            out.join(format!("{m}.fatbin")),
+        );
+        table.push_str(&format!(
+            "    ({m:?}, include_str!({:?}), include_bytes!({:?})),\n",
+            ptx.display().to_string(),
+            fat.display().to_string()
+        ));
+    }
+    table.push_str("];\n");
+    std::fs::write(out.join("modules.rs"), table)
+        .map_err(|e| format!("writing modules.rs: {e}"))?;
     let list: Vec<String> = archs.iter().map(u32::to_string).collect();
     std::fs::write(
         out.join("archs.rs"),

@@ -26,7 +26,7 @@
 //! changes), compiled instrumented into `OUT_DIR/kernels-mutants/<mutant>/<module>.so` (the
 //! mutated sources beside it in `src/`; other modules are not built there):
 //!
-//! - `oob-read` (elementwise): `cast_{bf16,f16}_to_f32` read `x[i + 1]` instead of `x[i]`, so
+//! - `oob-read` (cast): `cast_f32_to_{f32,bf16,f16}` read `x[i + 1]` instead of `x[i]`, so
 //!   the last thread (`i = n − 1`) reads one element past `x` (the launcher sizes `x` to exactly
 //!   `n` elements);
 //! - `no-barrier` (optim): `sum_squares_partials` loses its `__syncthreads()` between the warp
@@ -94,10 +94,10 @@ struct Mutant {
 const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "oob-read",
-        module: "elementwise",
-        file: "elementwise.cu",
-        from: "if (i < n) out[i] = rd::to_f32(x[i]);",
-        to: "if (i < n) out[i] = rd::to_f32(x[i + 1]);",
+        module: "cast",
+        file: "cast.cu",
+        from: "if (i < n) out[i] = rd::from_f32<T>(x[i]);",
+        to: "if (i < n) out[i] = rd::from_f32<T>(x[i + 1]);",
     },
     Mutant {
         name: "no-barrier",

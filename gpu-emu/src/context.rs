@@ -102,17 +102,22 @@ pub fn check_device(d: i64) -> Result<usize, EmuError> {
     }
 }
 
-/// Retains device `d`'s primary context (activating it) and returns its id.
-pub fn primary_retain(d: usize) -> Result<u64, EmuError> {
-    // A retain waits for a release's teardown in progress, so that work still queued from the
-    // old activation never runs in the new one.
-    let _teardown = TEARDOWN.lock().unwrap_or_else(|p| p.into_inner());
-    let mut st = state();
+/// Device `d`'s primary context.
+fn primary_of(st: &mut State, d: usize) -> Result<&mut Ctx, EmuError> {
     let id = *st
         .primary
         .get(d)
         .ok_or_else(|| EmuError::new(CUDA_ERROR_INVALID_DEVICE, format!("device {d}")))?;
-    let c = st.ctxs.get_mut(&id).ok_or_else(|| invalid(id))?;
+    st.ctxs.get_mut(&id).ok_or_else(|| invalid(id))
+}
+
+/// The state half of [`crate::lifecycle::primary_retain`] (which holds the teardown lock):
+/// activates device `d`'s primary context if it is not active, counts a reference, returns
+/// its id.
+pub(crate) fn retain_primary(d: usize) -> Result<u64, EmuError> {
+    let mut st = state();
+    let c = primary_of(&mut st, d)?;
+    let id = c.id;
     if !c.active {
         c.active = true;
         c.sticky = None;
@@ -122,43 +127,25 @@ pub fn primary_retain(d: usize) -> Result<u64, EmuError> {
     Ok(id)
 }
 
-/// Releases device `d`'s primary context; at zero it is destroyed with its memory, streams
-/// and modules.
-pub fn primary_release(d: usize) -> Result<(), EmuError> {
-    let _teardown = TEARDOWN.lock().unwrap_or_else(|p| p.into_inner());
-    let (id, destroy) = {
-        let mut st = state();
-        let id = *st
-            .primary
-            .get(d)
-            .ok_or_else(|| EmuError::new(CUDA_ERROR_INVALID_DEVICE, format!("device {d}")))?;
-        let c = st.ctxs.get_mut(&id).ok_or_else(|| invalid(id))?;
-        if c.refs == 0 {
-            return Err(EmuError::new(
-                CUDA_ERROR_INVALID_CONTEXT,
-                format!("device {d}'s primary context released more often than retained"),
-            ));
-        }
-        c.refs -= 1;
-        let destroy = c.refs == 0;
-        if destroy {
-            c.active = false;
-        }
-        (id, destroy)
-    };
-    if destroy {
-        teardown(id, d);
+/// The state half of [`crate::lifecycle::primary_release`]: drops a reference of device `d`'s
+/// primary context; at zero it is made inactive and its id returned (the caller tears down its
+/// streams and memory).
+pub(crate) fn release_primary(d: usize) -> Result<Option<u64>, EmuError> {
+    let mut st = state();
+    let c = primary_of(&mut st, d)?;
+    let id = c.id;
+    if c.refs == 0 {
+        return Err(EmuError::new(
+            CUDA_ERROR_INVALID_CONTEXT,
+            format!("device {d}'s primary context released more often than retained"),
+        ));
     }
-    Ok(())
-}
-
-/// Held by a primary context's release (its teardown included) and by retains.
-static TEARDOWN: Mutex<()> = Mutex::new(());
-
-fn teardown(id: u64, d: usize) {
-    crate::stream::destroy_context_streams(id);
-    crate::memory::free_all(d);
-    crate::memory::context_count(d, -1);
+    c.refs -= 1;
+    if c.refs == 0 {
+        c.active = false;
+        return Ok(Some(id));
+    }
+    Ok(None)
 }
 
 /// Creates a (non-primary) context on `d`, made current.
@@ -185,24 +172,24 @@ pub fn create(d: usize) -> Result<u64, EmuError> {
     Ok(id)
 }
 
-/// Destroys a context made by [`create`].
-pub fn destroy(id: u64) -> Result<(), EmuError> {
-    let d = {
-        let mut st = state();
-        let c = st.ctxs.get_mut(&id).ok_or_else(|| invalid(id))?;
-        if c.primary {
-            return Err(EmuError::new(
-                CUDA_ERROR_INVALID_CONTEXT,
-                "cuCtxDestroy of a primary context (release it instead)",
-            ));
-        }
-        c.active = false;
-        c.device
-    };
-    crate::stream::destroy_context_streams(id);
-    crate::memory::context_count(d, -1);
+/// The state half of [`crate::lifecycle::destroy`]: makes context `id` (made by [`create`],
+/// not a primary one) inactive and returns its device.
+pub(crate) fn deactivate_created(id: u64) -> Result<usize, EmuError> {
+    let mut st = state();
+    let c = st.ctxs.get_mut(&id).ok_or_else(|| invalid(id))?;
+    if c.primary {
+        return Err(EmuError::new(
+            CUDA_ERROR_INVALID_CONTEXT,
+            "cuCtxDestroy of a primary context (release it instead)",
+        ));
+    }
+    c.active = false;
+    Ok(c.device)
+}
+
+/// Removes context `id` from the calling thread's stack of current contexts.
+pub(crate) fn forget_current(id: u64) {
     CURRENT.with(|c| c.borrow_mut().retain(|&x| x != id));
-    Ok(())
 }
 
 fn invalid(id: u64) -> EmuError {

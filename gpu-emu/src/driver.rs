@@ -7,11 +7,10 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::context;
+use crate::abi::Dim3;
 use crate::error::*;
 use crate::memory::{self, Kind};
-use crate::module::{self, abi::Dim3};
-use crate::stream;
+use crate::{context, lifecycle, module, stream};
 
 type R = Result<(), EmuError>;
 
@@ -300,7 +299,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut *mut c_void, d: c_i
         inited()?;
         let o = out(pctx, "context")?;
         let dev = context::check_device(d as i64)?;
-        let id = context::primary_retain(dev)?;
+        let id = lifecycle::primary_retain(dev)?;
         *o = context::handle(id) as *mut c_void;
         Ok(())
     })
@@ -310,7 +309,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut *mut c_void, d: c_i
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(d: c_int) -> CUresult {
     call("cuDevicePrimaryCtxRelease", || {
         inited()?;
-        context::primary_release(context::check_device(d as i64)?)
+        lifecycle::primary_release(context::check_device(d as i64)?)
     })
 }
 
@@ -350,7 +349,7 @@ pub unsafe extern "C" fn cuCtxCreate_v2(
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: *mut c_void) -> CUresult {
     call("cuCtxDestroy", || {
         inited()?;
-        context::destroy(ctx_of(ctx)?)
+        lifecycle::destroy(ctx_of(ctx)?)
     })
 }
 

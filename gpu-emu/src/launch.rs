@@ -28,10 +28,9 @@ use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
+use crate::abi::{self, Dim3, HostKernel};
 use crate::error::{EmuError, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_LAUNCH_FAILED};
 use crate::fiber::Stack;
-use crate::module::abi::{self, Dim3};
-use crate::module::HostKernel;
 
 // ----------------------------------------------------------------------------- the launch
 
@@ -545,9 +544,7 @@ impl Runner {
             None => {
                 let mut start: *mut c_void = std::ptr::null_mut();
                 let mut len = 0usize;
-                if let Some(m) = crate::module::host_lib_module(lib) {
-                    (m.shared_range)(&mut start, &mut len);
-                }
+                (l.kernel.module.shared_range)(&mut start, &mut len);
                 let r = (start as usize, len);
                 self.shared_of.insert(lib, r);
                 r

@@ -11,17 +11,20 @@
 //! - [`config`]: the emulated machine (devices, names, compute capabilities, memory), from
 //!   the environment;
 //! - [`memory`]: device memory in host memory with guard pages, and the one range check;
-//! - [`context`], [`stream`]: devices, primary contexts, streams and events, each stream run in
-//!   order by a host worker (with the seeded delay mode);
-//! - [`module`], [`launch`], [`fiber`]: modules (cubin / PTX images mapped to the kernels
-//!   compiled for the host from rdrop-kernels' `.cu` files), launches, the threads of a block
-//!   as fibers with real barriers, shuffles, and the memory checks of every access;
+//! - [`context`], [`stream`], [`lifecycle`]: devices, contexts, streams and events, each stream
+//!   run in order by a host worker (with the seeded delay mode), and the contexts' retain,
+//!   release and teardown;
+//! - [`abi`], [`module`], [`launch`], [`fiber`]: the C ABI of the kernel modules, modules
+//!   (cubin / PTX images mapped to the kernels compiled for the host from rdrop-kernels' `.cu`
+//!   files), launches, the threads of a block as fibers with real barriers, shuffles, and the
+//!   memory checks of every access;
 //! - [`cublaslt`], [`nccl`], [`stubs`]: the libraries.
 //!
 //! What it cannot check is in this crate's README.
 #![allow(unsafe_code)] // an FFI layer: every export takes raw pointers from C callers
 #![allow(non_snake_case, non_camel_case_types, clippy::missing_safety_doc)]
 
+pub mod abi;
 pub mod config;
 pub mod context;
 pub mod cublaslt;
@@ -29,6 +32,7 @@ pub mod driver;
 pub mod error;
 pub mod fiber;
 pub mod launch;
+pub mod lifecycle;
 pub mod memory;
 pub mod module;
 pub mod nccl;

@@ -15,114 +15,11 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use crate::abi::{self, HostKernel, ParamInfo};
 use crate::error::{
     EmuError, CUDA_ERROR_INVALID_IMAGE, CUDA_ERROR_INVALID_PTX, CUDA_ERROR_NOT_FOUND,
     CUDA_ERROR_NO_BINARY_FOR_GPU,
 };
-
-/// The C ABI of `shim/rdemu_api.h`.
-pub mod abi {
-    use std::ffi::{c_char, c_void};
-
-    #[repr(C)]
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    pub struct Dim3 {
-        pub x: u32,
-        pub y: u32,
-        pub z: u32,
-    }
-
-    #[repr(C)]
-    pub struct Api {
-        pub version: u32,
-        pub thread_idx: extern "C" fn() -> Dim3,
-        pub block_idx: extern "C" fn() -> Dim3,
-        pub block_dim: extern "C" fn() -> Dim3,
-        pub grid_dim: extern "C" fn() -> Dim3,
-        pub syncthreads: extern "C" fn(),
-        pub syncwarp: extern "C" fn(u32),
-        pub shfl: extern "C" fn(i32, u32, u64, i32, i32, i32) -> u64,
-        pub vote: extern "C" fn(i32, u32, i32) -> u32,
-        pub check: extern "C" fn(*const c_void, usize, i32),
-        pub unsupported: extern "C" fn(*const c_char),
-        pub threadfence: extern "C" fn(),
-    }
-
-    #[repr(C)]
-    pub struct Param {
-        pub decl: *const c_char,
-        pub size: u32,
-        pub is_pointer: u32,
-    }
-
-    #[repr(C)]
-    pub struct Kernel {
-        pub name: *const c_char,
-        pub nparams: u32,
-        pub params: *const Param,
-        pub pack: extern "C" fn(*const *const c_void) -> *mut c_void,
-        pub pack_free: extern "C" fn(*mut c_void),
-        pub run: extern "C" fn(*const c_void),
-    }
-
-    #[repr(C)]
-    pub struct Module {
-        pub version: u32,
-        pub source: *const c_char,
-        pub arch: u32,
-        pub nkernels: u32,
-        pub kernels: *const Kernel,
-        pub shared_range: extern "C" fn(*mut *mut c_void, *mut usize),
-    }
-
-    pub const ABI_VERSION: u32 = 1;
-
-    impl std::fmt::Debug for Kernel {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Kernel")
-        }
-    }
-
-    // SAFETY: the tables are static, immutable data of a loaded module (never unloaded), and
-    // their functions may be called from any thread.
-    unsafe impl Sync for Param {}
-    // SAFETY: as above.
-    unsafe impl Send for Param {}
-    // SAFETY: as above.
-    unsafe impl Sync for Kernel {}
-    // SAFETY: as above.
-    unsafe impl Send for Kernel {}
-    // SAFETY: as above.
-    unsafe impl Sync for Module {}
-    // SAFETY: as above.
-    unsafe impl Send for Module {}
-}
-
-/// One parameter of a host kernel.
-#[derive(Debug, Clone)]
-pub struct ParamInfo {
-    /// Its declaration in the source.
-    pub decl: String,
-    /// Bytes.
-    pub size: usize,
-    /// Whether it is a pointer.
-    pub is_pointer: bool,
-}
-
-/// A host-compiled kernel.
-#[derive(Debug, Clone)]
-pub struct HostKernel {
-    /// Its `extern "C"` name.
-    pub name: String,
-    /// The `.cu` file.
-    pub source: String,
-    /// Parameters in order.
-    pub params: Vec<ParamInfo>,
-    /// The entry (pointers into the loaded module, valid for the process).
-    pub entry: &'static abi::Kernel,
-    /// The module it belongs to (index into the loaded libraries).
-    pub lib: usize,
-}
 
 /// A loaded host kernel library (one `.cu` file).
 pub struct HostLib {
@@ -213,6 +110,7 @@ fn load_libs() -> Libs {
                                 params,
                                 entry: k,
                                 lib: idx,
+                                module: m,
                             },
                         );
                     }
@@ -272,11 +170,6 @@ fn load_lib(path: &str) -> Result<HostLib, String> {
 /// The host kernel called `name`.
 pub fn host_kernel(name: &str) -> Option<HostKernel> {
     libs().by_name.get(name).cloned()
-}
-
-/// The module table of library `lib`.
-pub fn host_lib_module(lib: usize) -> Option<&'static abi::Module> {
-    libs().libs.get(lib).map(|l| l.module)
 }
 
 /// Problems met while loading the kernel modules (reported once).

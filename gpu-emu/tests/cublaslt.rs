@@ -10,12 +10,12 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 use rdrop_gpu_emu::cublaslt::*;
-use rdrop_gpu_emu::{context, memory, stream};
+use rdrop_gpu_emu::{context, lifecycle, memory, stream};
 
 /// Makes device 0's primary context current on this thread (retained once per process).
 fn ctx() -> u64 {
     static ID: OnceLock<u64> = OnceLock::new();
-    let id = *ID.get_or_init(|| context::primary_retain(0).expect("primary context"));
+    let id = *ID.get_or_init(|| lifecycle::primary_retain(0).expect("primary context"));
     context::set_current(id);
     id
 }

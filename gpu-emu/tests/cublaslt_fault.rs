@@ -9,7 +9,7 @@ use std::ptr::null_mut;
 
 use rdrop_gpu_emu::cublaslt::*;
 use rdrop_gpu_emu::error::CUDA_ERROR_ILLEGAL_ADDRESS;
-use rdrop_gpu_emu::{context, memory, stream};
+use rdrop_gpu_emu::{context, lifecycle, memory, stream};
 
 fn ok(s: cublasStatus_t, what: &str) {
     assert_eq!(s, CUBLAS_STATUS_SUCCESS, "{what}");
@@ -124,7 +124,7 @@ unsafe fn run(
 fn faults_change_the_numbers_and_an_overrun_is_a_sticky_illegal_address() {
     // Read once, at the first use of the configuration: before anything else in this process.
     std::env::set_var("RDROP_EMU_MUTATE", "gemm-ld,gemm-batch-stride");
-    let id = context::primary_retain(0).unwrap();
+    let id = lifecycle::primary_retain(0).unwrap();
     context::set_current(id);
     let s = stream::create(false).unwrap();
     // SAFETY (all): every buffer is allocated here, with room for A read with ld + 1.

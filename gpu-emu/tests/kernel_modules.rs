@@ -304,11 +304,16 @@ fn every_module_loads_with_its_kernel_table() {
     }
     eprintln!("kernels per module: {counts:?}");
     for (m, want) in [
-        ("elementwise", 54),
+        ("embed", 12),
+        ("heads", 12),
+        ("dropout", 9),
+        ("gelu", 9),
+        ("columns", 4),
+        ("cast", 3),
         ("layernorm", 9),
         ("softmax", 6),
         ("loss", 2),
-        ("optim", 11),
+        ("optim", 10),
     ] {
         assert!(
             counts.get(m).is_some_and(|&n| n >= want),
@@ -316,7 +321,7 @@ fn every_module_loads_with_its_kernel_table() {
             counts.get(m)
         );
     }
-    let el = module("elementwise");
+    let el = module("cast");
     assert_eq!(
         params(el.kernel("cast_f32_to_bf16")),
         vec![
@@ -334,7 +339,7 @@ fn every_module_loads_with_its_kernel_table() {
 }
 
 fn cast_roundtrip(variant: &str) -> (Vec<Access>, Vec<Access>) {
-    let m = module(&format!("elementwise{variant}"));
+    let m = module(&format!("cast{variant}"));
     let xs: Vec<f32> = vec![
         1.0,
         -2.5,
@@ -365,15 +370,15 @@ fn cast_roundtrip(variant: &str) -> (Vec<Access>, Vec<Access>) {
         assert_eq!(out[i], want, "cast_f32_to_bf16[{i}] of {v:e}");
     }
     let mut back = vec![0f32; xs.len()];
-    let (mut bo, mut bx) = (back.as_mut_ptr(), out.as_ptr());
+    let mut bo = back.as_mut_ptr();
     let b = launch(
-        m.kernel("cast_bf16_to_f32"),
-        &[arg(&mut bo), arg(&mut bx), arg(&mut nn)],
+        m.kernel("cast_f32_to_f32"),
+        &[arg(&mut bo), arg(&mut x), arg(&mut nn)],
         12,
         4,
     );
     for i in 0..xs.len() {
-        assert_eq!(back[i].to_bits(), (out[i] as u32) << 16);
+        assert_eq!(back[i].to_bits(), xs[i].to_bits());
     }
     let mut h = vec![0u16; xs.len()];
     let mut ho = h.as_mut_ptr();
@@ -415,7 +420,7 @@ fn checked_accesses_are_the_kernels_buffers() {
     // gelu (constant tables) and the recorded-mask path: every checked access is in one of
     // the kernel's buffers or on the kernel thread's stack (horner_erfc_r's local table
     // `c[12]`, indexed in a loop), none of the shim's or the module's data
-    let m = module("elementwise");
+    let m = module("gelu");
     let n = 37usize;
     let pre: Vec<f32> = (0..n).map(|i| (i as f32 - 18.0) * 0.37).collect();
     let keep: Vec<u8> = (0..n).map(|i| (i % 3 != 0) as u8).collect();
@@ -572,35 +577,35 @@ fn shuffles_reach_the_driver_with_kind_lane_and_width() {
 #[test]
 fn mutants_are_built_with_their_change() {
     let dir = env!("RDEMU_KERNEL_MUTANTS_DIR");
-    // oob-read: cast_bf16_to_f32 reads x[i + 1]: the last thread reads one element past x
-    let m = Loaded::open(&format!("{dir}/oob-read/elementwise.so"));
+    // oob-read: cast_f32_to_f32 reads x[i + 1]: the last thread reads one element past x
+    let m = Loaded::open(&format!("{dir}/oob-read/cast.so"));
     // on the heap: accesses to the calling thread's own stack never reach the driver's check
     // (asan_hooks.cpp recognises a fiber's stack slot by address)
-    let xs: Box<[u16]> = Box::new([0x3f80u16, 0x4000, 0x4040, 0x4080, 0x40a0]);
+    let xs: Box<[f32]> = Box::new([1.0, 2.0, 3.0, 4.0, 5.0]);
     let mut out: Box<[f32]> = Box::new([0f32; 5]);
     let (mut o, mut x, mut n) = (out.as_mut_ptr(), xs.as_ptr(), 4i32);
     let acc = launch(
-        m.kernel("cast_bf16_to_f32"),
+        m.kernel("cast_f32_to_f32"),
         &[arg(&mut o), arg(&mut x), arg(&mut n)],
         4,
         32,
     );
     let past = acc
         .iter()
-        .filter(|a| !a.2 && a.0 == xs.as_ptr() as usize + 8)
+        .filter(|a| !a.2 && a.0 == xs.as_ptr() as usize + 16)
         .count();
     assert_eq!(past, 1, "{acc:?}");
     assert_eq!(out[..4], [2.0, 3.0, 4.0, 5.0]);
     // the original reads x[0..4] only
     let acc = launch(
-        module("elementwise").kernel("cast_bf16_to_f32"),
+        module("cast").kernel("cast_f32_to_f32"),
         &[arg(&mut o), arg(&mut x), arg(&mut n)],
         4,
         32,
     );
     assert!(
         acc.iter()
-            .all(|a| a.2 || inside(a, xs.as_ptr() as usize, 8)),
+            .all(|a| a.2 || inside(a, xs.as_ptr() as usize, 16)),
         "{acc:?}"
     );
     // no-barrier: sum_squares_partials without its __syncthreads
@@ -619,7 +624,7 @@ fn mutants_are_built_with_their_change() {
     assert_eq!(part[0], 9.0 * 32.0);
     // only the mutated module is in each mutant's folder
     for (mutant, module) in [
-        ("oob-read", "elementwise"),
+        ("oob-read", "cast"),
         ("no-barrier", "optim"),
         ("shfl-width", "layernorm"),
     ] {

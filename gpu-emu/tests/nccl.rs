@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdrop_gpu_emu::memory::{self, Kind};
 use rdrop_gpu_emu::nccl::*;
-use rdrop_gpu_emu::{context, stream};
+use rdrop_gpu_emu::{context, lifecycle, stream};
 
 /// Chunk of the communicators created by this binary (small, so that buffers span chunks).
 const CHUNK_BYTES: usize = 64 << 10;
@@ -176,7 +176,7 @@ impl Drop for Rank {
             unsafe { rdemu_ncclCommAbort(self.comm) };
         }
         let _ = stream::destroy(self.stream);
-        let _ = context::destroy(self.ctx);
+        let _ = lifecycle::destroy(self.ctx);
     }
 }
 
@@ -510,7 +510,7 @@ fn bad_arguments_are_refused() {
         assert_eq!(rc, NCCL_INVALID_USAGE);
         // A destroyed context.
         let ctx = context::create(2).unwrap();
-        context::destroy(ctx).unwrap();
+        lifecycle::destroy(ctx).unwrap();
         context::set_current(ctx);
         // SAFETY: valid pointers.
         let rc = unsafe { rdemu_ncclCommInitRank(&mut comm, 1, new_id(), 0) };

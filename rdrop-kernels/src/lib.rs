@@ -17,9 +17,11 @@ pub mod arch;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "twin")]
 pub mod cuda_twin;
 pub mod dropout;
 pub mod gelu;
+pub mod gemm_shape;
 pub mod layernorm;
 pub mod linear;
 pub mod loss;

@@ -42,3 +42,22 @@ __device__ __forceinline__ double warp_sum64(double v) {
 /// `M(suffix, type)` for each compute type: each kernel file defines a macro that writes the
 /// extern "C" kernel `name_##suffix` calling its template, and expands it with this.
 #define RD_FOR_EACH_T(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)
+
+/// The mask parameters of a site (rd::SiteKey) plus whether the site drops anything.
+#define SITE_PARAMS uint32_t seed_lo, uint32_t seed_hi, uint32_t update, uint32_t site, uint32_t thr, float scale, int active
+#define SITE_KEY rd::SiteKey{seed_lo, seed_hi, update, site, thr, scale}
+
+/// `keep ? v·scale : 0`, or `v` without a mask.
+__device__ __forceinline__ float masked(float v, const uint8_t* keep, long long i, int use_keep, float scale) {
+    return use_keep ? rd::apply_keep(v, keep[i] != 0, scale) : v;
+}
+
+/// Thread `(r, blk)` of `rows` samples of `n` elements: elements 4·blk .. 4·blk + 4 of row r,
+/// with the mask words of that Philox block (kernels with `row_keys`, `SITE_PARAMS`, `rows`, `n`).
+#define SAMPLE_BLOCK_PROLOGUE                                   \
+    long long idx = gtid();                                     \
+    int per = (n + 3) / 4;                                      \
+    if (idx >= (long long)rows * per) return;                   \
+    int r = (int)(idx / per), blk = (int)(idx % per);           \
+    uint32_t w[4];                                              \
+    if (active) rd::mask_block(k, row_keys[2 * r], row_keys[2 * r + 1], (uint32_t)blk, w);

@@ -1,7 +1,7 @@
 // LayerNorm forward and backward over rows of the f32 residual stream: 16 lanes per row (a
 // half-warp), the lanes' partial sums added in lane order, so that every row equals
 // crate::layernorm's bit for bit in f32; dγ/dβ by column partials of LN_BWD_ROWS rows added in
-// block order (no atomics). Shapes and formulas: the launchers in mod.rs.
+// block order (no atomics). Shapes and formulas: the launchers in layernorm.rs.
 #include "common.cuh"
 
 template <class T>

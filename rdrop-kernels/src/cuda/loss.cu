@@ -1,6 +1,6 @@
 // The R-Drop loss (CE of both passes + α·symmetric KL, label smoothing) and its gradient, in
 // f64 as crate::loss::rdrop_loss: one warp per sample, lane partials combined by a butterfly;
-// then one warp sums the samples' terms. Shapes and formulas: the launcher in mod.rs.
+// then one warp sums the samples' terms. Shapes and formulas: the launcher in loss.rs.
 #include "common.cuh"
 
 /// Maximum over a warp (exact in any order; rd::max32 as Rust's f32::max).

@@ -1,7 +1,7 @@
 // The update over the flat f32 buffers: global norm (f64, fixed order), clip coefficient on
 // the device, SGD-momentum / AdamW elements (crate::optim bit for bit) that also write the
-// compute-type copy of the parameters, the loss scaler's non-finite check and a scale.
-// Shapes and formulas: the launchers in mod.rs.
+// compute-type copy of the parameters, and a scale (the f16 loss scaler's un-scaling).
+// Shapes and formulas: the launchers in optim.rs.
 #include "common.cuh"
 
 /// Block partials of `Σ x²`: thread k of the grid sums elements k, k + G, ... (G = grid size)
@@ -71,11 +71,6 @@ RD_FOR_EACH_T(K_SGD)
         if (pt) pt[i] = rd::from_f32<T>(np);                                                                  \
     }
 RD_FOR_EACH_T(K_ADAMW)
-
-extern "C" __global__ void nonfinite_check(uint32_t* flag, const float* x, int n) {
-    long long i = gtid();
-    if (i < n && !rd::is_finite32(x[i])) flag[0] = 1u;
-}
 
 extern "C" __global__ void scale_inplace(float* x, float s, int n) {
     long long i = gtid();

@@ -2,7 +2,7 @@
 // per row (four rows a warp), the lane partials and the tail combined as
 // crate::attention::softmax_row / `dot` do, so that a row equals the CPU's bit for bit in f32.
 // Rows are `ld ≥ t` elements apart (padding columns untouched), so the attention GEMMs can use
-// 16-byte aligned leading dimensions. Shapes and formulas: the launchers in mod.rs.
+// 16-byte aligned leading dimensions. Shapes and formulas: the launchers in softmax.rs.
 #include "common.cuh"
 
 /// Row `(bh, i)` of `rows = B·H·Tk`; P written in place over S, A = P ⊙ M into `attn` (only

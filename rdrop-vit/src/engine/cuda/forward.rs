@@ -75,7 +75,8 @@ pub(crate) fn linear<T: GemmType, C: GemmType>(
         b.map(|b| b as &dyn DevicePtrDyn<C>),
         1.0,
         0.0,
-    )
+    )?;
+    Ok(())
 }
 
 /// One block: `acts.x` → `out` (both `(B, T, D)` f32), saving what the backward needs.

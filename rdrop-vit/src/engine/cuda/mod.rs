@@ -4,10 +4,11 @@
 //! `rdrop_kernels::cuda`) and GEMMs through cuBLASLt (`gemm`).
 //!
 //! - [`plan`]: the device activation plan and its byte formula, and [`gemm_shape`]: the
-//!   row-major GEMMs as cuBLASLt's column-major problems (both compiled in every build, so the
-//!   CLI can print a CUDA plan's size and CI tests the formula and the mapping);
+//!   attention's batched GEMMs (both compiled in every build, so the CLI can print a CUDA
+//!   plan's size and CI tests the formula and the shapes);
 //! - [`fit`]: the largest micro-batch whose plan fits a GPU's free memory;
-//! - with the `cuda` feature: `gemm` (cuBLASLt with cached plans), `forward`, `backward`,
+//! - with the `cuda` feature: `gemm` (cuBLASLt with cached plans, `rdrop_kernels::cuda::gemm`),
+//!   `forward`, `backward`,
 //!   `CudaEngine` (parameters, gradients, optimiser state and the plan on the device) and
 //!   `CudaTrainer` (the update: accumulation, f16 loss scaling, clipping, SGD/AdamW).
 //!
@@ -21,8 +22,9 @@ mod engine;
 pub mod fit;
 #[cfg(feature = "cuda")]
 pub(crate) mod forward;
+/// cuBLASLt, in the kernels crate with the rest of the compute.
 #[cfg(feature = "cuda")]
-pub mod gemm;
+pub use rdrop_kernels::cuda::gemm;
 pub mod gemm_shape;
 #[cfg(feature = "cuda")]
 pub(crate) mod laps;

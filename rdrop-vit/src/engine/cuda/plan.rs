@@ -38,7 +38,7 @@ pub fn attn_ld(tokens: usize) -> usize {
 }
 
 /// Bytes of the cuBLASLt workspace the engine allocates once (32 MiB, Hopper's recommendation).
-pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
+pub const GEMM_WORKSPACE_BYTES: usize = rdrop_kernels::gemm_shape::WORKSPACE_BYTES;
 
 /// Rows of a column partial (bias gradient, LayerNorm `dγ, dβ`): the kernels' block.
 pub const COLUMN_ROWS: usize = rdrop_kernels::layernorm::BWD_ROWS;

@@ -1,4 +1,4 @@
-//! cuBLASLt matmuls over row-major views of the engine's flat device buffers.
+//! cuBLASLt matmuls over row-major views of flat device buffers (the engine's GEMMs).
 //!
 //! Every GEMM the engine runs is, in row-major terms,
 //! ```text
@@ -33,8 +33,16 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
-pub use super::gemm_shape::{ColMajor, RowGemm};
-use crate::error::{Result, VitError};
+use super::{CudaKernelError, Result};
+pub use crate::gemm_shape::{ColMajor, RowGemm, WORKSPACE_BYTES};
+
+/// A [`CudaKernelError::Gemm`]: `what` failed with `e`.
+fn lt_err(what: impl Into<String>, e: impl std::fmt::Display) -> CudaKernelError {
+    CudaKernelError::Gemm {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
 
 /// Element type of a GEMM operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,27 +125,40 @@ struct Key {
     align: [u32; 3],
 }
 
-/// One cached cuBLASLt plan: its descriptors (destroyed on drop) and chosen algorithm.
+/// A cuBLASLt object destroyed on drop (errors at teardown are ignored).
+struct Owned<H: Copy> {
+    h: H,
+    destroy: unsafe fn(H) -> Result<(), lt::CublasError>,
+}
+
+impl<H: Copy> Drop for Owned<H> {
+    fn drop(&mut self) {
+        // SAFETY: `h` was made by the create call matching `destroy`, and is destroyed once.
+        unsafe {
+            let _ = (self.destroy)(self.h);
+        }
+    }
+}
+
+impl<H: Copy> std::fmt::Debug for Owned<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cuBLASLt object")
+    }
+}
+
+/// One cached cuBLASLt plan: its descriptors and chosen algorithm.
 #[derive(Debug)]
 struct LtPlan {
-    desc: sys::cublasLtMatmulDesc_t,
-    a: sys::cublasLtMatrixLayout_t,
-    b: sys::cublasLtMatrixLayout_t,
-    c: sys::cublasLtMatrixLayout_t,
+    desc: Owned<sys::cublasLtMatmulDesc_t>,
+    a: Owned<sys::cublasLtMatrixLayout_t>,
+    b: Owned<sys::cublasLtMatrixLayout_t>,
+    c: Owned<sys::cublasLtMatrixLayout_t>,
     algo: sys::cublasLtMatmulAlgo_t,
 }
 
-impl Drop for LtPlan {
-    fn drop(&mut self) {
-        // SAFETY: the handles were created by this plan and are destroyed once, here; errors
-        // at teardown are ignored (nothing can be done with them).
-        unsafe {
-            let _ = lt::destroy_matrix_layout(self.a);
-            let _ = lt::destroy_matrix_layout(self.b);
-            let _ = lt::destroy_matrix_layout(self.c);
-            let _ = lt::destroy_matmul_desc(self.desc);
-        }
-    }
+/// `&v` as the (pointer, size) pair cuBLASLt's attribute setters take.
+fn attr<V>(v: &V) -> (*const c_void, usize) {
+    (v as *const V as *const c_void, std::mem::size_of::<V>())
 }
 
 /// A column-major layout `rows × cols` of `dt` with leading dimension `ld`, batched.
@@ -146,53 +167,30 @@ fn layout(
     (rows, cols, ld): (usize, usize, usize),
     batch: usize,
     stride: usize,
-) -> Result<LayoutGuard> {
+) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
     let h = lt::create_matrix_layout(dt.cuda(), rows as u64, cols as u64, ld as i64)
-        .map_err(|e| VitError::cuda("cublasLtMatrixLayoutCreate", e))?;
-    let g = LayoutGuard(h);
+        .map_err(|e| lt_err("cublasLtMatrixLayoutCreate", e))?;
+    let g = Owned {
+        h,
+        destroy: lt::destroy_matrix_layout,
+    };
     if batch > 1 {
-        let count = batch as i32;
-        let stride = stride as i64;
-        // SAFETY: `h` is a live layout; the attribute values are an i32 and an i64 as
-        // cuBLASLt documents for BATCH_COUNT and STRIDED_BATCH_OFFSET.
-        unsafe {
-            lt::set_matrix_layout_attribute(
-                h,
-                sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
-                (&count) as *const i32 as *const c_void,
-                std::mem::size_of::<i32>(),
-            )
-            .map_err(|e| VitError::cuda("layout batch count", e))?;
-            lt::set_matrix_layout_attribute(
-                h,
-                sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
-                (&stride) as *const i64 as *const c_void,
-                std::mem::size_of::<i64>(),
-            )
-            .map_err(|e| VitError::cuda("layout batch stride", e))?;
+        use sys::cublasLtMatrixLayoutAttribute_t as A;
+        let (count, stride) = (batch as i32, stride as i64);
+        for (a, (p, n)) in [
+            (A::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, attr(&count)),
+            (
+                A::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                attr(&stride),
+            ),
+        ] {
+            // SAFETY: `h` is a live layout; BATCH_COUNT takes an i32, STRIDED_BATCH_OFFSET an
+            // i64, as cuBLASLt documents.
+            unsafe { lt::set_matrix_layout_attribute(h, a, p, n) }
+                .map_err(|e| lt_err("layout batch", e))?;
         }
     }
     Ok(g)
-}
-
-/// Destroys a layout unless [`LayoutGuard::keep`] hands it to a plan.
-struct LayoutGuard(sys::cublasLtMatrixLayout_t);
-
-impl LayoutGuard {
-    fn keep(self) -> sys::cublasLtMatrixLayout_t {
-        let h = self.0;
-        std::mem::forget(self);
-        h
-    }
-}
-
-impl Drop for LayoutGuard {
-    fn drop(&mut self) {
-        // SAFETY: created by `layout`, not handed to a plan (see `keep`), destroyed once.
-        unsafe {
-            let _ = lt::destroy_matrix_layout(self.0);
-        }
-    }
 }
 
 /// The engine's cuBLASLt: handle, workspace and plan cache, on one stream.
@@ -204,27 +202,19 @@ pub struct Gemm {
     plans: HashMap<Key, LtPlan>,
 }
 
-/// Workspace bytes (NVIDIA's recommendation for Hopper; enough for every earlier GPU).
-pub const WORKSPACE_BYTES: usize = super::plan::GEMM_WORKSPACE_BYTES;
-
 impl Gemm {
     /// A cuBLASLt handle and its workspace on `stream`.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        let handle = lt::create_handle().map_err(|e| VitError::cuda("cublasLtCreate", e))?;
+        let handle = lt::create_handle().map_err(|e| lt_err("cublasLtCreate", e))?;
         let workspace = stream
             .alloc_zeros::<u8>(WORKSPACE_BYTES)
-            .map_err(|e| VitError::cuda("cuBLASLt workspace", e))?;
+            .map_err(|e| lt_err("cuBLASLt workspace", e))?;
         Ok(Self {
             handle,
             workspace,
             stream,
             plans: HashMap::new(),
         })
-    }
-
-    /// Number of cached plans (distinct GEMMs seen so far).
-    pub fn cached(&self) -> usize {
-        self.plans.len()
     }
 
     /// Creates and caches the plan of `key` if it is new.
@@ -237,6 +227,8 @@ impl Gemm {
     }
 
     fn make_plan(&self, key: &Key) -> Result<LtPlan> {
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
         let g = &key.g;
         let what = describe(g, key.ab, key.cd);
         let cm = ColMajor::of(g);
@@ -247,105 +239,65 @@ impl Gemm {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
         )
-        .map_err(|e| VitError::cuda(format!("{what}: descriptor"), e))?;
-        let desc_guard = DescGuard(desc);
-        let ta = i32::from(cm.trans_first);
-        let tb = i32::from(cm.trans_second);
+        .map_err(|e| lt_err(format!("{what}: descriptor"), e))?;
+        let desc = Owned {
+            h: desc,
+            destroy: lt::destroy_matmul_desc,
+        };
+        let (ta, tb) = (i32::from(cm.trans_first), i32::from(cm.trans_second));
         let epi = if key.bias {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
         } else {
             sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
         };
-        // SAFETY: `desc` is live; TRANSA/TRANSB take a cublasOperation_t (i32: 0 = N, 1 = T)
-        // and EPILOGUE a cublasLtEpilogue_t (u32-sized enum), passed by pointer and size.
-        unsafe {
-            for (attr, v) in [
-                (
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                    ta,
-                ),
-                (
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-                    tb,
-                ),
-            ] {
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    attr,
-                    (&v) as *const i32 as *const c_void,
-                    std::mem::size_of::<i32>(),
-                )
-                .map_err(|e| VitError::cuda(format!("{what}: transposition"), e))?;
-            }
-            lt::set_matmul_desc_attribute(
-                desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                (&epi) as *const sys::cublasLtEpilogue_t as *const c_void,
-                std::mem::size_of::<sys::cublasLtEpilogue_t>(),
-            )
-            .map_err(|e| VitError::cuda(format!("{what}: epilogue"), e))?;
+        for (a, (p, n)) in [
+            (D::CUBLASLT_MATMUL_DESC_TRANSA, attr(&ta)),
+            (D::CUBLASLT_MATMUL_DESC_TRANSB, attr(&tb)),
+            (D::CUBLASLT_MATMUL_DESC_EPILOGUE, attr(&epi)),
+        ] {
+            // SAFETY: `desc` is live; TRANSA/TRANSB take a cublasOperation_t (i32: 0 = N,
+            // 1 = T), EPILOGUE a cublasLtEpilogue_t, by pointer and size.
+            unsafe { lt::set_matmul_desc_attribute(desc.h, a, p, n) }
+                .map_err(|e| lt_err(format!("{what}: descriptor attribute"), e))?;
         }
-        let pref = lt::create_matmul_pref()
-            .map_err(|e| VitError::cuda(format!("{what}: preference"), e))?;
-        let pref_guard = PrefGuard(pref);
+        let pref =
+            lt::create_matmul_pref().map_err(|e| lt_err(format!("{what}: preference"), e))?;
+        let pref = Owned {
+            h: pref,
+            destroy: lt::destroy_matmul_pref,
+        };
         let ws = WORKSPACE_BYTES as u64;
         // cuBLASLt's `first` operand is our B, `second` our A.
         let [al_a, al_b, al_c] = key.align;
-        // SAFETY: `pref` is live; MAX_WORKSPACE_BYTES is a u64, MIN_ALIGNMENT_* are u32.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&ws) as *const u64 as *const c_void,
-                std::mem::size_of::<u64>(),
-            )
-            .map_err(|e| VitError::cuda(format!("{what}: workspace preference"), e))?;
-            for (attr, v) in [
-                (
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                    al_b,
-                ),
-                (
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    al_a,
-                ),
-                (
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                    al_c,
-                ),
-                (
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                    al_c,
-                ),
-            ] {
-                lt::set_matmul_pref_attribute(
-                    pref,
-                    attr,
-                    (&v) as *const u32 as *const c_void,
-                    std::mem::size_of::<u32>(),
-                )
-                .map_err(|e| VitError::cuda(format!("{what}: alignment preference"), e))?;
-            }
+        for (a, (p, n)) in [
+            (P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, attr(&ws)),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, attr(&al_b)),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, attr(&al_a)),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, attr(&al_c)),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, attr(&al_c)),
+        ] {
+            // SAFETY: `pref` is live; MAX_WORKSPACE_BYTES is a u64, MIN_ALIGNMENT_* are u32.
+            unsafe { lt::set_matmul_pref_attribute(pref.h, a, p, n) }
+                .map_err(|e| lt_err(format!("{what}: preference attribute"), e))?;
         }
-        // SAFETY: every handle passed is live (guards above); C and D share one layout.
+        // SAFETY: every handle passed is live (owned above); C and D share one layout.
         let heur = unsafe {
             lt::get_matmul_algo_heuristic(
                 self.handle,
-                desc,
-                first.0,
-                second.0,
-                out.0,
-                out.0,
-                pref_guard.0,
+                desc.h,
+                first.h,
+                second.h,
+                out.h,
+                out.h,
+                pref.h,
             )
         }
-        .map_err(|e| VitError::cuda(format!("{what}: no algorithm"), e))?;
-        drop(pref_guard);
+        .map_err(|e| lt_err(format!("{what}: no algorithm"), e))?;
         Ok(LtPlan {
-            desc: desc_guard.keep(),
-            a: first.keep(),
-            b: second.keep(),
-            c: out.keep(),
+            desc,
+            a: first,
+            b: second,
+            c: out,
             algo: heur.algo,
         })
     }
@@ -370,18 +322,18 @@ impl Gemm {
         self.stream
             .context()
             .bind_to_thread()
-            .map_err(|e| VitError::cuda(what(), e))?;
+            .map_err(|e| lt_err(what(), e))?;
         if g.m == 0 || g.n == 0 || g.k == 0 || g.batch == 0 {
-            return Err(VitError::cuda(what(), "empty dimension"));
+            return Err(lt_err(what(), "empty dimension"));
         }
         if !g.is_valid() {
-            return Err(VitError::cuda(
+            return Err(lt_err(
                 what(),
                 "a leading dimension is below its row length",
             ));
         }
         if a.len() < la || b.len() < lb || c.len() < lc {
-            return Err(VitError::cuda(
+            return Err(lt_err(
                 what(),
                 format!(
                     "operands of {}, {}, {} elements; the shape needs {la}, {lb}, {lc}",
@@ -393,7 +345,7 @@ impl Gemm {
         }
         if let Some(bias) = bias {
             if bias.len_dyn() < g.n {
-                return Err(VitError::cuda(
+                return Err(lt_err(
                     what(),
                     format!("bias of {} elements for {} columns", bias.len_dyn(), g.n),
                 ));
@@ -419,40 +371,41 @@ impl Gemm {
         let plan = self
             .plans
             .get(&key)
-            .ok_or_else(|| VitError::cuda(what(), "plan missing from the cache"))?;
+            .ok_or_else(|| lt_err(what(), "plan missing from the cache"))?;
         // SAFETY: every handle is live (cached plan, `self.handle`); A, B, C hold at least the
         // elements the layouts address (checked above), the bias at least n; alpha/beta are
         // f32 as the f32 scale type requires; the workspace is WORKSPACE_BYTES long; all run
         // on `stream`, whose ordering the `device_ptr` records above respect.
         unsafe {
             if let Some(bp) = bias_ptr {
+                let (p, n) = attr(&bp);
                 lt::set_matmul_desc_attribute(
-                    plan.desc,
+                    plan.desc.h,
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    (&bp) as *const u64 as *const c_void,
-                    std::mem::size_of::<u64>(),
+                    p,
+                    n,
                 )
-                .map_err(|e| VitError::cuda(format!("{}: bias pointer", what()), e))?;
+                .map_err(|e| lt_err(format!("{}: bias pointer", what()), e))?;
             }
             lt::matmul(
                 handle,
-                plan.desc,
-                (&alpha) as *const f32 as *const c_void,
-                (&beta) as *const f32 as *const c_void,
+                plan.desc.h,
+                attr(&alpha).0,
+                attr(&beta).0,
                 pb as *const c_void,
-                plan.a,
+                plan.a.h,
                 pa as *const c_void,
-                plan.b,
+                plan.b.h,
                 pc as *const c_void,
-                plan.c,
+                plan.c.h,
                 pc as *mut c_void,
-                plan.c,
+                plan.c.h,
                 &plan.algo,
                 pw as *mut c_void,
                 WORKSPACE_BYTES,
                 stream.cu_stream() as sys::cudaStream_t,
             )
-            .map_err(|e| VitError::cuda(what(), e))?;
+            .map_err(|e| lt_err(what(), e))?;
         }
         Ok(())
     }
@@ -483,36 +436,6 @@ impl<T, P: DevicePtr<T>> DevicePtrDyn<T> for P {
     fn ptr_dyn(&self, stream: &CudaStream) -> u64 {
         let (p, _record) = self.device_ptr(stream);
         p
-    }
-}
-
-struct DescGuard(sys::cublasLtMatmulDesc_t);
-
-impl DescGuard {
-    fn keep(self) -> sys::cublasLtMatmulDesc_t {
-        let h = self.0;
-        std::mem::forget(self);
-        h
-    }
-}
-
-impl Drop for DescGuard {
-    fn drop(&mut self) {
-        // SAFETY: created in `make_plan`, not kept by a plan, destroyed once.
-        unsafe {
-            let _ = lt::destroy_matmul_desc(self.0);
-        }
-    }
-}
-
-struct PrefGuard(sys::cublasLtMatmulPreference_t);
-
-impl Drop for PrefGuard {
-    fn drop(&mut self) {
-        // SAFETY: created in `make_plan` and destroyed once, here.
-        unsafe {
-            let _ = lt::destroy_matmul_pref(self.0);
-        }
     }
 }
 
