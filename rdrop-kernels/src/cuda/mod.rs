@@ -34,7 +34,7 @@ pub use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, Drive
 use cudarc::nvrtc::Ptx;
 
 use crate::dropout::Site;
-use crate::loss::{LossConfig, Reduction};
+use crate::loss::{LossConfig, LossMode};
 use crate::optim::{AdamCoef, AdamWHyper, SgdHyper};
 use crate::philox::{drop_threshold, keep_scale};
 
@@ -1796,9 +1796,9 @@ impl CudaKernels {
         len(K, "out", out.len(), Self::rdrop_loss_out_len(m))?;
         int(K, "elements", n)?;
         let mm = (m.max(1)) as f64;
-        let (ce_w, kl_w) = match cfg.reduction {
-            Reduction::Mean => (0.5 / mm, 0.5 / mm),
-            Reduction::Reference => (1.0 / mm, 1.0),
+        let (ce_w, kl_w) = match cfg.mode {
+            LossMode::Mean => (0.5 / mm, 0.5 / mm),
+            LossMode::Reference => (1.0 / mm, 1.0),
         };
         let st = &*self.stream;
         let (gp, _g1) = dlogits.device_ptr_mut(st);
