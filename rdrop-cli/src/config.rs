@@ -702,7 +702,7 @@ impl RunConfig {
         );
         let assumed = self.precision.assumed(&self.device);
         check_precision(assumed, &self.device)?;
-        crate::learner::use_explicit(self.engine, &self.device, assumed)?;
+        crate::device::use_explicit(self.engine, &self.device, assumed)?;
         // rdrop-core's own checks of the update (clipping, bucket size, loss scale, …), before
         // anything is created rather than when the trainer is built.
         self.train_config()

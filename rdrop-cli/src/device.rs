@@ -260,10 +260,21 @@ impl ComputeArgs {
         self.device.open()
     }
 
-    /// Whether the explicit engine runs (see [`crate::learner::use_explicit`]).
+    /// Whether the explicit engine runs (see [`use_explicit`]).
     pub fn explicit(&self) -> anyhow::Result<bool> {
-        crate::learner::use_explicit(self.engine, &self.device, self.precision)
+        use_explicit(self.engine, &self.device, self.precision)
     }
+}
+
+/// Whether `kind` runs the explicit engine on `device` at `precision` (a clear error when an
+/// explicit request cannot be honoured).
+pub fn use_explicit(
+    kind: EngineKind,
+    device: &DeviceSpec,
+    precision: Precision,
+) -> anyhow::Result<bool> {
+    kind.resolve(*device == DeviceSpec::Cpu, precision == Precision::F32)
+        .map_err(|e| anyhow::anyhow!("--engine {kind}: {e}"))
 }
 
 /// Applies `--threads T` to candle's CPU kernels and rayon (data pipeline). Must run before
@@ -286,6 +297,26 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_engine_is_the_default_on_cpu_in_f32_and_on_cuda() {
+        let auto = EngineKind::default();
+        assert!(use_explicit(auto, &DeviceSpec::Cpu, Precision::F32).unwrap());
+        assert!(!use_explicit(auto, &DeviceSpec::Cpu, Precision::Bf16).unwrap());
+        for p in [Precision::F32, Precision::Bf16, Precision::F16] {
+            assert!(
+                use_explicit(auto, &DeviceSpec::Cuda(0), p).unwrap(),
+                "{p:?}"
+            );
+            assert!(use_explicit(EngineKind::Explicit, &DeviceSpec::Cuda(0), p).unwrap());
+            assert!(!use_explicit(EngineKind::Autograd, &DeviceSpec::Cuda(0), p).unwrap());
+        }
+        assert!(!use_explicit(EngineKind::Autograd, &DeviceSpec::Cpu, Precision::F32).unwrap());
+        let e = use_explicit(EngineKind::Explicit, &DeviceSpec::Cpu, Precision::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--engine explicit") && e.contains("f32"), "{e}");
+    }
 
     #[test]
     fn parses_devices() {

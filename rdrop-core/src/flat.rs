@@ -1,20 +1,24 @@
-//! Training over flat buffers: the update of an explicit engine (a model that computes its own
-//! gradients into one flat `f32` buffer, such as `rdrop_vit::engine`).
+//! Training over flat buffers: the update of the explicit engines (models that compute their
+//! own gradients into one flat `f32` buffer, such as `rdrop_vit::engine`), written once in
+//! [`FlatTrainer`] over an [`UpdateBackend`]: host buffers ([`FlatRDropModel`], the CPU engine)
+//! or device buffers (the CUDA engine, which implements the trait in rdrop-vit).
 //!
-//! Parameters, gradients and the optimiser's moments each live in one `Vec<f32>`; a
+//! Parameters, gradients and the optimiser's moments each live in one flat buffer; a
 //! [`FlatLayout`] names the views (checkpoint names and shapes), so the optimiser state still
 //! exports as `momentum.<name>` / `exp_avg.<name>` / `exp_avg_sq.<name>` tensors and a
 //! [`TrainState`] from either trainer loads into the other.
 //!
 //! One update (the same sequence and the same f32 arithmetic as [`crate::Trainer`]):
 //! ```text
-//! G = 0;  for each micro-batch j:  G += ∇(w_j · L_j)        (the model accumulates into G)
-//! total = √(Σ G²)                                            (one pass, f64 partials)
+//! G = 0;  for each micro-batch j:  G += ∇(w_j · s · L_j)    (s: the f16 loss scale, else 1)
+//! [G ← Σ_ranks G]                                            (data parallel)
+//! G ← G / s;  total = √(Σ G²)                                (one pass, f64 partials)
+//! f16: overflow (total not finite) → skip, scale ← scale/2   (LossScaler)
 //! coef  = min(1, max_norm / (total + 1e-6))                  (torch clip_grad_norm_)
 //! θ     = optimiser(θ, coef · G, lr = base_lr · lr_lambda(k)) (one pass per decay segment)
 //! ```
-//! The steady-state update of one process allocates nothing (a data-parallel one allocates
-//! its bucket list, a channel and the thread that sums the buckets, once per update).
+//! The steady-state update of one process on the host allocates nothing (a data-parallel one
+//! allocates its bucket list, a channel and the thread that sums the buckets, once per update).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -24,13 +28,15 @@ use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, sum_squares, AdamWHy
 
 use crate::dist::Collective;
 use crate::error::{CoreError, Result};
+use crate::loss::LossConfig;
 use crate::optim::{OptimConfig, OptimizerKind, OptimizerState, WeightDecayScope};
 use crate::profile::Profile;
-use crate::rng::RngState;
+use crate::rng::{RngState, RowKey};
+use crate::scaler::LossScaler;
 use crate::schedule::lr_lambda;
 use crate::split::UpdateSplit;
 use crate::state::TrainState;
-use crate::trainer::{check_finite, Precision, StepStats, TrainConfig};
+use crate::trainer::{restore_scaler, skip_update, Precision, StepStats, TrainConfig};
 
 /// One named tensor inside a flat buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +170,49 @@ impl FlatLayout {
     }
 }
 
+/// One micro-batch of an update, as the trainer hands it to an engine: the images, their labels
+/// and what keys their dropout masks and weighs their loss.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroStep<'a> {
+    /// Images `(m, …)`.
+    pub x: &'a Tensor,
+    /// Labels `(m,)`, `u32`.
+    pub y: &'a Tensor,
+    /// The 1-based update being computed (keys the dropout masks).
+    pub update: u64,
+    /// The micro-batch's offset in the update's global batch (keys the dropout masks).
+    pub first_sample: usize,
+    /// The objective.
+    pub loss: &'a LossConfig,
+    /// The factor on its gradient: `w_j`, times the loss scale in f16.
+    pub weight: f64,
+}
+
+impl MicroStep<'_> {
+    /// Checks that there is one label per image (`m` images) and writes the dropout row keys
+    /// of the two passes into `rows`: rows `0..m` are pass 0, rows `m..2m` pass 1 of the same
+    /// samples (one forward of `[x; x]`), keyed by their index in the global batch. Returns
+    /// the update as the masks' 32-bit counter.
+    pub fn mask_rows(&self, m: usize, rows: &mut Vec<RowKey>) -> Result<u32> {
+        if self.y.dims() != [m] {
+            return Err(CoreError::Config(format!(
+                "labels of shape {:?} for {m} images",
+                self.y.dims()
+            )));
+        }
+        let update = u32::try_from(self.update)
+            .map_err(|_| CoreError::Config(format!("update {} > 2^32", self.update)))?;
+        rows.clear();
+        for pass in 0..2 {
+            rows.extend((0..m).map(|i| RowKey {
+                sample: (self.first_sample + i) as u32,
+                pass,
+            }));
+        }
+        Ok(update)
+    }
+}
+
 /// What one micro-batch contributed (host values).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct MicroLoss {
@@ -179,7 +228,8 @@ pub struct MicroLoss {
     pub backward_s: f64,
 }
 
-/// A model that computes its own gradients into flat buffers (an explicit engine).
+/// A model that computes its own gradients into flat host buffers (the CPU explicit engine);
+/// every such model is an [`UpdateBackend`].
 pub trait FlatRDropModel {
     /// The names and shapes of the flat parameter buffer.
     fn layout(&self) -> &FlatLayout;
@@ -188,21 +238,17 @@ pub trait FlatRDropModel {
     fn params_and_grads(&mut self) -> (&mut [f32], &mut [f32]);
     /// Sets every gradient to zero (start of an update).
     fn zero_grads(&mut self);
-    /// Two training passes of micro-batch `x` `(m, …)` with labels `y` (`u32`, `(m,)`), the
-    /// R-Drop loss, and its backward: adds `weight · ∇loss` to the gradients. `update` is the
-    /// 1-based update being computed and `first_sample` the micro-batch's offset in the update's
-    /// global batch (both key the dropout masks).
-    fn accumulate(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &crate::loss::LossConfig,
-        weight: f64,
-    ) -> Result<MicroLoss>;
+    /// Two training passes of the micro-batch, the R-Drop loss, and its backward: adds
+    /// `mb.weight · ∇loss` to the gradients.
+    fn accumulate(&mut self, mb: &MicroStep<'_>) -> Result<MicroLoss>;
     /// The dropout generator's state (saved in checkpoints).
     fn rng_state(&self) -> RngState;
+
+    /// Takes a checkpoint's dropout state. Default: a model with no dropout of its own only
+    /// checks that the masks can be reproduced.
+    fn set_rng_state(&mut self, s: &RngState) -> Result<()> {
+        Ok(s.check_generator()?)
+    }
 
     /// Offsets of the gradient buffer at which the backward has finished everything above,
     /// in the order it reaches them (strictly descending, the last one 0): the places a
@@ -227,19 +273,13 @@ pub trait FlatRDropModel {
     /// [`FlatRDropModel::grad_ready_cuts`] ending at 0, see [`crate::dist::bucket_cuts`]),
     /// while the backward goes on below it. Nothing is handed when it fails before the
     /// backward. The default runs the whole backward first, then hands the buckets in order.
-    #[allow(clippy::too_many_arguments)]
     fn accumulate_overlapped<'g>(
         &'g mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &crate::loss::LossConfig,
-        weight: f64,
+        mb: &MicroStep<'_>,
         cuts: &[usize],
         ready: &mut dyn FnMut(&'g mut [f32]),
     ) -> Result<MicroLoss> {
-        let l = self.accumulate(x, y, update, first_sample, loss, weight)?;
+        let l = self.accumulate(mb)?;
         let (_, mut rest) = self.params_and_grads();
         for &c in cuts {
             let c = c.min(rest.len());
@@ -251,63 +291,170 @@ pub trait FlatRDropModel {
     }
 }
 
-/// The last micro-batch of a data-parallel update with its gradients summed bucket by bucket
-/// while its backward runs: a scoped thread makes the collective calls (every rank the same
-/// buckets in the same order) on the slices the model hands over.
-#[allow(clippy::too_many_arguments)]
-fn accumulate_reducing<M: FlatRDropModel + ?Sized>(
-    model: &mut M,
-    collective: &dyn Collective,
-    cuts: &[usize],
-    x: &Tensor,
-    y: &Tensor,
-    update: u64,
-    first_sample: usize,
-    loss: &crate::loss::LossConfig,
-    weight: f64,
-) -> Result<(MicroLoss, f64)> {
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel::<&mut [f32]>();
-        let comm = s.spawn(move || -> Result<usize> {
-            let mut n = 0;
-            for bucket in rx {
-                collective.all_reduce_sum(bucket)?;
-                n += 1;
-            }
-            Ok(n)
-        });
-        let out = model.accumulate_overlapped(
-            x,
-            y,
-            update,
-            first_sample,
-            loss,
-            weight,
-            cuts,
-            // A failed reduction ends the thread: later sends fail, and its error is
-            // reported below.
-            &mut |bucket| {
-                let _ = tx.send(bucket);
-            },
-        );
-        drop(tx);
-        let t = Instant::now();
-        let reduced = comm.join().map_err(|_| {
-            CoreError::Config("the thread summing the gradient buckets panicked".into())
-        })?;
-        let mut out = out?;
-        // The sums still running when the backward ends: the part not overlapped.
-        let wait = t.elapsed().as_secs_f64();
-        out.backward_s += wait;
-        let n = reduced?;
-        if n != cuts.len() {
+/// The engine side of one update ([`FlatTrainer`]): its parameters, gradients and optimiser
+/// moments live wherever the engine keeps them (host memory for a [`FlatRDropModel`], the
+/// device for the CUDA engine, rdrop-vit's `engine::cuda`); the trainer drives
+/// ```text
+/// zero_grads; accumulate (or accumulate_reducing, the last micro-batch) × accum;
+/// [reduce_grads]; grad_norm; step
+/// ```
+/// and exports the state through [`UpdateBackend::optimizer_state`] in the checkpoint format.
+pub trait UpdateBackend {
+    /// The names and shapes of the flat parameter (and gradient) buffer.
+    fn layout(&self) -> &FlatLayout;
+    /// An error when the backend cannot train at `precision`.
+    fn check_precision(&self, precision: Precision) -> Result<()>;
+    /// Where gradient buckets may close ([`FlatRDropModel::grad_ready_cuts`]).
+    fn grad_ready_cuts(&self) -> Vec<usize>;
+    /// Starts or stops recording the op groups; `sync` asks for host timings that are honest
+    /// (each phase drained before the clock is read).
+    fn set_profiling(&mut self, on: bool, sync: bool);
+    /// The op groups since the last take ([`FlatRDropModel::take_profile`]).
+    fn take_profile(&mut self) -> Profile;
+    /// Waits for the work queued so far (default: nothing is queued).
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// `G = 0`.
+    fn zero_grads(&mut self) -> Result<()>;
+    /// `G += ∇(mb.weight · L)` ([`FlatRDropModel::accumulate`]).
+    fn accumulate(&mut self, mb: &MicroStep<'_>) -> Result<MicroLoss>;
+    /// [`UpdateBackend::accumulate`] with the buckets `cuts` of `G` summed over the ranks while
+    /// the backward runs; also returns the seconds the host then waited for the last sums.
+    fn accumulate_reducing(
+        &mut self,
+        mb: &MicroStep<'_>,
+        collective: &dyn Collective,
+        cuts: &[usize],
+    ) -> Result<(MicroLoss, f64)>;
+    /// `G ← Σ_ranks G`, in place.
+    fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()>;
+    /// `G ← inv_scale · G` (the f16 loss scale undone) and `‖G‖` (f64 partials); a backend
+    /// that clips on its device also leaves `clip_coef(‖G‖, max_norm)` there.
+    fn grad_norm(&mut self, inv_scale: f32, max_norm: Option<f64>) -> Result<f64>;
+    /// `θ ← opt(θ, coef · G, lr)`: one step of `opt` (its configuration, segments and step
+    /// count; the moments are the backend's). `coef` is `clip_coef(‖G‖, max_norm)`.
+    fn step(&mut self, opt: &mut FlatOptimizer, lr: f64, coef: f32) -> Result<()>;
+    /// The dropout generator's state.
+    fn rng_state(&self) -> RngState;
+    /// Takes a checkpoint's dropout state.
+    fn set_rng_state(&mut self, s: &RngState) -> Result<()>;
+    /// `opt`'s state with the backend's moments, in [`FlatOptimizer::state`]'s format.
+    fn optimizer_state(&self, opt: &FlatOptimizer) -> Result<OptimizerState>;
+    /// Loads `s` into `opt` and the backend's moments.
+    fn load_optimizer_state(&mut self, opt: &mut FlatOptimizer, s: &OptimizerState) -> Result<()>;
+}
+
+impl<M: FlatRDropModel + ?Sized> UpdateBackend for M {
+    fn layout(&self) -> &FlatLayout {
+        FlatRDropModel::layout(self)
+    }
+
+    fn check_precision(&self, precision: Precision) -> Result<()> {
+        if precision != Precision::F32 {
             return Err(CoreError::Config(format!(
-                "the backward handed {n} gradient buckets of {}",
-                cuts.len()
+                "the explicit engine trains in f32 on CPU; precision {precision:?} needs --engine autograd"
             )));
         }
-        Ok((out, wait))
-    })
+        Ok(())
+    }
+
+    fn grad_ready_cuts(&self) -> Vec<usize> {
+        FlatRDropModel::grad_ready_cuts(self)
+    }
+
+    fn set_profiling(&mut self, on: bool, _sync: bool) {
+        FlatRDropModel::set_profiling(self, on)
+    }
+
+    fn take_profile(&mut self) -> Profile {
+        FlatRDropModel::take_profile(self)
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        FlatRDropModel::zero_grads(self);
+        Ok(())
+    }
+
+    fn accumulate(&mut self, mb: &MicroStep<'_>) -> Result<MicroLoss> {
+        FlatRDropModel::accumulate(self, mb)
+    }
+
+    /// A scoped thread makes the collective calls (every rank the same buckets in the same
+    /// order) on the slices the model hands over.
+    fn accumulate_reducing(
+        &mut self,
+        mb: &MicroStep<'_>,
+        collective: &dyn Collective,
+        cuts: &[usize],
+    ) -> Result<(MicroLoss, f64)> {
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel::<&mut [f32]>();
+            let comm = s.spawn(move || -> Result<usize> {
+                let mut n = 0;
+                for bucket in rx {
+                    collective.all_reduce_sum(bucket)?;
+                    n += 1;
+                }
+                Ok(n)
+            });
+            // A failed reduction ends the thread: later sends fail, and its error is reported
+            // below.
+            let out = self.accumulate_overlapped(mb, cuts, &mut |bucket| {
+                let _ = tx.send(bucket);
+            });
+            drop(tx);
+            let t = Instant::now();
+            let reduced = comm.join().map_err(|_| {
+                CoreError::Config("the thread summing the gradient buckets panicked".into())
+            })?;
+            let mut out = out?;
+            // The sums still running when the backward ends: the part not overlapped.
+            let wait = t.elapsed().as_secs_f64();
+            out.backward_s += wait;
+            let n = reduced?;
+            if n != cuts.len() {
+                return Err(CoreError::Config(format!(
+                    "the backward handed {n} gradient buckets of {}",
+                    cuts.len()
+                )));
+            }
+            Ok((out, wait))
+        })
+    }
+
+    fn reduce_grads(&mut self, collective: &dyn Collective) -> Result<()> {
+        Ok(collective.all_reduce_sum(self.params_and_grads().1)?)
+    }
+
+    /// On the host the scale is always 1 (f32 only, [`UpdateBackend::check_precision`]);
+    /// clipping is folded into the step.
+    fn grad_norm(&mut self, inv_scale: f32, _max_norm: Option<f64>) -> Result<f64> {
+        debug_assert_eq!(inv_scale, 1.0, "the host engine trains in f32");
+        Ok(sum_squares(self.params_and_grads().1).sqrt())
+    }
+
+    fn step(&mut self, opt: &mut FlatOptimizer, lr: f64, coef: f32) -> Result<()> {
+        let (params, grads) = self.params_and_grads();
+        opt.step(params, grads, lr, coef);
+        Ok(())
+    }
+
+    fn rng_state(&self) -> RngState {
+        FlatRDropModel::rng_state(self)
+    }
+
+    fn set_rng_state(&mut self, s: &RngState) -> Result<()> {
+        FlatRDropModel::set_rng_state(self, s)
+    }
+
+    fn optimizer_state(&self, opt: &FlatOptimizer) -> Result<OptimizerState> {
+        opt.state()
+    }
+
+    fn load_optimizer_state(&mut self, opt: &mut FlatOptimizer, s: &OptimizerState) -> Result<()> {
+        opt.load_state(s)
+    }
 }
 
 /// SGD-momentum / AdamW over a flat buffer, PyTorch semantics (as [`crate::Optimizer`]).
@@ -534,30 +681,29 @@ impl FlatOptimizer {
     }
 }
 
-/// [`crate::Trainer`]'s update for a [`FlatRDropModel`]: accumulation, clipping, schedule and
-/// the optimiser over flat buffers. f32 only (the explicit engine has no reduced precision on
-/// CPU), so there is no loss scaler.
+/// The update of the explicit engines, written once over an [`UpdateBackend`]: accumulation,
+/// the data-parallel sums, the f16 loss scaler (an option: enabled at precision f16, on
+/// backends that train in it), clipping, schedule and the optimiser.
 #[derive(Debug)]
 pub struct FlatTrainer {
     cfg: TrainConfig,
+    /// Configuration, segments and step count; the moments are the backend's
+    /// ([`UpdateBackend::step`]).
     opt: FlatOptimizer,
+    scaler: LossScaler,
     step: u64,
     profiling: bool,
     profile: Profile,
 }
 
 impl FlatTrainer {
-    /// A trainer at update 0 for a model with `layout`.
-    pub fn new(cfg: TrainConfig, layout: FlatLayout) -> Result<Self> {
+    /// A trainer at update 0 for `backend`; f16 gets dynamic loss scaling.
+    pub fn new<B: UpdateBackend + ?Sized>(cfg: TrainConfig, backend: &B) -> Result<Self> {
         cfg.validate()?;
-        if cfg.precision != Precision::F32 {
-            return Err(CoreError::Config(format!(
-                "the explicit engine trains in f32 on CPU; precision {:?} needs --engine autograd",
-                cfg.precision
-            )));
-        }
+        backend.check_precision(cfg.precision)?;
         Ok(Self {
-            opt: FlatOptimizer::new(cfg.optim, layout)?,
+            opt: FlatOptimizer::new(cfg.optim, backend.layout().clone())?,
+            scaler: LossScaler::new(cfg.scaler, cfg.precision == Precision::F16),
             cfg,
             step: 0,
             profiling: false,
@@ -565,17 +711,17 @@ impl FlatTrainer {
         })
     }
 
-    /// A trainer resumed from `state` (optimiser and update count).
-    pub fn restore(cfg: TrainConfig, layout: FlatLayout, state: &TrainState) -> Result<Self> {
-        let mut t = Self::new(cfg, layout)?;
-        if state.scaler.enabled {
-            return Err(CoreError::Config(
-                "the checkpoint was trained with f16 loss scaling; resume it with --engine autograd"
-                    .into(),
-            ));
-        }
-        state.rng.check_generator()?;
-        t.opt.load_state(&state.optimizer)?;
+    /// A trainer resumed from `state` (optimiser moments into `backend`, loss scaler, update
+    /// count, the backend's dropout state). `state` may come from any of the trainers.
+    pub fn restore<B: UpdateBackend + ?Sized>(
+        cfg: TrainConfig,
+        backend: &mut B,
+        state: &TrainState,
+    ) -> Result<Self> {
+        let mut t = Self::new(cfg, backend)?;
+        restore_scaler(&mut t.scaler, state, cfg.precision)?;
+        backend.set_rng_state(&state.rng)?;
+        backend.load_optimizer_state(&mut t.opt, &state.optimizer)?;
         t.step = state.step;
         Ok(t)
     }
@@ -590,14 +736,15 @@ impl FlatTrainer {
         self.step
     }
 
-    /// The learning rate of the next update.
-    pub fn next_lr(&self) -> f64 {
-        self.cfg.optim.lr * lr_lambda(self.step + 1, &self.cfg.schedule)
+    /// The current loss scale (1 unless f16).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.scale()
     }
 
-    /// Records (`true`) where each update's time goes: the model's op groups
-    /// ([`FlatRDropModel::take_profile`]) plus `grad_reduce` and `optimizer` (zeroing, norm,
-    /// clipping and the step). Read with [`FlatTrainer::take_profile`].
+    /// Records (`true`) where each update's time goes: the backend's op groups
+    /// ([`UpdateBackend::take_profile`]) plus `grad_reduce` and `optimizer` (zeroing,
+    /// un-scaling, norm, clipping and the step, timed on the host after draining the backend).
+    /// Read with [`FlatTrainer::take_profile`].
     pub fn set_profiling(&mut self, on: bool) {
         self.profiling = on;
         self.profile = Profile::default();
@@ -609,9 +756,9 @@ impl FlatTrainer {
     }
 
     /// The checkpointable state, in the same format as [`crate::Trainer::state`].
-    pub fn state<M: FlatRDropModel + ?Sized>(
+    pub fn state<B: UpdateBackend + ?Sized>(
         &self,
-        model: &M,
+        backend: &B,
         epoch: u64,
         batch_index: u64,
     ) -> Result<TrainState> {
@@ -619,22 +766,23 @@ impl FlatTrainer {
             step: self.step,
             epoch,
             batch_index,
-            rng: model.rng_state(),
-            scaler: crate::scaler::LossScaler::new(self.cfg.scaler, false).state(),
-            optimizer: self.opt.state()?,
+            rng: backend.rng_state(),
+            scaler: self.scaler.state(),
+            optimizer: backend.optimizer_state(&self.opt)?,
             extra: serde_json::Value::Null,
         })
     }
 
     /// One full update over `micro_batches` (`x`, labels `y` as `u32`), which must number
     /// `accum_steps`. Errors: [`CoreError::NonFinite`] when the loss or the gradient norm is
-    /// not finite (the parameters are left unchanged).
-    pub fn update<M: FlatRDropModel + ?Sized>(
+    /// not finite outside f16 (the parameters are left unchanged); in f16 such an update is
+    /// skipped and the scale backs off.
+    pub fn update<B: UpdateBackend + ?Sized>(
         &mut self,
-        model: &mut M,
+        backend: &mut B,
         micro_batches: &[(Tensor, Tensor)],
     ) -> Result<StepStats> {
-        self.update_with(model, micro_batches, None)
+        self.update_with(backend, micro_batches, None)
     }
 
     /// One data-parallel update: `micro_batches` are this rank's share of the global batch
@@ -644,30 +792,31 @@ impl FlatTrainer {
     /// ```text
     /// first_sample(j) = r·n + Σ_{i<j} m_i                  (masks keyed by global index)
     /// w_j = m_j / B (mean)   or   1 / (accum · N) (reference)
-    /// G   = Σ_ranks Σ_j ∇(w_j · L_j)                       (collective.all_reduce_sum)
+    /// G   = Σ_ranks Σ_j ∇(w_j · L_j)                       (UpdateBackend::reduce_grads)
     /// (loss, ce, kl, n) summed over ranks                  (collective.all_reduce_f64)
     /// ```
     /// then the norm, clip and step of [`FlatTrainer::update`] on the summed `G`, identical on
-    /// every rank. So `N` ranks at accumulation `A` compute the single-process update at
-    /// accumulation `N·A` over the same samples (the same up to float summation order; in
-    /// `mean` mode also the update at accumulation `A`). `StepStats::samples` is `B`.
+    /// every rank (in f16 every rank sees the same sums, so all skip together). So `N` ranks at
+    /// accumulation `A` compute the single-process update at accumulation `N·A` over the same
+    /// samples (the same up to float summation order; in `mean` mode also the update at
+    /// accumulation `A`). `StepStats::samples` is `B`.
     /// With `grad_bucket_mb > 0` (the same on every rank) the sum of `G` runs in buckets during
-    /// the last micro-batch's backward ([`crate::dist::bucket`]), on a second thread,
-    /// overlapped with it; the wait for the last bucket counts in `backward_s`. With
-    /// `grad_bucket_mb = 0` it runs after the backward and counts in `optimizer_s`. With a
-    /// world of one it computes [`FlatTrainer::update`] (the reductions still run).
-    pub fn update_distributed<M: FlatRDropModel + ?Sized>(
+    /// the last micro-batch's backward ([`UpdateBackend::accumulate_reducing`]), overlapped
+    /// with it; the wait for the last bucket counts in `backward_s`. With `grad_bucket_mb = 0`
+    /// it runs after the backward and counts in `optimizer_s`. With a world of one it computes
+    /// [`FlatTrainer::update`] (the reductions still run).
+    pub fn update_distributed<B: UpdateBackend + ?Sized>(
         &mut self,
-        model: &mut M,
+        backend: &mut B,
         micro_batches: &[(Tensor, Tensor)],
         collective: &dyn Collective,
     ) -> Result<StepStats> {
-        self.update_with(model, micro_batches, Some(collective))
+        self.update_with(backend, micro_batches, Some(collective))
     }
 
-    fn update_with<M: FlatRDropModel + ?Sized>(
+    fn update_with<B: UpdateBackend + ?Sized>(
         &mut self,
-        model: &mut M,
+        backend: &mut B,
         micro_batches: &[(Tensor, Tensor)],
         collective: Option<&dyn Collective>,
     ) -> Result<StepStats> {
@@ -678,27 +827,40 @@ impl FlatTrainer {
             collective,
         )?;
         let k = self.step + 1;
+        let scale = self.scaler.scale();
         // Buckets (data parallel with grad_bucket_mb > 0): reduced during the last backward.
         let cuts = collective.and_then(|_| {
-            let ready = model.grad_ready_cuts();
-            crate::dist::cuts_for(self.cfg.grad_bucket_mb, &ready, model.layout().len())
+            let ready = backend.grad_ready_cuts();
+            crate::dist::cuts_for(self.cfg.grad_bucket_mb, &ready, backend.layout().len())
         });
+        let prof = self.profiling;
+        let sync = self.cfg.sync_timing || prof;
+        backend.set_profiling(prof, sync);
         let t0 = Instant::now();
-        model.set_profiling(self.profiling);
-        model.zero_grads();
+        backend.zero_grads()?;
+        if prof {
+            backend.synchronize()?;
+        }
         let zero_s = t0.elapsed().as_secs_f64();
         let (mut loss, mut ce, mut kl) = (0f64, 0f64, 0f64);
         let (mut fwd, mut bwd, mut reduce_s) = (0f64, 0f64, 0f64);
         let last = micro_batches.len().saturating_sub(1);
         for (j, ((x, y), &(first, w))) in micro_batches.iter().zip(&split.micro).enumerate() {
+            let mb = MicroStep {
+                x,
+                y,
+                update: k,
+                first_sample: first,
+                loss: &self.cfg.loss,
+                weight: w * scale,
+            };
             let l = match (collective, &cuts) {
                 (Some(c), Some(cuts)) if j == last => {
-                    let (l, wait) =
-                        accumulate_reducing(model, c, cuts, x, y, k, first, &self.cfg.loss, w)?;
+                    let (l, wait) = backend.accumulate_reducing(&mb, c, cuts)?;
                     reduce_s += wait;
                     l
                 }
-                _ => model.accumulate(x, y, k, first, &self.cfg.loss, w)?,
+                _ => backend.accumulate(&mb)?,
             };
             loss += w * l.loss;
             ce += w * l.ce;
@@ -707,35 +869,37 @@ impl FlatTrainer {
             bwd += l.backward_s;
         }
         let t1 = Instant::now();
-        let (params, grads) = model.params_and_grads();
         // With a collective the reductions run even for a world of one (identities then), so
         // that a one-rank launch exercises the distributed path.
         if let Some(c) = collective {
             if cuts.is_none() {
-                c.all_reduce_sum(grads)?;
+                backend.reduce_grads(c)?;
             }
             [loss, ce, kl] = split.reduce_stats(c, [loss, ce, kl])?;
+            if prof {
+                backend.synchronize()?;
+            }
         }
         reduce_s += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
         let lr = self.cfg.optim.lr * lr_lambda(k, &self.cfg.schedule);
-        let grad_norm = sum_squares(grads).sqrt();
-        check_finite(k, loss, grad_norm)?;
-        let coef = match self.cfg.clip_norm {
-            Some(max) => clip_coef(grad_norm, max),
-            None => 1.0,
-        };
-        self.opt.step(params, grads, lr, coef);
+        let grad_norm = backend.grad_norm((1.0 / scale) as f32, self.cfg.clip_norm)?;
+        let skipped = skip_update(&mut self.scaler, k, loss, grad_norm)?;
+        if !skipped {
+            let coef = match self.cfg.clip_norm {
+                Some(max) => clip_coef(grad_norm, max),
+                None => 1.0,
+            };
+            backend.step(&mut self.opt, lr, coef)?;
+        }
+        if sync {
+            backend.synchronize()?;
+        }
         self.step = k;
-        if self.profiling {
-            let p = model.take_profile();
+        if prof {
+            let p = backend.take_profile();
             self.profile.merge(&p);
-            let n = self
-                .opt
-                .segments()
-                .iter()
-                .map(|(r, _)| r.len())
-                .sum::<usize>() as f64;
+            let n = backend.layout().len() as f64;
             // Reduction: the gradient once in, once out (f32). Optimiser: the norm reads g;
             // the step reads p, g, the moment and writes p and the moment (SGD momentum: ~4
             // flops per value, the norm 2).
@@ -756,9 +920,9 @@ impl FlatTrainer {
             ce,
             kl,
             grad_norm,
-            loss_scale: 1.0,
-            skipped: false,
-            skipped_total: 0,
+            loss_scale: scale,
+            skipped,
+            skipped_total: self.scaler.skipped(),
             micro_batches: micro_batches.len(),
             samples: split.total,
             forward_s: fwd,

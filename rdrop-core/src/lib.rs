@@ -40,7 +40,10 @@ pub mod trainer;
 pub use checkpoint::{load_vars, save_vars};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{CoreError, Result};
-pub use flat::{FlatLayout, FlatOptimizer, FlatRDropModel, FlatTrainer, FlatView, MicroLoss};
+pub use flat::{
+    FlatLayout, FlatOptimizer, FlatRDropModel, FlatTrainer, FlatView, MicroLoss, MicroStep,
+    UpdateBackend,
+};
 pub use loss::{mean_to_reference, rdrop_loss, reference_to_mean, LossConfig, LossMode, LossParts};
 pub use model::RDropModel;
 pub use optim::{OptimConfig, Optimizer, OptimizerKind, OptimizerState, WeightDecayScope};

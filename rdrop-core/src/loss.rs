@@ -52,41 +52,10 @@
 //! distributions (no detach), as in the reference code.
 
 use candle_core::{DType, Result, Tensor, D};
-use serde::{Deserialize, Serialize};
 
-/// How the terms are reduced (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum LossMode {
-    /// `½(CE_p + CE_q) + α · ½ mean_i(KL_i(P‖Q) + KL_i(Q‖P))`.
-    #[default]
-    Mean,
-    /// `CE_p + CE_q + α · Σ_i (KL_i(P‖Q) + KL_i(Q‖P))`, as the R-Drop ViT code.
-    Reference,
-}
-
-/// Configuration of the R-Drop loss. `Default` is the paper's ViT recipe (α = 0.3, `mean`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LossConfig {
-    /// Weight α of the KL term (0 disables R-Drop's regulariser; the two passes still run).
-    pub alpha: f64,
-    /// Reduction convention.
-    pub mode: LossMode,
-    /// Label smoothing ε in `[0, 1)` (PyTorch's `F.cross_entropy(label_smoothing=ε)`).
-    pub label_smoothing: f64,
-}
-
-impl Default for LossConfig {
-    fn default() -> Self {
-        Self {
-            alpha: 0.3,
-            mode: LossMode::Mean,
-            label_smoothing: 0.0,
-        }
-    }
-}
+/// One configuration for every implementation of the loss (this module on tensors, the
+/// engines' kernels); defined beside the kernels, the lowest layer.
+pub use rdrop_kernels::loss::{LossConfig, LossMode};
 
 /// The loss and its two terms, as 0-dim tensors in the logits' dtype: `loss = ce + α · kl`.
 #[derive(Debug, Clone)]

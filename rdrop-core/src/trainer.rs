@@ -242,6 +242,40 @@ pub fn check_finite(step: u64, loss: f64, grad_norm: f64) -> Result<()> {
     Ok(())
 }
 
+/// Whether update `step` is skipped (`true`): with the f16 loss scaler, a non-finite loss or
+/// gradient norm skips the update and backs the scale off; without it, that is an error
+/// ([`check_finite`]). Shared by [`Trainer`] and [`crate::FlatTrainer`].
+pub(crate) fn skip_update(
+    scaler: &mut LossScaler,
+    step: u64,
+    loss: f64,
+    grad_norm: f64,
+) -> Result<bool> {
+    if !scaler.enabled() {
+        check_finite(step, loss, grad_norm)?;
+    }
+    Ok(scaler.update(!loss.is_finite() || !grad_norm.is_finite()))
+}
+
+/// Sets `scaler` to the checkpoint's (an error when the checkpoint was, or was not, trained
+/// with loss scaling and `precision` says otherwise). Shared by [`Trainer`] and
+/// [`crate::FlatTrainer`].
+pub(crate) fn restore_scaler(
+    scaler: &mut LossScaler,
+    state: &TrainState,
+    precision: Precision,
+) -> Result<()> {
+    if state.scaler.enabled != scaler.enabled() {
+        return Err(CoreError::Config(format!(
+            "checkpoint loss scaler enabled = {}, but precision {precision:?} needs {}",
+            state.scaler.enabled,
+            scaler.enabled()
+        )));
+    }
+    scaler.set_state(state.scaler);
+    Ok(())
+}
+
 /// Runs R-Drop updates on a fixed list of variables; owns the optimiser and the loss scaler.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -303,15 +337,7 @@ impl Trainer {
     ) -> Result<Self> {
         let mut t = Self::new(cfg, model.named_vars())?;
         t.opt.load_state(&state.optimizer)?;
-        if state.scaler.enabled != t.scaler.enabled() {
-            return Err(CoreError::Config(format!(
-                "checkpoint loss scaler enabled = {}, but precision {:?} needs {}",
-                state.scaler.enabled,
-                cfg.precision,
-                t.scaler.enabled()
-            )));
-        }
-        t.scaler.set_state(state.scaler);
+        restore_scaler(&mut t.scaler, state, cfg.precision)?;
         t.step = state.step;
         // The masks' update number comes from `step`, so the seed is all the RNG needs.
         model.set_rng_state(&state.rng)?;
@@ -326,11 +352,6 @@ impl Trainer {
     /// Updates completed so far (the next update is `step() + 1`).
     pub fn step(&self) -> u64 {
         self.step
-    }
-
-    /// The learning rate the next update will use.
-    pub fn next_lr(&self) -> f64 {
-        self.cfg.optim.lr * lr_lambda(self.step + 1, &self.cfg.schedule)
     }
 
     /// The current loss scale (1 unless f16).
@@ -555,12 +576,7 @@ impl Trainer {
             vals[2] as f64,
             vals[3] as f64,
         );
-        if !self.scaler.enabled() {
-            check_finite(k, loss, grad_norm)?;
-        }
-        let skipped = self
-            .scaler
-            .update(!loss.is_finite() || !grad_norm.is_finite());
+        let skipped = skip_update(&mut self.scaler, k, loss, grad_norm)?;
         if !skipped {
             self.opt.step(&grads, lr)?;
         }

@@ -212,14 +212,10 @@ impl rdrop_core::FlatRDropModel for FlatMlp {
 
     fn accumulate(
         &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        _update: u64,
-        _first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
+        mb: &rdrop_core::MicroStep<'_>,
     ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
         use rdrop_core::RDropModel;
+        let (x, y, weight) = (mb.x, mb.y, mb.weight);
         let vars = self.mlp.named_vars();
         for ((_, var), v) in vars.iter().zip(self.layout.views()) {
             let t = Tensor::from_slice(&self.params[v.range()], v.shape.as_slice(), &Device::Cpu)?;
@@ -232,14 +228,6 @@ impl rdrop_core::FlatRDropModel for FlatMlp {
         let labels = y.to_vec1::<u32>()?;
         let mut dl = vec![0f32; l.len()];
         let (dp, dq) = dl.split_at_mut(m * c);
-        let kcfg = rdrop_kernels::loss::LossConfig {
-            alpha: loss.alpha,
-            reduction: match loss.mode {
-                LossMode::Mean => rdrop_kernels::loss::Reduction::Mean,
-                LossMode::Reference => rdrop_kernels::loss::Reduction::Reference,
-            },
-            label_smoothing: loss.label_smoothing,
-        };
         let v = rdrop_kernels::loss::rdrop_loss(
             dp,
             dq,
@@ -247,7 +235,7 @@ impl rdrop_core::FlatRDropModel for FlatMlp {
             &l[m * c..],
             &labels,
             c,
-            &kcfg,
+            mb.loss,
             weight as f32,
         )
         .unwrap();
@@ -302,9 +290,7 @@ fn five_updates_match_pytorch_through_flat_buffers() {
         .unwrap();
         mlp.push_masks((0..updates * accum).map(|i| masks.get(i).unwrap()));
         let mut model = FlatMlp::new(mlp);
-        let mut trainer =
-            rdrop_core::FlatTrainer::new(cfg, rdrop_core::FlatRDropModel::layout(&model).clone())
-                .unwrap();
+        let mut trainer = rdrop_core::FlatTrainer::new(cfg, &model).unwrap();
         let series = |k: &str| t[&format!("{name}.{k}")].to_vec1::<f64>().unwrap();
         let (loss, norm) = (series("loss"), series("grad_norm"));
         for u in 0..updates {
@@ -341,7 +327,7 @@ fn five_updates_match_pytorch_through_flat_buffers() {
         }
         // The state exports in the autograd optimiser's format and loads back.
         let st = trainer.state(&model, 0, 0).unwrap();
-        let back = rdrop_core::FlatTrainer::restore(cfg, model.layout.clone(), &st).unwrap();
+        let back = rdrop_core::FlatTrainer::restore(cfg, &mut model, &st).unwrap();
         assert_eq!(back.step(), updates as u64);
         let mut opt =
             rdrop_core::Optimizer::new(cfg.optim, rdrop_core::RDropModel::named_vars(&model.mlp))

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use rdrop_kernels::attention::{attention_bwd, attention_bwd_scratch_len, attention_fwd, AttnDims};
 use rdrop_kernels::dropout::{RowKey, Site};
-use rdrop_kernels::loss::{rdrop_loss, LossConfig, Reduction};
+use rdrop_kernels::loss::{rdrop_loss, LossConfig, LossMode};
 use rdrop_kernels::optim::{adamw_step, sgd_step, sum_squares, AdamWHyper, SgdHyper};
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
@@ -127,7 +127,7 @@ fn main() {
     let (mut dp, mut dq) = (vec![0f32; m * c], vec![0f32; m * c]);
     let cfg = LossConfig {
         alpha: 0.3,
-        reduction: Reduction::Mean,
+        mode: LossMode::Mean,
         label_smoothing: 0.1,
     };
     let l = time(51, || {

@@ -14,25 +14,40 @@
 //! ```
 //! Everything is computed in f64 (the logits are few); gradients are stored as f32.
 
-/// How the terms are reduced over samples (see the module docs and `rdrop_core::LossMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Reduction {
-    /// `½(CE_p + CE_q) + α · ½ mean_i D_i`.
+/// How the terms are reduced over samples (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum LossMode {
+    /// `½(CE_p + CE_q) + α · ½ mean_i(KL_i(P‖Q) + KL_i(Q‖P))`.
     #[default]
     Mean,
-    /// `CE_p + CE_q + α · Σ_i D_i`, as the R-Drop ViT code.
+    /// `CE_p + CE_q + α · Σ_i (KL_i(P‖Q) + KL_i(Q‖P))`, as the R-Drop ViT code.
     Reference,
 }
 
-/// The loss's configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Configuration of the R-Drop loss, for every implementation of it (this crate's CPU and CUDA
+/// kernels, `rdrop_core::rdrop_loss` on tensors). `Default` is the paper's ViT recipe
+/// (α = 0.3, `mean`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LossConfig {
-    /// Weight α of the symmetric KL term.
+    /// Weight α of the KL term (0 disables R-Drop's regulariser; the two passes still run).
     pub alpha: f64,
-    /// Reduction over samples.
-    pub reduction: Reduction,
-    /// Label smoothing ε in `[0, 1)`.
+    /// Reduction convention.
+    pub mode: LossMode,
+    /// Label smoothing ε in `[0, 1)` (PyTorch's `F.cross_entropy(label_smoothing=ε)`).
     pub label_smoothing: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.3,
+            mode: LossMode::Mean,
+            label_smoothing: 0.0,
+        }
+    }
 }
 
 /// The loss and its two terms: `loss = ce + α · kl` (definitions in the module docs).
@@ -162,9 +177,9 @@ pub fn rdrop_loss(
 /// The per-sample weights of `Σ_i (ce_i(p) + ce_i(q))` and `Σ_i D_i`.
 fn weights(m: usize, cfg: &LossConfig) -> (f64, f64) {
     let m = m.max(1) as f64;
-    match cfg.reduction {
-        Reduction::Mean => (0.5 / m, 0.5 / m),
-        Reduction::Reference => (1.0 / m, 1.0),
+    match cfg.mode {
+        LossMode::Mean => (0.5 / m, 0.5 / m),
+        LossMode::Reference => (1.0 / m, 1.0),
     }
 }
 
@@ -237,14 +252,14 @@ pub fn rdrop_loss_reference(
         }
     }
     let mf = m.max(1) as f64;
-    let (ce, kl, ce_w, kl_w) = match cfg.reduction {
-        Reduction::Mean => (
+    let (ce, kl, ce_w, kl_w) = match cfg.mode {
+        LossMode::Mean => (
             0.5 * (ce_p / mf + ce_q / mf),
             0.5 * skl / mf,
             0.5 / mf,
             0.5 / mf,
         ),
-        Reduction::Reference => (ce_p / mf + ce_q / mf, skl, 1.0 / mf, 1.0),
+        LossMode::Reference => (ce_p / mf + ce_q / mf, skl, 1.0 / mf, 1.0),
     };
     let w = weight as f64;
     for k in 0..m * c {
@@ -306,9 +321,9 @@ mod tests {
             for case in cases {
                 let cfg = LossConfig {
                     alpha: case["alpha"].as_f64().unwrap(),
-                    reduction: match case["mode"].as_str().unwrap() {
-                        "mean" => Reduction::Mean,
-                        _ => Reduction::Reference,
+                    mode: match case["mode"].as_str().unwrap() {
+                        "mean" => LossMode::Mean,
+                        _ => LossMode::Reference,
                     },
                     label_smoothing: case["label_smoothing"].as_f64().unwrap(),
                 };
@@ -345,10 +360,10 @@ mod tests {
             .map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.25)
             .collect();
         let y = [1u32, 4, 0];
-        for reduction in [Reduction::Mean, Reduction::Reference] {
+        for mode in [LossMode::Mean, LossMode::Reference] {
             let cfg = LossConfig {
                 alpha: 0.7,
-                reduction,
+                mode,
                 label_smoothing: 0.1,
             };
             let (mut dp, mut dq) = (vec![0f32; m * c], vec![0f32; m * c]);
@@ -374,7 +389,7 @@ mod tests {
                     let fd = (value(&pu, &qu) - value(&pd, &qd)) / (2.0 * h as f64);
                     assert!(
                         (fd - g[k] as f64).abs() < 2e-6,
-                        "{reduction:?} {which} {k}: fd {fd} vs {}",
+                        "{mode:?} {which} {k}: fd {fd} vs {}",
                         g[k]
                     );
                 }
@@ -387,7 +402,7 @@ mod tests {
         let (p, mut d1, mut d2) = (vec![0f32; 6], vec![0f32; 6], vec![0f32; 6]);
         let cfg = LossConfig {
             alpha: 0.3,
-            reduction: Reduction::Mean,
+            mode: LossMode::Mean,
             label_smoothing: 0.0,
         };
         let e = rdrop_loss(&mut d1, &mut d2, &p, &p, &[0, 3], 3, &cfg, 1.0).unwrap_err();

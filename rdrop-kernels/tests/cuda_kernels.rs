@@ -18,7 +18,7 @@ use rdrop_kernels::dropout::{
 };
 use rdrop_kernels::gelu::{gelu_bwd_inplace, gelu_fwd};
 use rdrop_kernels::layernorm::{layernorm_bwd, layernorm_bwd_scratch_len, layernorm_fwd};
-use rdrop_kernels::loss::{rdrop_loss, LossConfig, Reduction};
+use rdrop_kernels::loss::{rdrop_loss, LossConfig, LossMode};
 use rdrop_kernels::optim::{
     adamw_step, clip_coef, sgd_step, sum_squares_reference, AdamWHyper, SgdHyper,
 };
@@ -592,11 +592,11 @@ fn bias_grad_casts_and_loss() {
     same_bits("f32 → f32", &down(&s, &xf), &x);
 
     // loss against crate::loss
-    for reduction in [Reduction::Mean, Reduction::Reference] {
+    for reduction in [LossMode::Mean, LossMode::Reference] {
         let (m, cl) = (37usize, 1000usize);
         let cfg = LossConfig {
             alpha: 0.3,
-            reduction,
+            mode: reduction,
             label_smoothing: 0.1,
         };
         let logits = r.vec(2 * m * cl, -5.0, 5.0);

@@ -14,7 +14,7 @@ use rdrop_kernels::layernorm::{
     layernorm_bwd, layernorm_bwd_reference, layernorm_bwd_scratch_len, layernorm_fwd,
     layernorm_fwd_reference,
 };
-use rdrop_kernels::loss::{rdrop_loss, LossConfig, Reduction};
+use rdrop_kernels::loss::{rdrop_loss, LossConfig, LossMode};
 use rdrop_kernels::optim::{adamw_step, clip_coef, sgd_step, AdamWHyper, SgdHyper};
 use rdrop_kernels::patch::im2col;
 use rdrop_kernels::philox::{drop_threshold, keep_scale, philox4x32_10, MaskKey};
@@ -390,11 +390,11 @@ fn softmax_rows_are_the_cpu_ones_bitwise() {
 fn rdrop_loss_matches_the_cpu_loss() {
     let mut r = Rng(41);
     for &(m, c) in &[(5usize, 10usize), (33, 1000), (1, 2)] {
-        for reduction in [Reduction::Mean, Reduction::Reference] {
+        for reduction in [LossMode::Mean, LossMode::Reference] {
             for &eps in &[0.0f64, 0.1] {
                 let cfg = LossConfig {
                     alpha: 0.3,
-                    reduction,
+                    mode: reduction,
                     label_smoothing: eps,
                 };
                 let logits = r.vec(2 * m * c, -6.0, 6.0);
@@ -415,8 +415,8 @@ fn rdrop_loss_matches_the_cpu_loss() {
                 .unwrap();
                 let mm = m as f64;
                 let (ce_w, kl_w) = match reduction {
-                    Reduction::Mean => (0.5 / mm, 0.5 / mm),
-                    Reduction::Reference => (1.0 / mm, 1.0),
+                    LossMode::Mean => (0.5 / mm, 0.5 / mm),
+                    LossMode::Reference => (1.0 / mm, 1.0),
                 };
                 let (dl, out) =
                     twin::rdrop_loss(&logits, &labels, c, eps, ce_w, kl_w, cfg.alpha, weight);

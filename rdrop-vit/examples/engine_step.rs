@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rdrop_core::{DropoutRng, FlatRDropModel, FlatTrainer, TrainConfig, Trainer};
+use rdrop_core::{DropoutRng, FlatTrainer, TrainConfig, Trainer};
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
 
 fn main() -> anyhow::Result<()> {
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     let t0;
     if which == "explicit" {
         let mut e = Engine::from_model(&model)?;
-        let mut t = FlatTrainer::new(tcfg, e.layout().clone())?;
+        let mut t = FlatTrainer::new(tcfg, &e)?;
         for _ in 0..2 {
             t.update(&mut e, &batch)?;
         }

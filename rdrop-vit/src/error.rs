@@ -81,6 +81,19 @@ pub enum VitError {
     },
 }
 
+/// The one conversion into rdrop-core's error, for the trait implementations the trainers
+/// call: tensor errors stay tensor errors, core errors come back unwrapped, the rest keep
+/// their message.
+impl From<VitError> for rdrop_core::CoreError {
+    fn from(e: VitError) -> Self {
+        match e {
+            VitError::Candle(c) => Self::Candle(c),
+            VitError::Core(c) => c,
+            other => Self::Config(other.to_string()),
+        }
+    }
+}
+
 impl VitError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {

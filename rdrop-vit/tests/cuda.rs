@@ -143,11 +143,11 @@ fn cuda_autograd_dropout_masks_equal_the_cpu_masks() {
 
 use candle_nn::{VarBuilder, VarMap};
 use rdrop_core::{
-    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, OptimConfig, OptimizerKind,
-    Precision, ScalerConfig, TrainConfig,
+    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, MicroStep, OptimConfig,
+    OptimizerKind, Precision, ScalerConfig, TrainConfig,
 };
 use rdrop_kernels::dropout::RowKey;
-use rdrop_vit::engine::cuda::{plan_bytes, CudaEngine, CudaTrainer};
+use rdrop_vit::engine::cuda::{plan_bytes, CudaEngine};
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
 
 /// A small ViT with every dropout at 0.1 (two blocks, 5×5 patches + class token).
@@ -309,8 +309,16 @@ fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
         };
         FlatRDropModel::zero_grads(&mut cpu);
         cuda.zero_grads().unwrap();
-        let lc = cpu.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
-        let lg = cuda.accumulate(&x, &y, 5, 0, &loss, 0.75).unwrap();
+        let mb = MicroStep {
+            x: &x,
+            y: &y,
+            update: 5,
+            first_sample: 0,
+            loss: &loss,
+            weight: 0.75,
+        };
+        let lc = cpu.accumulate(&mb).unwrap();
+        let lg = cuda.accumulate(&mb).unwrap();
         for (term, c, g) in [
             ("loss", lc.loss, lg.loss),
             ("ce", lc.ce, lg.ce),
@@ -335,7 +343,16 @@ fn cuda_engine_matches_the_cpu_engine_f32_with_dropout() {
         // A label out of range is refused before anything runs: the gradients stay.
         let bad = Tensor::new(&[0u32, cfg.num_classes as u32][..m.min(2)], &Device::Cpu).unwrap();
         if m == 2 {
-            let err = cuda.accumulate(&x, &bad, 5, 0, &loss, 1.0).unwrap_err();
+            let err = cuda
+                .accumulate(&MicroStep {
+                    x: &x,
+                    y: &bad,
+                    update: 5,
+                    first_sample: 0,
+                    loss: &loss,
+                    weight: 1.0,
+                })
+                .unwrap_err();
             assert!(err.to_string().contains("label"), "{err}");
             assert_eq!(
                 cuda.grads().unwrap(),
@@ -368,8 +385,15 @@ fn cuda_engine_bf16_f16_logits_within_2e_2_of_the_scale() {
             // and a backward that runs, with finite f32 gradients carrying some signal
             let y = labels(m, cfg.num_classes);
             cuda.zero_grads().unwrap();
-            cuda.accumulate(&x, &y, 2, 0, &LossConfig::default(), 1.0)
-                .unwrap();
+            cuda.accumulate(&MicroStep {
+                x: &x,
+                y: &y,
+                update: 2,
+                first_sample: 0,
+                loss: &LossConfig::default(),
+                weight: 1.0,
+            })
+            .unwrap();
             let g = cuda.grads().unwrap();
             assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0));
         }
@@ -421,7 +445,7 @@ fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
     ] {
         let tc = tcfg(precision, kind);
         let mut e = CudaEngine::from_model(&gpu_m, precision).unwrap();
-        let mut t = CudaTrainer::new(tc, e.layout().clone()).unwrap();
+        let mut t = FlatTrainer::new(tc, &e).unwrap();
         let p0 = e.params().unwrap();
         let mut applied = 0;
         for b in &data[..3] {
@@ -435,7 +459,7 @@ fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
         e.write_to(&gpu_m).unwrap();
         // A fresh engine from the saved weights and state continues bit for bit.
         let mut e2 = CudaEngine::from_model(&gpu_m, precision).unwrap();
-        let mut t2 = CudaTrainer::restore(tc, &mut e2, &state).unwrap();
+        let mut t2 = FlatTrainer::restore(tc, &mut e2, &state).unwrap();
         for b in &data[3..] {
             let s1 = t.update(&mut e, b).unwrap();
             let s2 = t2.update(&mut e2, b).unwrap();
@@ -466,9 +490,8 @@ fn cuda_resume_is_bit_exact_and_checkpoints_move_to_the_cpu() {
                 e2.write_to(&m).unwrap();
                 (m, vm)
             };
-            let ce = Engine::from_model(&cpu_m.0).unwrap();
-            let ft = FlatTrainer::restore(tc, ce.layout().clone(), &t2.state(&e2, 0, 6).unwrap())
-                .unwrap();
+            let mut ce = Engine::from_model(&cpu_m.0).unwrap();
+            let ft = FlatTrainer::restore(tc, &mut ce, &t2.state(&e2, 0, 6).unwrap()).unwrap();
             assert_eq!(ft.step(), 6);
         }
     }
@@ -484,14 +507,14 @@ fn cuda_plan_allocates_its_formula() {
         let mut e = CudaEngine::from_model(&gpu_m, p).unwrap();
         let x = images(3, &cfg);
         e.zero_grads().unwrap();
-        e.accumulate(
-            &x,
-            &labels(3, cfg.num_classes),
-            1,
-            0,
-            &LossConfig::default(),
-            1.0,
-        )
+        e.accumulate(&MicroStep {
+            x: &x,
+            y: &labels(3, cfg.num_classes),
+            update: 1,
+            first_sample: 0,
+            loss: &LossConfig::default(),
+            weight: 1.0,
+        })
         .unwrap();
         let elem = if p == Precision::F32 { 4 } else { 2 };
         assert_eq!(e.plan_bytes(), plan_bytes(&cfg, 6, elem, true));
@@ -573,9 +596,17 @@ fn cuda_gradient_buckets_are_final_when_handed_over() {
         mode: LossMode::Mean,
         label_smoothing: 0.1,
     };
+    let mb = MicroStep {
+        x: &x,
+        y: &y,
+        update: 3,
+        first_sample: 0,
+        loss: &loss,
+        weight: 0.5,
+    };
     let mut plain = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
     plain.zero_grads().unwrap();
-    plain.accumulate(&x, &y, 3, 0, &loss, 0.5).unwrap();
+    plain.accumulate(&mb).unwrap();
     let want = plain.grads().unwrap();
 
     let mut engine = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
@@ -595,7 +626,7 @@ fn cuda_gradient_buckets_are_final_when_handed_over() {
     assert_eq!(len, n);
     let mut handed = Vec::new();
     engine
-        .accumulate_overlapped(&x, &y, 3, 0, &loss, 0.5, &cuts, &mut |r| {
+        .accumulate_overlapped(&mb, &cuts, &mut |r| {
             let ev = compute.record_event(None).unwrap();
             side.wait(&ev).unwrap();
             assert!(r.end <= n);
@@ -646,10 +677,10 @@ fn cuda_gradient_buckets_are_final_when_handed_over() {
     };
     let data = batches(&cfg, 1);
     let mut a = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
-    let mut ta = CudaTrainer::new(tcfg, a.layout().clone()).unwrap();
+    let mut ta = FlatTrainer::new(tcfg, &a).unwrap();
     let sa = ta.update(&mut a, &data).unwrap();
     let mut b = CudaEngine::from_model(&gpu_m, Precision::F32).unwrap();
-    let mut tb = CudaTrainer::new(tcfg, b.layout().clone()).unwrap();
+    let mut tb = FlatTrainer::new(tcfg, &b).unwrap();
     let mut snap = b.stream().alloc_zeros::<f32>(n).unwrap();
     let snap_ptr = {
         use cudarc::driver::DevicePtrMut;

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rdrop_core::dist::{shard, LocalCollective};
 use rdrop_core::{
-    DropoutRng, FlatRDropModel, FlatTrainer, LossConfig, LossMode, StepStats, TrainConfig,
+    DropoutRng, FlatRDropModel, FlatTrainer, LossMode, MicroStep, StepStats, TrainConfig,
 };
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
 
@@ -87,7 +87,7 @@ fn one_process(
     cfg: TrainConfig,
 ) -> (Vec<f32>, Vec<StepStats>) {
     let mut engine = Engine::from_model(model).unwrap();
-    let mut trainer = FlatTrainer::new(cfg, engine.layout().clone()).unwrap();
+    let mut trainer = FlatTrainer::new(cfg, &engine).unwrap();
     let stats = data
         .iter()
         .map(|b| {
@@ -115,7 +115,7 @@ fn ranks(
                 let mut engine = Engine::from_model(model).unwrap();
                 s.spawn(move || {
                     let rank = rdrop_core::dist::Collective::rank(&c);
-                    let mut trainer = FlatTrainer::new(cfg, engine.layout().clone()).unwrap();
+                    let mut trainer = FlatTrainer::new(cfg, &engine).unwrap();
                     let stats = data
                         .iter()
                         .map(|b| {
@@ -264,8 +264,7 @@ fn unequal_shares_are_refused() {
                     let rank = rdrop_core::dist::Collective::rank(&c);
                     let rows = if rank == 0 { 0..3 } else { 3..GLOBAL_BATCH };
                     let mut trainer =
-                        FlatTrainer::new(train_cfg(LossMode::Mean, 1), engine.layout().clone())
-                            .unwrap();
+                        FlatTrainer::new(train_cfg(LossMode::Mean, 1), &engine).unwrap();
                     let mbs = micro_batches(&data[0], rows, 1);
                     let before = engine.params().to_vec();
                     let e = trainer
@@ -297,7 +296,7 @@ fn one_rank_is_the_plain_update() {
     let local = LocalCollective::group(1).pop().unwrap();
     for c in [&group as &dyn rdrop_core::dist::Collective, &local] {
         let mut engine = Engine::from_model(&m).unwrap();
-        let mut trainer = FlatTrainer::new(tcfg, engine.layout().clone()).unwrap();
+        let mut trainer = FlatTrainer::new(tcfg, &engine).unwrap();
         for (b, want) in data.iter().zip(&plain.1) {
             let mbs = micro_batches(b, 0..GLOBAL_BATCH, 2);
             let got = trainer.update_distributed(&mut engine, &mbs, c).unwrap();
@@ -437,7 +436,16 @@ fn buckets_are_handed_over_final_in_backward_order() {
     let loss = train_cfg(LossMode::Mean, 1).loss;
     let mut plain = Engine::from_model(&m).unwrap();
     plain.zero_grads();
-    plain.accumulate(x, y, 1, 0, &loss, 0.5).unwrap();
+    plain
+        .accumulate(&MicroStep {
+            x,
+            y,
+            update: 1,
+            first_sample: 0,
+            loss: &loss,
+            weight: 0.5,
+        })
+        .unwrap();
     let want = plain.params_and_grads().1.to_vec();
     assert!(want.iter().all(|g| g.is_finite()));
 
@@ -451,10 +459,21 @@ fn buckets_are_handed_over_final_in_backward_order() {
     let mut handed: Vec<(usize, Vec<f32>)> = Vec::new();
     let base = engine.params_and_grads().1.as_ptr() as usize;
     engine
-        .accumulate_overlapped(x, y, 1, 0, &loss, 0.5, &cuts, &mut |g| {
-            let start = (g.as_ptr() as usize - base) / std::mem::size_of::<f32>();
-            handed.push((start, g.to_vec()));
-        })
+        .accumulate_overlapped(
+            &MicroStep {
+                x,
+                y,
+                update: 1,
+                first_sample: 0,
+                loss: &loss,
+                weight: 0.5,
+            },
+            &cuts,
+            &mut |g| {
+                let start = (g.as_ptr() as usize - base) / std::mem::size_of::<f32>();
+                handed.push((start, g.to_vec()));
+            },
+        )
         .unwrap();
     let got = engine.params_and_grads().1.to_vec();
     assert_eq!(
@@ -495,17 +514,8 @@ impl FlatRDropModel for Counting<'_> {
     fn zero_grads(&mut self) {
         FlatRDropModel::zero_grads(self.inner)
     }
-    fn accumulate(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
-    ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
-        self.inner
-            .accumulate(x, y, update, first_sample, loss, weight)
+    fn accumulate(&mut self, mb: &MicroStep<'_>) -> rdrop_core::Result<rdrop_core::MicroLoss> {
+        self.inner.accumulate(mb)
     }
     fn rng_state(&self) -> rdrop_core::RngState {
         self.inner.rng_state()
@@ -515,21 +525,15 @@ impl FlatRDropModel for Counting<'_> {
     }
     fn accumulate_overlapped<'g>(
         &'g mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
+        mb: &MicroStep<'_>,
         cuts: &[usize],
         ready: &mut dyn FnMut(&'g mut [f32]),
     ) -> rdrop_core::Result<rdrop_core::MicroLoss> {
         let handed = self.handed;
-        self.inner
-            .accumulate_overlapped(x, y, update, first_sample, loss, weight, cuts, &mut |g| {
-                handed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                ready(g);
-            })
+        self.inner.accumulate_overlapped(mb, cuts, &mut |g| {
+            handed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ready(g);
+        })
     }
 }
 
@@ -590,7 +594,7 @@ fn bucket_sums_overlap_the_backward() {
         buckets,
         calls: Default::default(),
     };
-    let mut trainer = FlatTrainer::new(tcfg, engine.layout().clone()).unwrap();
+    let mut trainer = FlatTrainer::new(tcfg, &engine).unwrap();
     let mut model = Counting {
         inner: &mut engine,
         handed: &handed,

@@ -12,9 +12,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rdrop_core::dist::{shard, Group, LaunchSource, WorldSpec};
-use rdrop_core::{
-    DropoutRng, FlatRDropModel, FlatTrainer, LossMode, OptimConfig, StepStats, TrainConfig,
-};
+use rdrop_core::{DropoutRng, FlatTrainer, LossMode, OptimConfig, StepStats, TrainConfig};
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
 
 mod common;
@@ -109,7 +107,7 @@ fn run_rank(rank: usize, port: u16) -> (Vec<f32>, Vec<StepStats>) {
     let group = Group::join(&spec, Duration::from_secs(60)).unwrap();
     let m = model();
     let mut engine = Engine::from_model(&m).unwrap();
-    let mut trainer = FlatTrainer::new(train_cfg(ACCUM), engine.layout().clone()).unwrap();
+    let mut trainer = FlatTrainer::new(train_cfg(ACCUM), &engine).unwrap();
     let stats = data(m.config())
         .iter()
         .map(|b| {
@@ -183,7 +181,7 @@ fn two_processes_over_tcp_equal_one_process() {
     let m = model();
     let init = Engine::from_model(&m).unwrap().params().to_vec();
     let mut engine = Engine::from_model(&m).unwrap();
-    let mut trainer = FlatTrainer::new(train_cfg(WORLD * ACCUM), engine.layout().clone()).unwrap();
+    let mut trainer = FlatTrainer::new(train_cfg(WORLD * ACCUM), &engine).unwrap();
     for (b, s) in data(m.config()).iter().zip(&stats) {
         let mbs = micro_batches(b, 0..GLOBAL_BATCH, WORLD * ACCUM);
         let want = trainer.update(&mut engine, &mbs).unwrap();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rdrop_core::{rdrop_loss, DropoutRng, FlatRDropModel, LossConfig, LossMode};
+use rdrop_core::{rdrop_loss, DropoutRng, FlatRDropModel, LossConfig, LossMode, MicroStep};
 use rdrop_vit::{load_model, Engine, LoadOptions, ViTConfig, VisionTransformer};
 
 fn model(cfg: &ViTConfig, seed: u64) -> (VisionTransformer, VarMap) {
@@ -160,7 +160,14 @@ fn check_grads(cfg: &ViTConfig, mode: LossMode, smoothing: f64) {
     let mut e = Engine::from_model(&m).unwrap();
     e.zero_grads();
     let ml = e
-        .accumulate(&x, &y, update, first, &loss_cfg, weight)
+        .accumulate(&MicroStep {
+            x: &x,
+            y: &y,
+            update,
+            first_sample: first,
+            loss: &loss_cfg,
+            weight,
+        })
         .unwrap();
     let want_loss = parts.loss.to_scalar::<f32>().unwrap() as f64;
     assert!(
@@ -248,7 +255,15 @@ fn profiling_changes_nothing_and_counts_the_work() {
     for on in [false, true] {
         let mut e = Engine::from_model(&m).unwrap();
         e.set_profiling(on);
-        e.accumulate(&x, &y, 1, 0, &loss, 1.0).unwrap();
+        e.accumulate(&MicroStep {
+            x: &x,
+            y: &y,
+            update: 1,
+            first_sample: 0,
+            loss: &loss,
+            weight: 1.0,
+        })
+        .unwrap();
         grads.push(e.grads().to_vec());
         let p = e.take_profile();
         if !on {

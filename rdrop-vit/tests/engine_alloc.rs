@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rdrop_core::{DropoutRng, FlatRDropModel, FlatTrainer, TrainConfig};
+use rdrop_core::{DropoutRng, FlatTrainer, TrainConfig};
 use rdrop_vit::{Engine, ViTConfig, VisionTransformer};
 
 struct Counting;
@@ -62,7 +62,7 @@ fn steady_state_step_keeps_and_plans_nothing() {
         micro_batch: m,
         ..TrainConfig::default()
     };
-    let mut trainer = FlatTrainer::new(tcfg, engine.layout().clone()).unwrap();
+    let mut trainer = FlatTrainer::new(tcfg, &engine).unwrap();
     for _ in 0..2 {
         trainer.update(&mut engine, &batch).unwrap();
     }

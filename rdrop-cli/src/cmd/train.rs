@@ -387,7 +387,7 @@ fn dry_run_micro_batch(cfg: &RunConfig, ranks: usize) -> anyhow::Result<String> 
     };
     let gpu = GpuModel::of(&device);
     let precision = cfg.precision.resolve(&cfg.device, gpu.as_ref())?;
-    let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, precision)?;
+    let explicit = crate::device::use_explicit(cfg.engine, &cfg.device, precision)?;
     let memory = if explicit {
         crate::micro::gpu_memory(&device)
     } else {
@@ -813,7 +813,7 @@ fn start(
     device: &Device,
     world: &World,
 ) -> anyhow::Result<Session> {
-    let explicit = crate::learner::use_explicit(cfg.engine, &cfg.device, cfg.compute_precision())?;
+    let explicit = crate::device::use_explicit(cfg.engine, &cfg.device, cfg.compute_precision())?;
     let lead = world.is_lead();
     // The training configuration once the micro-batch is decided.
     let tcfg_for = |m: usize| {

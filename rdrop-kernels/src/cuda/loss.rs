@@ -2,7 +2,7 @@
 
 use super::launch::THREADS;
 use super::{dims, shape, CudaKernels, DevicePtr, DevicePtrMut, Result, LOSS_HEADER};
-use crate::loss::{LossConfig, Reduction};
+use crate::loss::{LossConfig, LossMode};
 
 impl CudaKernels {
     /// Output length (f64 elements) of [`Self::rdrop_loss`] for `m` samples:
@@ -44,9 +44,9 @@ impl CudaKernels {
         }
         let n = dims(K, &[2, m, classes])?;
         let mm = (m.max(1)) as f64;
-        let (ce_w, kl_w) = match cfg.reduction {
-            Reduction::Mean => (0.5 / mm, 0.5 / mm),
-            Reduction::Reference => (1.0 / mm, 1.0),
+        let (ce_w, kl_w) = match cfg.mode {
+            LossMode::Mean => (0.5 / mm, 0.5 / mm),
+            LossMode::Reference => (1.0 / mm, 1.0),
         };
         self.plain(K)
             .output("dlogits", dlogits, n)

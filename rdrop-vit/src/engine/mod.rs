@@ -18,17 +18,16 @@
 pub(crate) mod backward;
 pub(crate) mod cost;
 pub mod cuda;
+pub mod explicit;
 pub(crate) mod forward;
 pub mod kind;
 pub(crate) mod params;
 pub(crate) mod plan;
 
 use candle_core::{Device, Storage, Tensor};
-use rdrop_core::{
-    FlatLayout, FlatRDropModel, LossConfig, LossMode, MicroLoss, Profile, RngState, Stopwatch,
-};
+use rdrop_core::{FlatLayout, FlatRDropModel, MicroLoss, MicroStep, Profile, RngState, Stopwatch};
 use rdrop_kernels::dropout::RowKey;
-use rdrop_kernels::loss::{rdrop_loss, LossConfig as KLoss, Reduction};
+use rdrop_kernels::loss::rdrop_loss;
 
 use crate::config::ViTConfig;
 use crate::error::{Result, VitError};
@@ -235,20 +234,16 @@ impl FlatRDropModel for Engine {
         Engine::zero_grads(self)
     }
 
-    fn accumulate(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
-    ) -> rdrop_core::Result<MicroLoss> {
-        self.accumulate_overlapped(x, y, update, first_sample, loss, weight, &[], &mut |_| {})
+    fn accumulate(&mut self, mb: &MicroStep<'_>) -> rdrop_core::Result<MicroLoss> {
+        self.accumulate_overlapped(mb, &[], &mut |_| {})
     }
 
     fn rng_state(&self) -> RngState {
         self.rng.clone()
+    }
+
+    fn set_rng_state(&mut self, s: &RngState) -> rdrop_core::Result<()> {
+        Ok(Engine::set_rng_state(self, s)?)
     }
 
     fn grad_ready_cuts(&self) -> Vec<usize> {
@@ -267,32 +262,13 @@ impl FlatRDropModel for Engine {
 
     fn accumulate_overlapped<'g>(
         &'g mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
+        mb: &MicroStep<'_>,
         cuts: &[usize],
         ready: &mut dyn FnMut(&'g mut [f32]),
     ) -> rdrop_core::Result<MicroLoss> {
-        let m = self.check_images(x).map_err(core_err)?;
-        if y.dims() != [m] {
-            return Err(rdrop_core::CoreError::Config(format!(
-                "labels of shape {:?} for {m} images",
-                y.dims()
-            )));
-        }
-        let update = u32::try_from(update)
-            .map_err(|_| rdrop_core::CoreError::Config(format!("update {update} > 2^32")))?;
-        // Rows 0..m are pass 0, rows m..2m pass 1 of the same samples (one forward of [x; x]).
-        self.rows.clear();
-        for pass in 0..2 {
-            self.rows.extend((0..m).map(|i| RowKey {
-                sample: (first_sample + i) as u32,
-                pass,
-            }));
-        }
+        let (x, y, loss, weight) = (mb.x, mb.y, mb.loss, mb.weight);
+        let m = self.check_images(x)?;
+        let update = mb.mask_rows(m, &mut self.rows)?;
         let classes = self.cfg.num_classes;
         let t0 = std::time::Instant::now();
         self.sw.start();
@@ -307,24 +283,14 @@ impl FlatRDropModel for Engine {
         // The images once: the second pass's patch rows are a copy of the first's.
         with_cpu(x, |img: &[f32]| {
             forward::forward(cfg, params, off, plan, img, true, &masks, sw)
-        })
-        .map_err(core_err)?;
-        let kcfg = KLoss {
-            alpha: loss.alpha,
-            reduction: match loss.mode {
-                LossMode::Mean => Reduction::Mean,
-                LossMode::Reference => Reduction::Reference,
-            },
-            label_smoothing: loss.label_smoothing,
-        };
+        })?;
         let v = with_cpu(y, |labels: &[u32]| {
             let (p, q) = plan.logits.split_at(m * classes);
             let (dp, dq) = plan.dlogits.split_at_mut(m * classes);
-            rdrop_loss(dp, dq, p, q, labels, classes, &kcfg, weight as f32)
+            rdrop_loss(dp, dq, p, q, labels, classes, loss, weight as f32)
                 .map_err(|e| VitError::Config(format!("R-Drop loss: {e}")))
         })
-        .and_then(|r| r)
-        .map_err(core_err)?;
+        .and_then(|r| r)?;
         let (f, b) = cost::loss(m, classes);
         sw.lap("loss", f, b);
         let t1 = std::time::Instant::now();
@@ -346,12 +312,5 @@ impl FlatRDropModel for Engine {
             forward_s: (t1 - t0).as_secs_f64(),
             backward_s: t1.elapsed().as_secs_f64(),
         })
-    }
-}
-
-fn core_err(e: VitError) -> rdrop_core::CoreError {
-    match e {
-        VitError::Candle(c) => rdrop_core::CoreError::Candle(c),
-        other => rdrop_core::CoreError::Config(other.to_string()),
     }
 }

@@ -9,11 +9,10 @@ use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 use rdrop_core::{
-    FlatLayout, LossConfig, LossMode, MicroLoss, OptimConfig, OptimizerKind, Precision, RngState,
+    FlatLayout, MicroLoss, MicroStep, OptimConfig, OptimizerKind, Precision, RngState,
 };
 use rdrop_kernels::cuda::{Compute, CudaKernelError, CudaKernels, LOSS_HEADER, SUM_SQUARES_BLOCKS};
 use rdrop_kernels::dropout::RowKey;
-use rdrop_kernels::loss::{LossConfig as KLoss, Reduction};
 use rdrop_kernels::optim::{AdamWHyper, SgdHyper};
 
 use super::backward::{backward, BucketReady};
@@ -382,6 +381,8 @@ pub struct CudaEngine {
     /// The step profile's events (off unless profiling).
     laps: EventLaps,
     dev: AnyDev,
+    /// The stream the gradient buckets are summed on (data parallel; made on first use).
+    pub(super) comm: Option<Arc<CudaStream>>,
 }
 
 impl CudaEngine {
@@ -416,6 +417,7 @@ impl CudaEngine {
             sync_timing: false,
             laps,
             dev,
+            comm: None,
         })
     }
 
@@ -561,22 +563,12 @@ impl CudaEngine {
         with_dev!(&mut self.dev, d => d.stream.memset_zeros(&mut d.grads).map_err(drv("zeroing the gradients")))
     }
 
-    /// Two training passes of micro-batch `x` `(m, …)` with labels `y` (`u32`, `(m,)`) as one
-    /// forward of `2m` rows (`[x; x]`), the R-Drop loss on the device, and its backward:
-    /// adds `weight · ∇loss` to the gradients (see `rdrop_core::FlatRDropModel::accumulate`).
+    /// Two training passes of micro-batch `mb.x` `(m, …)` with labels `mb.y` (`u32`, `(m,)`)
+    /// as one forward of `2m` rows (`[x; x]`), the R-Drop loss on the device, and its backward:
+    /// adds `mb.weight · ∇loss` to the gradients (see `rdrop_core::FlatRDropModel::accumulate`).
     /// One host sync (the loss values).
-    pub fn accumulate(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
-    ) -> Result<MicroLoss> {
-        self.accumulate_overlapped(x, y, update, first_sample, loss, weight, &[], &mut |_| {
-            Ok(())
-        })
+    pub fn accumulate(&mut self, mb: &MicroStep<'_>) -> Result<MicroLoss> {
+        self.accumulate_overlapped(mb, &[], &mut |_| Ok(()))
     }
 
     /// The offsets of the gradient buffer at which the backward has finished everything above
@@ -589,46 +581,19 @@ impl CudaEngine {
     /// the gradient buffer as soon as the kernels writing its last values are enqueued on
     /// [`CudaEngine::stream`] (`cuts`: from `rdrop_core::dist::bucket_cuts` over
     /// [`CudaEngine::grad_ready_cuts`]); `ready` orders its own work after them (an event).
-    #[allow(clippy::too_many_arguments)]
     pub fn accumulate_overlapped(
         &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        update: u64,
-        first_sample: usize,
-        loss: &LossConfig,
-        weight: f64,
+        mb: &MicroStep<'_>,
         cuts: &[usize],
         ready: &mut BucketReady<'_>,
     ) -> Result<MicroLoss> {
+        let (x, y, loss, weight) = (mb.x, mb.y, mb.loss, mb.weight);
         let m = self.check_images(x)?;
-        if y.dims() != [m] {
-            return Err(VitError::Config(format!(
-                "labels of shape {:?} for {m} images",
-                y.dims()
-            )));
-        }
-        let update = u32::try_from(update)
-            .map_err(|_| VitError::Config(format!("update {update} > 2^32")))?;
-        self.rows.clear();
-        for pass in 0..2 {
-            self.rows.extend((0..m).map(|i| RowKey {
-                sample: (first_sample + i) as u32,
-                pass,
-            }));
-        }
+        let update = mb.mask_rows(m, &mut self.rows)?;
         let labels = y
             .to_dtype(DType::U32)?
             .to_device(&Device::Cpu)?
             .to_vec1::<u32>()?;
-        let kcfg = KLoss {
-            alpha: loss.alpha,
-            reduction: match loss.mode {
-                LossMode::Mean => Reduction::Mean,
-                LossMode::Reference => Reduction::Reference,
-            },
-            label_smoothing: loss.label_smoothing,
-        };
         let (cfg, off, px, rows) = (&self.cfg, &self.off, self.pixels(), &self.rows);
         let masks = Masks {
             seed: self.rng.seed,
@@ -683,7 +648,7 @@ impl CudaEngine {
                     &plan.labels.slice(..m),
                     m,
                     classes,
-                    &kcfg,
+                    loss,
                     weight as f32,
                 )?;
             }

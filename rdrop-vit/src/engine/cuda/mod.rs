@@ -10,11 +10,14 @@
 //! - with the `cuda` feature: `gemm` (cuBLASLt with cached plans, `rdrop_kernels::cuda::gemm`),
 //!   `forward`, `backward`,
 //!   `CudaEngine` (parameters, gradients, optimiser state and the plan on the device) and
-//!   `CudaTrainer` (the update: accumulation, f16 loss scaling, clipping, SGD/AdamW).
+//!   `backend` (the engine as `rdrop_core::UpdateBackend`: `rdrop_core::FlatTrainer` runs its
+//!   update, f16 loss scaling included).
 //!
 //! Precision: f32 master weights and gradients, the residual stream, LayerNorm and softmax
 //! statistics in f32; GEMM operands and saved activations in the compute type (f32, bf16, f16).
 
+#[cfg(feature = "cuda")]
+mod backend;
 #[cfg(feature = "cuda")]
 pub(crate) mod backward;
 #[cfg(feature = "cuda")]
@@ -29,8 +32,6 @@ pub mod gemm_shape;
 #[cfg(feature = "cuda")]
 pub(crate) mod laps;
 pub mod plan;
-#[cfg(feature = "cuda")]
-mod trainer;
 
 #[cfg(feature = "cuda")]
 pub use backward::BucketReady;
@@ -38,5 +39,3 @@ pub use backward::BucketReady;
 pub use engine::CudaEngine;
 pub use fit::{largest_micro_batch, Fit};
 pub use plan::{plan_bytes, PlanSpec};
-#[cfg(feature = "cuda")]
-pub use trainer::CudaTrainer;
