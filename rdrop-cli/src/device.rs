@@ -234,9 +234,9 @@ pub struct ComputeArgs {
     /// CPU threads for candle and the data pipeline (default: all cores).
     #[arg(long, value_name = "T")]
     pub threads: Option<usize>,
-    /// `explicit` (hand-written forward/backward; CPU, f32), `autograd` (the candle model:
-    /// any device and precision) or `auto` (explicit on the CPU in f32 and on CUDA at every
-    /// precision, else autograd).
+    /// `explicit` (hand-written forward/backward: on the CPU in f32, on CUDA at every
+    /// precision), `autograd` (the candle model: any device and precision) or `auto` (explicit
+    /// where it runs, else autograd).
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     pub engine: EngineKind,
 }

@@ -26,6 +26,12 @@ use rdrop_kernels::layernorm::layernorm_bwd_scratch_len;
 
 use crate::config::ViTConfig;
 
+/// The padded row length `⌈T/8⌉·8` of the `(T, T)` attention matrices (probabilities, their
+/// mask, `A`, `dA`/`dS`): 16 bytes in bf16/f16, 32 in f32 (cuBLASLt's alignment on CUDA).
+pub fn attn_ld(tokens: usize) -> usize {
+    tokens.div_ceil(8) * 8
+}
+
 /// The dimensions the plans' buffer lengths are written in (the module docs' letters).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dims {
@@ -44,7 +50,7 @@ pub(crate) struct Dims {
     pub k: usize,
     pub img: usize,
     /// `A = B·H·T·T₈`: the elements of the CUDA plan's `(T, T)` attention matrices, their
-    /// rows padded to `T₈` ([`super::cuda::plan::attn_ld`]).
+    /// rows padded to `T₈` ([`attn_ld`]).
     pub a: usize,
     /// 1 for a training plan (it keeps masks and the backward's buffers), else 0.
     pub tr: usize,
@@ -73,7 +79,7 @@ impl Dims {
             g: t - 1,
             k: cfg.num_channels * cfg.patch_size * cfg.patch_size,
             img: rows * cfg.num_channels * cfg.image_size * cfg.image_size,
-            a: rows * cfg.num_heads * t * super::cuda::plan::attn_ld(t),
+            a: rows * cfg.num_heads * t * attn_ld(t),
             tr,
             pd: on(cfg.dropout),
             pa: on(cfg.attention_dropout),

@@ -31,11 +31,7 @@ use crate::engine::plan::{plan_table, Dims};
 #[cfg(feature = "cuda")]
 use crate::error::VitError;
 
-/// The padded row length `⌈T/8⌉·8` of the `(T, T)` attention matrices (probabilities, their
-/// mask, `A`, `dA`/`dS`): 16 bytes in bf16/f16, 32 in f32.
-pub fn attn_ld(tokens: usize) -> usize {
-    tokens.div_ceil(8) * 8
-}
+pub use crate::engine::plan::attn_ld;
 
 /// Bytes of the cuBLASLt workspace the engine allocates once (32 MiB, Hopper's recommendation).
 pub const GEMM_WORKSPACE_BYTES: usize = rdrop_kernels::gemm_shape::WORKSPACE_BYTES;
