@@ -81,10 +81,7 @@ pub fn choose(
             ),
         });
     };
-    let elem = match precision {
-        Precision::F32 => 4,
-        _ => 2,
-    };
+    let elem = precision.dtype().size_in_bytes();
     let state = fit::state_bytes(vc.num_params(), elem, moments(cfg), !model_on_gpu);
     match fit::largest_micro_batch(vc, elem, per_rank_batch, state, free, total) {
         Ok(f) => Ok(Choice {

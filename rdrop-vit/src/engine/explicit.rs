@@ -104,10 +104,7 @@ impl ExplicitEngine for super::cuda::CudaEngine {
     }
 
     fn planned_bytes(&self, micro_batch: usize) -> Option<usize> {
-        let elem = match self.precision() {
-            Precision::F32 => 4,
-            _ => 2,
-        };
+        let elem = self.precision().dtype().size_in_bytes();
         Some(super::cuda::plan_bytes(
             self.config(),
             2 * micro_batch,
