@@ -158,8 +158,9 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     /// One per entry of `MODULES`.
     modules: Vec<Arc<CudaModule>>,
-    /// The kernels looked up so far, by name.
-    funcs: Mutex<HashMap<String, CudaFunction>>,
+    /// The kernels looked up so far, by launcher name and type suffix (no string is built
+    /// on a launch once its kernel is known).
+    funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     /// The image the driver runs on this GPU.
     image: KernelImage,
 }
@@ -228,28 +229,34 @@ impl CudaKernels {
         &self.stream
     }
 
-    /// Kernel `name`, looked up in its module on first use.
-    fn function(&self, name: String) -> Result<CudaFunction> {
+    /// Kernel function `{kernel}_{suffix}` (`kernel` when `suffix` is empty), looked up in
+    /// its module on first use.
+    fn function(&self, kernel: &'static str, suffix: &'static str) -> Result<CudaFunction> {
         let mut funcs = self.funcs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = funcs.get(&name) {
+        if let Some(f) = funcs.get(&(kernel, suffix)) {
             return Ok(f.clone());
         }
+        let name = if suffix.is_empty() {
+            kernel.to_string()
+        } else {
+            format!("{kernel}_{suffix}")
+        };
         let m = module_of(&name).ok_or_else(|| CudaKernelError::Missing(name.clone()))?;
         let f = self.modules[m]
             .load_function(&name)
-            .map_err(|_| CudaKernelError::Missing(name.clone()))?;
-        funcs.insert(name, f.clone());
+            .map_err(|_| CudaKernelError::Missing(name))?;
+        funcs.insert((kernel, suffix), f.clone());
         Ok(f)
     }
 
     /// A launch of the `T` instance of templated kernel `kernel` (function `{kernel}_{T}`).
     fn typed<T: Compute>(&self, kernel: &'static str) -> Launch<'_> {
-        Launch::new(self, kernel, self.function(format!("{kernel}_{}", T::NAME)))
+        Launch::new(self, kernel, self.function(kernel, T::NAME))
     }
 
     /// A launch of kernel `kernel`, which is not templated.
     fn plain(&self, kernel: &'static str) -> Launch<'_> {
-        Launch::new(self, kernel, self.function(kernel.to_string()))
+        Launch::new(self, kernel, self.function(kernel, ""))
     }
 }
 
