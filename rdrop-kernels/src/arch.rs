@@ -36,6 +36,24 @@ pub fn kernel_image(cubins: &[u32], ptx: u32, major: u32, minor: u32) -> Option<
         .or_else(|| (ptx <= major * 10 + minor).then_some(KernelImage::PtxJit(ptx)))
 }
 
+/// Why a GPU of compute capability `major.minor` has no image in a fat binary with `cubins`
+/// and PTX for `ptx`, and how to build one.
+pub fn no_image(cubins: &[u32], ptx: u32, major: u32, minor: u32) -> String {
+    let covered: Vec<String> = cubins.iter().map(|a| format!("sm_{a}")).collect();
+    let hint = if major * 10 + minor < 75 {
+        "CUDA 13 no longer compiles for it: build the CUDA 12 flavour \
+         (`scripts/build-cuda.sh --cuda 12`)"
+            .to_string()
+    } else {
+        format!("rebuild with RDROP_CUDA_ARCHS={major}{minor} scripts/build-cuda.sh")
+    };
+    format!(
+        "no kernel image for this GPU (compute capability {major}.{minor}): this build holds \
+         cubins for {} and PTX for compute_{ptx} (newer GPUs JIT it); {hint}",
+        covered.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +80,25 @@ mod tests {
         assert_eq!(
             KernelImage::PtxJit(75).to_string(),
             "PTX compute_75, JIT-compiled by the driver"
+        );
+    }
+
+    #[test]
+    fn a_gpu_without_an_image_is_told_how_to_build_one() {
+        let v100 = no_image(&[75, 80, 86, 89, 90], 75, 7, 0);
+        assert!(
+            v100.starts_with("no kernel image for this GPU (compute capability 7.0)"),
+            "{v100}"
+        );
+        assert!(
+            v100.contains("sm_75, sm_80, sm_86, sm_89, sm_90 and PTX for compute_75"),
+            "{v100}"
+        );
+        assert!(v100.contains("--cuda 12"), "{v100}");
+        let narrow = no_image(&[90], 90, 8, 6);
+        assert!(
+            narrow.ends_with("rebuild with RDROP_CUDA_ARCHS=86 scripts/build-cuda.sh"),
+            "{narrow}"
         );
     }
 }

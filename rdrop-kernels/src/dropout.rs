@@ -50,6 +50,55 @@ impl Site {
     }
 }
 
+/// A site as the CUDA kernels take it (`SITE_PARAMS` of the `.cu` files: `rd::SiteKey` and
+/// whether the site drops anything): the seed's halves, the update, the site, the keep
+/// threshold and scale. A site that drops nothing (`None`, or `p == 0`) is inactive: threshold
+/// 0, scale 1, the rest 0. `repr(C)`: the host twin of the kernels takes it by pointer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct KernelSite {
+    /// Low 32 bits of the seed.
+    pub seed_lo: u32,
+    /// High 32 bits of the seed.
+    pub seed_hi: u32,
+    /// The update.
+    pub update: u32,
+    /// The site's number.
+    pub site: u32,
+    /// [`drop_threshold`] of `p`.
+    pub threshold: u32,
+    /// [`keep_scale`] of `p`.
+    pub scale: f32,
+    /// Whether the site drops anything.
+    pub active: bool,
+}
+
+impl KernelSite {
+    /// The kernels' form of `site`.
+    pub fn of(site: Option<Site>) -> Self {
+        match site.filter(|s| s.p != 0.0) {
+            Some(s) => Self {
+                seed_lo: s.seed as u32,
+                seed_hi: (s.seed >> 32) as u32,
+                update: s.update,
+                site: s.site,
+                threshold: drop_threshold(s.p),
+                scale: keep_scale(s.p),
+                active: true,
+            },
+            None => Self {
+                seed_lo: 0,
+                seed_hi: 0,
+                update: 0,
+                site: 0,
+                threshold: 0,
+                scale: 1.0,
+                active: false,
+            },
+        }
+    }
+}
+
 /// Applies the site's mask in place to `x` (`rows.len()` rows of `n` elements). A no-op when
 /// `p == 0`. Parallel over rows; the result does not depend on the thread count.
 pub fn dropout_apply(x: &mut [f32], n: usize, site: &Site, rows: &[RowKey]) {
@@ -551,5 +600,25 @@ mod tests {
         let mut same = x.clone();
         apply_keep(&mut same, &[], 0.0);
         assert_eq!(same, x);
+    }
+
+    #[test]
+    fn the_kernels_site_splits_the_seed_and_is_inactive_without_dropout() {
+        let s = Site {
+            seed: 0x1234_5678_9abc_def0,
+            update: 7,
+            site: 3,
+            p: 0.1,
+        };
+        let k = KernelSite::of(Some(s));
+        assert_eq!((k.seed_lo, k.seed_hi), (0x9abc_def0, 0x1234_5678));
+        assert_eq!((k.update, k.site, k.active), (7, 3, true));
+        assert_eq!(
+            (k.threshold, k.scale),
+            (drop_threshold(0.1), keep_scale(0.1))
+        );
+        let none = KernelSite::of(None);
+        assert!(!none.active && none.threshold == 0 && none.scale == 1.0);
+        assert_eq!(KernelSite::of(Some(Site { p: 0.0, ..s })), none);
     }
 }

@@ -118,6 +118,75 @@ impl RowGemm {
     }
 }
 
+/// Element type of a GEMM operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dt {
+    /// f32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl Dt {
+    /// Bytes an element.
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Bf16 | Dt::F16 => 2,
+        }
+    }
+}
+
+impl RowGemm {
+    /// `cuBLASLt matmul m×n×k [Aᵀ] [Bᵀ] [×batch] ab→cd`, for errors.
+    pub fn describe(&self, ab: Dt, cd: Dt) -> String {
+        let t = |on: bool, s: &'static str| if on { s } else { "" };
+        let batch = if self.batch > 1 {
+            format!(" ×{}", self.batch)
+        } else {
+            String::new()
+        };
+        let (m, n, k) = (self.m, self.n, self.k);
+        let (ta, tb) = (t(self.trans_a, " Aᵀ"), t(self.trans_b, " Bᵀ"));
+        format!("cuBLASLt matmul {m}×{n}×{k}{ta}{tb}{batch} {ab:?}→{cd:?}")
+    }
+
+    /// Checks the shape, and operands of `a`, `b`, `c` elements (and a bias of `bias`) against
+    /// it: the reason it cannot run, if any.
+    pub fn check(&self, a: usize, b: usize, c: usize, bias: Option<usize>) -> Result<(), String> {
+        let (la, lb, lc) = self.lens();
+        if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 {
+            Err("empty dimension".into())
+        } else if !self.is_valid() {
+            Err("a leading dimension is below its row length".into())
+        } else if a < la || b < lb || c < lc {
+            Err(format!(
+                "operands of {a}, {b}, {c} elements; the shape needs {la}, {lb}, {lc}"
+            ))
+        } else if bias.is_some_and(|n| n < self.n) {
+            Err(format!(
+                "bias of {} elements for {} columns",
+                bias.unwrap_or(0),
+                self.n
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The largest power of two (≤ 256) dividing a device address: cuBLASLt's heuristic assumes
+/// 256-byte aligned operands unless told otherwise.
+pub fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1 << ptr.trailing_zeros().min(8)
+    }
+}
+
 /// The column-major problem cuBLASLt runs for a [`RowGemm`]: `Cᵀ (n, m) = op(B)ᵀ · op(A)ᵀ`.
 /// Each layout is the stored matrix `(rows, cols, ld)` (a row-major `(r, c)` buffer with rows
 /// `ld` apart read column-major is `(c, r)` with leading dimension `ld`), before its
@@ -219,6 +288,34 @@ mod tests {
         assert!(!RowGemm::new(5, 5, 8, false, false)
             .with_ld(8, 4, 5)
             .is_valid());
+    }
+
+    #[test]
+    fn checks_and_alignment() {
+        let g = RowGemm::new(4, 3, 2, false, true);
+        assert_eq!(g.check(8, 6, 12, Some(3)), Ok(()));
+        assert!(
+            g.check(7, 6, 12, None).unwrap_err().contains("needs 8"),
+            "short A"
+        );
+        assert!(g
+            .check(8, 6, 12, Some(2))
+            .unwrap_err()
+            .contains("bias of 2"));
+        assert!(RowGemm::new(0, 3, 2, false, false)
+            .check(9, 9, 9, None)
+            .is_err());
+        assert_eq!(
+            g.describe(Dt::Bf16, Dt::F32),
+            "cuBLASLt matmul 4×3×2 Bᵀ Bf16→F32"
+        );
+        assert_eq!(
+            g.batched(6, 8, 6, 12).describe(Dt::F32, Dt::F32),
+            "cuBLASLt matmul 4×3×2 Bᵀ ×6 F32→F32"
+        );
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1002), 2);
+        assert_eq!(alignment(0x1040), 64);
     }
 
     #[test]
