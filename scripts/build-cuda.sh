@@ -28,7 +28,9 @@
 #                                          targets, CUDA on; compiles the kernels (needs nvcc
 #                                          only; quick after a --build) and checks that their
 #                                          fat binaries hold a cubin for every architecture of
-#                                          the flavour and the PTX of the lowest
+#                                          the flavour and the PTX of the lowest; runs
+#                                          rdrop-kernels tests/kernel_names.rs (the launchers'
+#                                          kernel names = the PTX entries)
 #        scripts/build-cuda.sh --setup     only install the toolchain and make the stub
 #        scripts/build-cuda.sh --env       set up, then print `export ...` lines for the build
 #                                          (eval "$(scripts/build-cuda.sh --env)")
@@ -354,6 +356,8 @@ check)
         (cd "$REPO" && cargo check --release --workspace --all-targets --features rdrop-cli/cuda)
     fi
     check_cubins
+    # The kernels the launchers name = the modules' PTX entries (reads sources; no GPU needed).
+    (cd "$REPO" && cargo test --release -q -p rdrop-kernels --features cuda --test kernel_names)
     log "cuda $CUDA check passed"
     ;;
 build)

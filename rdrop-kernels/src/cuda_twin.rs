@@ -8,9 +8,9 @@
 //! Every wrapper panics on mismatched lengths (a programming error, as in the CPU kernels).
 #![allow(unsafe_code)] // FFI declarations of the twin shim; each call has a SAFETY note
 
-use crate::dropout::{RowKey, Site};
+use crate::dropout::{KernelSite, RowKey, Site};
 use crate::optim::{AdamCoef, AdamWHyper, SgdHyper};
-use crate::philox::{drop_threshold, keep_scale};
+use crate::philox::keep_scale;
 
 mod ffi {
     extern "C" {
@@ -34,13 +34,7 @@ mod ffi {
             a: *const f32,
             b: *const f32,
             n: i32,
-            seed_lo: u32,
-            seed_hi: u32,
-            update: u32,
-            site: u32,
-            thr: u32,
-            scale: f32,
-            active: i32,
+            site: *const super::KernelSite,
             sample: u32,
             pass: u32,
         );
@@ -80,13 +74,7 @@ mod ffi {
             keep: *mut u8,
             t: i32,
             scale: f32,
-            seed_lo: u32,
-            seed_hi: u32,
-            update: u32,
-            site: u32,
-            thr: u32,
-            kscale: f32,
-            active: i32,
+            site: *const super::KernelSite,
             sample: u32,
             pass: u32,
             base: u32,
@@ -216,17 +204,7 @@ pub fn sample_row(
         assert_eq!(b.len(), n, "cuda_twin: b length");
     }
     let mut out = vec![0f32; n];
-    let s = site.filter(|s| s.p != 0.0);
-    let (seed, update, id, thr, scale) = match s {
-        Some(s) => (
-            s.seed,
-            s.update,
-            s.site,
-            drop_threshold(s.p),
-            keep_scale(s.p),
-        ),
-        None => (0, 0, 0, 0, 1.0),
-    };
+    let k = KernelSite::of(site);
     let mode = match op {
         SampleOp::Dropout => 0,
         SampleOp::Residual => 1,
@@ -247,13 +225,7 @@ pub fn sample_row(
             a.as_ptr(),
             bp,
             int(n),
-            seed as u32,
-            (seed >> 32) as u32,
-            update,
-            id,
-            thr,
-            scale,
-            s.is_some() as i32,
+            &k,
             row.sample,
             row.pass,
         )
@@ -357,17 +329,7 @@ pub fn softmax_fwd_row(
     let t = s.len();
     assert_eq!(keep.len(), t, "cuda_twin: keep length");
     let mut a = vec![f32::NAN; t];
-    let st = site.filter(|x| x.p != 0.0);
-    let (seed, update, id, thr, ks) = match st {
-        Some(x) => (
-            x.seed,
-            x.update,
-            x.site,
-            drop_threshold(x.p),
-            keep_scale(x.p),
-        ),
-        None => (0, 0, 0, 0, 1.0),
-    };
+    let k = KernelSite::of(site);
     // SAFETY: s, a, keep hold t elements, the shim's row length.
     unsafe {
         ffi::rd_twin_softmax_fwd_row(
@@ -376,13 +338,7 @@ pub fn softmax_fwd_row(
             keep.as_mut_ptr(),
             int(t),
             scale,
-            seed as u32,
-            (seed >> 32) as u32,
-            update,
-            id,
-            thr,
-            ks,
-            st.is_some() as i32,
+            &k,
             row.sample,
             row.pass,
             base,

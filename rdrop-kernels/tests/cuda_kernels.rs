@@ -12,7 +12,7 @@ use std::sync::Arc;
 use half::bf16;
 use rdrop_kernels::attention::softmax_row;
 use rdrop_kernels::cuda::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
-use rdrop_kernels::cuda::{CudaKernelError, CudaKernels, LOSS_HEADER, SUM_SQUARES_BLOCKS};
+use rdrop_kernels::cuda::{CudaKernelError, CudaKernels, Dropout, LOSS_HEADER, SUM_SQUARES_BLOCKS};
 use rdrop_kernels::dropout::{
     apply_keep, apply_keep_to, dropout_apply_keep, residual_dropout_add_keep, RowKey, Site,
 };
@@ -103,6 +103,10 @@ fn dropout_rows_masks_and_residual_bitwise() {
     for &p in &[0.0f32, 0.1] {
         let st = site(p, 6);
         let rk = up(&s, &keys(&rows));
+        let drop = Dropout {
+            site: Some(st),
+            row_keys: &rk,
+        };
         let x = r.vec(rows.len() * n, -2.0, 2.0);
         let y = r.vec(rows.len() * n, -2.0, 2.0);
         // residual (out of place and in place)
@@ -112,7 +116,7 @@ fn dropout_rows_masks_and_residual_bitwise() {
         let (dx, dy) = (up(&s, &x), up(&s, &y));
         let mut out = s.alloc_zeros::<f32>(x.len()).unwrap();
         let mut keep = s.alloc_zeros::<u8>(x.len()).unwrap();
-        k.residual_dropout_add(&mut out, &mut keep, &dx, &dy, Some(st), &rk, rows.len(), n)
+        k.residual_dropout_add(&mut out, &mut keep, &dx, &dy, drop, [rows.len(), n])
             .unwrap();
         same_bits("residual", &down(&s, &out), &cpu);
         if p != 0.0 {
@@ -128,10 +132,8 @@ fn dropout_rows_masks_and_residual_bitwise() {
             &mut keep,
             &dx,
             &up(&s, &yb),
-            Some(st),
-            &rk,
-            rows.len(),
-            n,
+            drop,
+            [rows.len(), n],
         )
         .unwrap();
         same_bits("residual bf16", &down(&s, &out), &cpu_b);
@@ -166,6 +168,10 @@ fn gelu_dropout_forward_backward_bitwise() {
     for &p in &[0.0f32, 0.1] {
         let st = site(p, 9);
         let rk = up(&s, &keys(&rows));
+        let drop = Dropout {
+            site: Some(st),
+            row_keys: &rk,
+        };
         let pre = r.vec(rows.len() * n, -6.0, 6.0);
         let mut h = vec![0f32; pre.len()];
         gelu_fwd(&mut h, &pre);
@@ -174,7 +180,7 @@ fn gelu_dropout_forward_backward_bitwise() {
         let dpre_in = up(&s, &pre);
         let mut gh = s.alloc_zeros::<f32>(pre.len()).unwrap();
         let mut keep = s.alloc_zeros::<u8>(pre.len()).unwrap();
-        k.gelu_dropout_fwd(&mut gh, &mut keep, &dpre_in, Some(st), &rk, rows.len(), n)
+        k.gelu_dropout_fwd(&mut gh, &mut keep, &dpre_in, drop, [rows.len(), n])
             .unwrap();
         same_bits("gelu fwd", &down(&s, &gh), &h);
         if p != 0.0 {
@@ -190,16 +196,8 @@ fn gelu_dropout_forward_backward_bitwise() {
         let mut ck2 = vec![1u8; pr.len()];
         dropout_apply_keep(&mut hb, &mut ck2, n, &st, &rows);
         let mut ghb = s.alloc_zeros::<bf16>(pre.len()).unwrap();
-        k.gelu_dropout_fwd(
-            &mut ghb,
-            &mut keep,
-            &up(&s, &pb),
-            Some(st),
-            &rk,
-            rows.len(),
-            n,
-        )
-        .unwrap();
+        k.gelu_dropout_fwd(&mut ghb, &mut keep, &up(&s, &pb), drop, [rows.len(), n])
+            .unwrap();
         assert_eq!(down(&s, &ghb), to_bf16(&hb), "gelu fwd bf16");
         // backward (in place)
         let dh = r.vec(pre.len(), -1.0, 1.0);
@@ -234,14 +232,21 @@ fn layernorm_forward_backward_bitwise() {
         let mut gy = s.alloc_zeros::<f32>(n * d).unwrap();
         let mut gm = s.alloc_zeros::<f32>(n).unwrap();
         let mut gr = s.alloc_zeros::<f32>(n).unwrap();
-        k.layernorm_fwd(&mut gy, &mut gm, &mut gr, &dx_, &dw_, &db_, eps, n, d)
+        k.layernorm_fwd(&mut gy, [&mut gm, &mut gr], &dx_, [&dw_, &db_], eps, [n, d])
             .unwrap();
         same_bits("ln y", &down(&s, &gy), &y);
         same_bits("ln mean", &down(&s, &gm), &m);
         same_bits("ln rstd", &down(&s, &gr), &rs);
         let mut gyb = s.alloc_zeros::<bf16>(n * d).unwrap();
-        k.layernorm_fwd(&mut gyb, &mut gm, &mut gr, &dx_, &dw_, &db_, eps, n, d)
-            .unwrap();
+        k.layernorm_fwd(
+            &mut gyb,
+            [&mut gm, &mut gr],
+            &dx_,
+            [&dw_, &db_],
+            eps,
+            [n, d],
+        )
+        .unwrap();
         assert_eq!(down(&s, &gyb), to_bf16(&y), "ln y bf16");
 
         let dy = r.vec(n * d, -1.0, 1.0);
@@ -267,16 +272,13 @@ fn layernorm_forward_backward_bitwise() {
             .unwrap();
         k.layernorm_bwd(
             &mut gdx,
-            &mut gdw,
-            &mut gdb,
+            [&mut gdw, &mut gdb],
             &mut gs,
             &up(&s, &dy),
             &dx_,
             &dw_,
-            &gm,
-            &gr,
-            n,
-            d,
+            [&gm, &gr],
+            [n, d],
             true,
         )
         .unwrap();
@@ -296,6 +298,10 @@ fn softmax_dropout_forward_backward() {
     let rk = up(&s, &keys(&rows));
     for &p in &[0.0f32, 0.1] {
         let st = site(p, 40);
+        let drop = Dropout {
+            site: Some(st),
+            row_keys: &rk,
+        };
         let scores = r.vec(b * h * t * t, -6.0, 6.0);
         let mut cpu = scores.clone();
         cpu.chunks_mut(t).for_each(softmax_row);
@@ -303,19 +309,8 @@ fn softmax_dropout_forward_backward() {
         let n = scores.len();
         let mut attn = s.alloc_zeros::<f32>(n).unwrap();
         let mut keep = s.alloc_zeros::<u8>(n).unwrap();
-        k.softmax_dropout_fwd_ld(
-            &mut probs,
-            &mut attn,
-            &mut keep,
-            1.0,
-            Some(st),
-            &rk,
-            b,
-            h,
-            t,
-            t,
-        )
-        .unwrap();
+        k.softmax_dropout_fwd_ld([&mut probs, &mut attn], &mut keep, 1.0, drop, [b, h, t, t])
+            .unwrap();
         let gp = down(&s, &probs);
         same_bits("softmax P", &gp, &cpu);
         let gk = down(&s, &keep);
@@ -341,7 +336,7 @@ fn softmax_dropout_forward_backward() {
         let da = r.vec(n, -1.0, 1.0);
         let scale = 0.125f32;
         let mut ds = up(&s, &da);
-        k.softmax_dropout_bwd_inplace_ld(&mut ds, &probs, &keep, p, scale, b, h, t, t)
+        k.softmax_dropout_bwd_inplace_ld(&mut ds, &probs, &keep, p, scale, [b, h, t, t])
             .unwrap();
         let gds = down(&s, &ds);
         for row in 0..b * h * t {
@@ -374,11 +369,11 @@ fn softmax_dropout_forward_backward() {
         let mut pp = up(&s, &pad(&scores, 7.0));
         let mut pa = up(&s, &vec![7f32; np]);
         let mut pk = up(&s, &vec![7u8; np]);
-        k.softmax_dropout_fwd_ld(&mut pp, &mut pa, &mut pk, 1.0, Some(st), &rk, b, h, t, ld)
+        k.softmax_dropout_fwd_ld([&mut pp, &mut pa], &mut pk, 1.0, drop, [b, h, t, ld])
             .unwrap();
         let (gpp, gpa, gpk) = (down(&s, &pp), down(&s, &pa), down(&s, &pk));
         let mut pd = up(&s, &pad(&da, 7.0));
-        k.softmax_dropout_bwd_inplace_ld(&mut pd, &pp, &pk, p, scale, b, h, t, ld)
+        k.softmax_dropout_bwd_inplace_ld(&mut pd, &pp, &pk, p, scale, [b, h, t, ld])
             .unwrap();
         let gpd = down(&s, &pd);
         for row in 0..b * h * t {
@@ -399,7 +394,7 @@ fn softmax_dropout_forward_backward() {
         cpu_b.chunks_mut(t).for_each(softmax_row);
         let mut pb = up(&s, &sb);
         let mut ab = s.alloc_zeros::<bf16>(n).unwrap();
-        k.softmax_dropout_fwd_ld(&mut pb, &mut ab, &mut keep, 1.0, Some(st), &rk, b, h, t, t)
+        k.softmax_dropout_fwd_ld([&mut pb, &mut ab], &mut keep, 1.0, drop, [b, h, t, t])
             .unwrap();
         assert_eq!(down(&s, &pb), to_bf16(&cpu_b), "softmax P bf16");
     }
@@ -416,7 +411,7 @@ fn embeddings_im2col_layouts_and_class_tokens() {
     let mut cpu = vec![0f32; b * g * g * c * p * p];
     im2col(&mut cpu, &img, b, c, sz, p);
     let mut out = s.alloc_zeros::<f32>(cpu.len()).unwrap();
-    k.im2col(&mut out, &up(&s, &img), b, c, sz, p).unwrap();
+    k.im2col(&mut out, &up(&s, &img), [b, c, sz, p]).unwrap();
     same_bits("im2col", &down(&s, &out), &cpu);
 
     // embeddings: x[b,0] = cls + pos[0], x[b,1+j] = tok[b,j] + pos[1+j], dropout
@@ -427,6 +422,10 @@ fn embeddings_im2col_layouts_and_class_tokens() {
     let cls = r.vec(d, -1.0, 1.0);
     let pos = r.vec(t * d, -1.0, 1.0);
     let st = site(0.1, 0);
+    let drop = Dropout {
+        site: Some(st),
+        row_keys: &rk,
+    };
     let mut x = vec![0f32; b * t * d];
     for bi in 0..b {
         for j in 0..d {
@@ -445,13 +444,9 @@ fn embeddings_im2col_layouts_and_class_tokens() {
         &mut gx,
         &mut keep,
         &up(&s, &tok),
-        &gcls,
-        &gpos,
-        Some(st),
-        &rk,
-        b,
-        t,
-        d,
+        [&gcls, &gpos],
+        drop,
+        [b, t, d],
     )
     .unwrap();
     same_bits("embed x", &down(&s, &gx), &x);
@@ -481,9 +476,7 @@ fn embeddings_im2col_layouts_and_class_tokens() {
         &up(&s, &dx),
         &keep,
         0.1,
-        b,
-        t,
-        d,
+        [b, t, d],
     )
     .unwrap();
     let dtok: Vec<f32> = (0..b)
@@ -504,7 +497,7 @@ fn embeddings_im2col_layouts_and_class_tokens() {
         s.alloc_zeros::<f32>(n).unwrap(),
         s.alloc_zeros::<f32>(n).unwrap(),
     );
-    k.qkv_split(&mut q, &mut kk, &mut v, &gq, b, t, hh, hd)
+    k.qkv_split([&mut q, &mut kk, &mut v], &gq, [b, t, hh, hd])
         .unwrap();
     let hq = down(&s, &kk);
     // k[b, h, t, e] = qkv[b, t, D + h·hd + e]
@@ -514,20 +507,20 @@ fn embeddings_im2col_layouts_and_class_tokens() {
         qkv[(bi * t + t1) * 3 * dm + dm + h1 * hd + e1]
     );
     let mut back = s.alloc_zeros::<f32>(qkv.len()).unwrap();
-    k.qkv_merge_grad(&mut back, &q, &kk, &v, b, t, hh, hd)
+    k.qkv_merge_grad(&mut back, [&q, &kk, &v], [b, t, hh, hd])
         .unwrap();
     same_bits("qkv round trip", &down(&s, &back), &qkv);
     let rows_in = r.vec(n, -1.0, 1.0);
     let mut heads = s.alloc_zeros::<f32>(n).unwrap();
-    k.attn_split_grad(&mut heads, &up(&s, &rows_in), b, t, hh, hd)
+    k.attn_split_grad(&mut heads, &up(&s, &rows_in), [b, t, hh, hd])
         .unwrap();
     let mut merged = s.alloc_zeros::<f32>(n).unwrap();
-    k.attn_merge(&mut merged, &heads, b, t, hh, hd).unwrap();
+    k.attn_merge(&mut merged, &heads, [b, t, hh, hd]).unwrap();
     same_bits("heads round trip", &down(&s, &merged), &rows_in);
 
     // class tokens
     let mut gc = s.alloc_zeros::<f32>(b * d).unwrap();
-    k.cls_gather(&mut gc, &gx, b, t, d).unwrap();
+    k.cls_gather(&mut gc, &gx, [b, t, d]).unwrap();
     let cl = down(&s, &gc);
     for bi in 0..b {
         same_bits(
@@ -537,7 +530,7 @@ fn embeddings_im2col_layouts_and_class_tokens() {
         );
     }
     let mut dxs = up(&s, &vec![7f32; x.len()]);
-    k.cls_scatter_grad(&mut dxs, &gc, b, t, d).unwrap();
+    k.cls_scatter_grad(&mut dxs, &gc, [b, t, d]).unwrap();
     let ds = down(&s, &dxs);
     for bi in 0..b {
         same_bits(
@@ -563,7 +556,7 @@ fn bias_grad_casts_and_loss() {
     let mut scratch = s
         .alloc_zeros::<f32>(CudaKernels::bias_grad_scratch_len(n, c))
         .unwrap();
-    k.bias_grad(&mut db, &mut scratch, &up(&s, &to_bf16(&dy)), n, c)
+    k.bias_grad(&mut db, &mut scratch, &up(&s, &to_bf16(&dy)), [n, c])
         .unwrap();
     let got = down(&s, &db);
     for j in 0..c {
@@ -622,8 +615,7 @@ fn bias_grad_casts_and_loss() {
             &mut out,
             &up(&s, &logits),
             &up(&s, &labels),
-            m,
-            cl,
+            [m, cl],
             &cfg,
             0.5,
         )
@@ -730,8 +722,7 @@ fn update_norm_clip_sgd_adamw() {
         &mut gp,
         Some(&mut pt.slice_mut(..)),
         &gg,
-        &mut gm,
-        &mut gv,
+        [&mut gm, &mut gv],
         &coef,
         5,
         &ha,
@@ -761,7 +752,7 @@ fn wrong_lengths_are_errors_not_launches() {
         s.alloc_zeros::<f32>(2).unwrap(),
     );
     let e = k
-        .layernorm_fwd(&mut y, &mut m, &mut r, &x, &w, &w, 1e-5, 2, 5)
+        .layernorm_fwd(&mut y, [&mut m, &mut r], &x, [&w, &w], 1e-5, [2, 5])
         .unwrap_err();
     assert!(
         matches!(
@@ -776,6 +767,6 @@ fn wrong_lengths_are_errors_not_launches() {
         "{e}"
     );
     let mut out = s.alloc_zeros::<f32>(10).unwrap();
-    let e = k.im2col(&mut out, &x, 1, 1, 5, 2).unwrap_err();
+    let e = k.im2col(&mut out, &x, [1, 1, 5, 2]).unwrap_err();
     assert!(matches!(e, CudaKernelError::Shape { .. }), "{e}");
 }

@@ -13,7 +13,7 @@ impl CudaKernels {
         self.typed::<T>("cast_f32_to")
             .output("out", out, n)
             .input("x", x, n)
-            .int("elements", n)
+            .ints([("elements", n)])
             .launch(n)
     }
 }

@@ -16,13 +16,13 @@
     }
 RD_FOR_EACH_T(K_COLUMN_PARTIALS)
 
-/// `out[j] += part[blk·stride + j]` for blk = 0, 1, ... in order.
-extern "C" __global__ void column_reduce(float* out, const float* part, int blocks, int c, int stride) {
+/// `out[j] += part[offset + blk·stride + j]` for blk = 0, 1, ... in order.
+extern "C" __global__ void column_reduce(float* out, const float* part, int offset, int blocks, int c, int stride) {
     long long j = gtid();
     if (j >= c) return;
     float acc = out[j];
     // in block order (deterministic); unrolled so that the loads overlap
 #pragma unroll 8
-    for (int blk = 0; blk < blocks; ++blk) acc += part[(long long)blk * stride + j];
+    for (int blk = 0; blk < blocks; ++blk) acc += part[offset + (long long)blk * stride + j];
     out[j] = acc;
 }

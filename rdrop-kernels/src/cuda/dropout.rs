@@ -1,37 +1,30 @@
 //! Launchers of `dropout.cu`.
 
-use super::launch::Len;
-use super::{check_p, dims, Compute, CudaKernels, DevicePtr, DevicePtrMut, Result};
-use crate::dropout::Site;
+use super::{dims, Compute, CudaKernels, DevicePtr, DevicePtrMut, Dropout, Result};
 
 impl CudaKernels {
     /// The residual branch with dropout (crate::dropout::residual_dropout_add_keep, bit for bit
     /// when `y` is f32): `out = res + m ⊙ y`, `m ∈ {0, 1/(1−p)}` (`out = res + y` without
     /// dropout), the mask of sample row `r` over its `n` elements recorded in `keep`. Shapes:
-    /// `out`, `res` f32, `y` T, `keep` `(rows, n)` (`n = Tk·D`), `row_keys` `2·rows`. Grid: one
-    /// thread per 4 elements (a Philox block).
-    #[allow(clippy::too_many_arguments)]
+    /// `out`, `res` f32, `y` T, `keep` `(rows, n)` (`n = Tk·D`). Grid: one thread per 4
+    /// elements (a Philox block).
     pub fn residual_dropout_add<T: Compute>(
         &self,
         out: &mut impl DevicePtrMut<f32>,
         keep: &mut impl DevicePtrMut<u8>,
         res: &impl DevicePtr<f32>,
         y: &impl DevicePtr<T>,
-        site: Option<Site>,
-        row_keys: &impl DevicePtr<u32>,
-        rows: usize,
-        n: usize,
+        drop: Dropout<'_>,
+        [rows, n]: [usize; 2],
     ) -> Result<()> {
         const K: &str = "residual_dropout_add";
         let total = dims(K, &[rows, n])?;
-        let on = site.is_some_and(|s| s.p != 0.0);
         self.typed::<T>(K)
             .output("out", out, total)
-            .output("keep", keep, Len::when(on, total))
+            .mask(keep, &drop, total)
             .input("res", res, total)
             .input("y", y, total)
-            .input("row_keys", row_keys, Len::when(on, 2 * rows))
-            .site(site)
+            .dropout(&drop, rows)
             .ints([("rows", rows), ("n", n)])
             .launch(rows * n.div_ceil(4))
     }
@@ -46,15 +39,12 @@ impl CudaKernels {
         keep: &impl DevicePtr<u8>,
         p: f32,
     ) -> Result<()> {
-        const K: &str = "apply_keep";
-        check_p(K, p)?;
         let n = out.len();
-        self.typed::<T>(K)
+        self.typed::<T>("apply_keep")
             .output("out", out, n)
             .input("x", x, n)
-            .input("keep", keep, Len::when(p != 0.0, n))
-            .keep_scale(p)
-            .int("elements", n)
+            .kept(keep, p, n)
+            .ints([("elements", n)])
             .launch(n)
     }
 
@@ -68,15 +58,12 @@ impl CudaKernels {
         keep: &impl DevicePtr<u8>,
         p: f32,
     ) -> Result<()> {
-        const K: &str = "dropout_grad";
-        check_p(K, p)?;
         let n = dy.len();
-        self.typed::<T>(K)
+        self.typed::<T>("dropout_grad")
             .output("dy", dy, n)
             .input("dres", dres, n)
-            .input("keep", keep, Len::when(p != 0.0, n))
-            .keep_scale(p)
-            .int("elements", n)
+            .kept(keep, p, n)
+            .ints([("elements", n)])
             .launch(n)
     }
 }

@@ -1,9 +1,21 @@
 //! Launchers of `embed.cu`: patch rows, embeddings with dropout and their backward, class
-//! tokens.
+//! tokens; `s` is the residual stream's `[B, Tk, D]`.
 
-use super::launch::Len;
-use super::{check_p, dims, shape, Compute, CudaKernels, DevicePtr, DevicePtrMut, Result};
-use crate::dropout::Site;
+use super::{dims, shape, Compute, CudaKernels, DevicePtr, DevicePtrMut, Dropout, Result};
+
+/// `(B·Tk·D, Tk·D, B·(Tk−1)·D)` of `[B, Tk, D]`: the stream's, an image's, and the patch
+/// tokens' elements.
+fn lens(k: &'static str, [b, tokens, d]: [usize; 3]) -> Result<(usize, usize, usize)> {
+    if tokens == 0 {
+        return Err(shape(k, "no tokens".into()));
+    }
+    Ok((dims(k, &[b, tokens, d])?, tokens * d, b * (tokens - 1) * d))
+}
+
+/// The kernels' `b, tokens, d` arguments.
+fn ints([b, tokens, d]: [usize; 3]) -> [(&'static str, usize); 3] {
+    [("b", b), ("tokens", tokens), ("d", d)]
+}
 
 impl CudaKernels {
     /// Patch rows for the patch-embedding GEMM (crate::patch::im2col, cast to `T`):
@@ -14,10 +26,7 @@ impl CudaKernels {
         &self,
         out: &mut impl DevicePtrMut<T>,
         img: &impl DevicePtr<f32>,
-        b: usize,
-        c: usize,
-        s: usize,
-        p: usize,
+        [b, c, s, p]: [usize; 4],
     ) -> Result<()> {
         const K: &str = "im2col";
         if p == 0 || !s.is_multiple_of(p) {
@@ -37,39 +46,27 @@ impl CudaKernels {
     /// Embeddings with dropout (the CPU engine's `embed` after its GEMM):
     /// `x[b, 0] = cls + pos[0]`, `x[b, 1 + j] = tok[b, j] + pos[1 + j]`, then
     /// `x[b] ← mask(site, row_keys[b]) ⊙ x[b]` over the sample's `tokens·d` elements, the mask
-    /// recorded in `keep` (untouched without dropout).
-    /// Shapes: `x` `(B, Tk, D)` f32, `keep` `(B, Tk, D)` u8, `tok` `(B, Tk−1, D)` T, `cls` `(D)`,
-    /// `pos` `(Tk, D)` f32, `row_keys` `2·B` u32. Grid: one thread per 4 elements of a sample
-    /// (one Philox block).
-    #[allow(clippy::too_many_arguments)]
+    /// recorded in `keep`. Shapes: `x`, `keep` `(B, Tk, D)`, `tok` `(B, Tk−1, D)` T, `cls`
+    /// `(D)`, `pos` `(Tk, D)` f32. Grid: one thread per 4 elements of a sample (a Philox block).
     pub fn embed_fwd<T: Compute>(
         &self,
         x: &mut impl DevicePtrMut<f32>,
         keep: &mut impl DevicePtrMut<u8>,
         tok: &impl DevicePtr<T>,
-        cls: &impl DevicePtr<f32>,
-        pos: &impl DevicePtr<f32>,
-        site: Option<Site>,
-        row_keys: &impl DevicePtr<u32>,
-        b: usize,
-        tokens: usize,
-        d: usize,
+        [cls, pos]: [&impl DevicePtr<f32>; 2],
+        drop: Dropout<'_>,
+        s @ [b, _, d]: [usize; 3],
     ) -> Result<()> {
         const K: &str = "embed_fwd";
-        if tokens == 0 {
-            return Err(shape(K, "no tokens".into()));
-        }
-        let (n, per) = (dims(K, &[b, tokens, d])?, dims(K, &[tokens, d])?);
-        let on = site.is_some_and(|s| s.p != 0.0);
+        let (n, per, ntok) = lens(K, s)?;
         self.typed::<T>(K)
             .output("x", x, n)
-            .output("keep", keep, Len::when(on, n))
-            .input("tok", tok, dims(K, &[b, tokens - 1, d])?)
+            .mask(keep, &drop, n)
+            .input("tok", tok, ntok)
             .input("cls", cls, d)
             .input("pos", pos, per)
-            .input("row_keys", row_keys, Len::when(on, 2 * b))
-            .site(site)
-            .ints([("b", b), ("tokens", tokens), ("d", d)])
+            .dropout(&drop, b)
+            .ints(ints(s))
             .launch(b * per.div_ceil(4))
     }
 
@@ -87,31 +84,21 @@ impl CudaKernels {
         dx: &impl DevicePtr<f32>,
         keep: &impl DevicePtr<u8>,
         p: f32,
-        b: usize,
-        tokens: usize,
-        d: usize,
+        s @ [_, _, d]: [usize; 3],
     ) -> Result<()> {
-        const K: &str = "embed_bwd";
-        check_p(K, p)?;
-        if tokens == 0 {
-            return Err(shape(K, "no tokens".into()));
-        }
-        let (n, per) = (dims(K, &[b, tokens, d])?, dims(K, &[tokens, d])?);
-        let ntok = dims(K, &[b, tokens - 1, d])?;
+        let (n, per, ntok) = lens("embed_bwd", s)?;
         self.typed::<T>("embed_bwd_tok")
             .output("dtok", dtok, ntok)
             .input("dx", dx, n)
-            .input("keep", keep, Len::when(p != 0.0, n))
-            .keep_scale(p)
-            .ints([("b", b), ("tokens", tokens), ("d", d)])
+            .kept(keep, p, n)
+            .ints(ints(s))
             .launch(ntok)?;
         self.plain("embed_bwd_params")
             .output("dcls", dcls, d)
             .output("dpos", dpos, per)
             .input("dx", dx, n)
-            .input("keep", keep, Len::when(p != 0.0, n))
-            .keep_scale(p)
-            .ints([("b", b), ("tokens", tokens), ("d", d)])
+            .kept(keep, p, n)
+            .ints(ints(s))
             .launch(if n == 0 { 0 } else { per })
     }
 
@@ -121,16 +108,14 @@ impl CudaKernels {
         &self,
         cls: &mut impl DevicePtrMut<f32>,
         x: &impl DevicePtr<f32>,
-        b: usize,
-        tokens: usize,
-        d: usize,
+        s @ [b, _, d]: [usize; 3],
     ) -> Result<()> {
         const K: &str = "cls_gather";
         let n = dims(K, &[b, d])?;
         self.plain(K)
             .output("cls", cls, n)
-            .input("x", x, dims(K, &[b, tokens, d])?)
-            .ints([("b", b), ("tokens", tokens), ("d", d)])
+            .input("x", x, lens(K, s)?.0)
+            .ints(ints(s))
             .launch(n)
     }
 
@@ -141,16 +126,14 @@ impl CudaKernels {
         &self,
         dx: &mut impl DevicePtrMut<f32>,
         dcls: &impl DevicePtr<f32>,
-        b: usize,
-        tokens: usize,
-        d: usize,
+        s @ [b, _, d]: [usize; 3],
     ) -> Result<()> {
         const K: &str = "cls_scatter_grad";
-        let n = dims(K, &[b, tokens, d])?;
+        let n = lens(K, s)?.0;
         self.plain(K)
             .output("dx", dx, n)
             .input("dcls", dcls, dims(K, &[b, d])?)
-            .ints([("b", b), ("tokens", tokens), ("d", d)])
+            .ints(ints(s))
             .launch(n)
     }
 }

@@ -1,34 +1,27 @@
 //! Launchers of `gelu.cu`.
 
-use super::launch::Len;
-use super::{check_p, dims, Compute, CudaKernels, DevicePtr, DevicePtrMut, Result};
-use crate::dropout::Site;
+use super::{dims, Compute, CudaKernels, DevicePtr, DevicePtrMut, Dropout, Result};
 
 impl CudaKernels {
     /// Exact GELU with dropout after the fc1 GEMM (`pre = x·Wᵀ + b`): `h = mask ⊙ gelu(pre)`
     /// (crate::gelu's erf GELU bit for bit in f32, then the cast), the mask of sample row `r`
     /// over its `n` elements recorded in `keep`. Shapes: `h`, `pre`, `keep` `(rows, n)`
-    /// (`n = Tk·M`), `row_keys` `2·rows`. Grid: one thread per 4 elements (a Philox block).
-    #[allow(clippy::too_many_arguments)]
+    /// (`n = Tk·M`). Grid: one thread per 4 elements (a Philox block).
     pub fn gelu_dropout_fwd<T: Compute>(
         &self,
         h: &mut impl DevicePtrMut<T>,
         keep: &mut impl DevicePtrMut<u8>,
         pre: &impl DevicePtr<T>,
-        site: Option<Site>,
-        row_keys: &impl DevicePtr<u32>,
-        rows: usize,
-        n: usize,
+        drop: Dropout<'_>,
+        [rows, n]: [usize; 2],
     ) -> Result<()> {
         const K: &str = "gelu_dropout_fwd";
         let total = dims(K, &[rows, n])?;
-        let on = site.is_some_and(|s| s.p != 0.0);
         self.typed::<T>(K)
             .output("h", h, total)
-            .output("keep", keep, Len::when(on, total))
+            .mask(keep, &drop, total)
             .input("pre", pre, total)
-            .input("row_keys", row_keys, Len::when(on, 2 * rows))
-            .site(site)
+            .dropout(&drop, rows)
             .ints([("rows", rows), ("n", n)])
             .launch(rows * n.div_ceil(4))
     }
@@ -44,15 +37,12 @@ impl CudaKernels {
         keep: &impl DevicePtr<u8>,
         p: f32,
     ) -> Result<()> {
-        const K: &str = "gelu_apply_keep";
-        check_p(K, p)?;
         let n = h.len();
-        self.typed::<T>(K)
+        self.typed::<T>("gelu_apply_keep")
             .output("h", h, n)
             .input("pre", pre, n)
-            .input("keep", keep, Len::when(p != 0.0, n))
-            .keep_scale(p)
-            .int("elements", n)
+            .kept(keep, p, n)
+            .ints([("elements", n)])
             .launch(n)
     }
 
@@ -67,15 +57,12 @@ impl CudaKernels {
         keep: &impl DevicePtr<u8>,
         p: f32,
     ) -> Result<()> {
-        const K: &str = "gelu_dropout_bwd";
-        check_p(K, p)?;
         let n = d.len();
-        self.typed::<T>(K)
+        self.typed::<T>("gelu_dropout_bwd")
             .inplace("d", d, n)
             .input("pre", pre, n)
-            .input("keep", keep, Len::when(p != 0.0, n))
-            .keep_scale(p)
-            .int("elements", n)
+            .kept(keep, p, n)
+            .ints([("elements", n)])
             .launch(n)
     }
 }

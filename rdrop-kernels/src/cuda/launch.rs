@@ -5,21 +5,19 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg, SyncOnDrop};
 
-use super::{CudaKernelError, CudaKernels, CudaViewMutT, DevicePtr, DevicePtrMut, Result};
-use crate::dropout::Site;
-use crate::philox::{drop_threshold, keep_scale};
+use super::Result;
+use super::{shape, CudaKernelError, CudaKernels, CudaViewMutT, DevicePtr, DevicePtrMut, Dropout};
+use crate::dropout::KernelSite;
+use crate::philox::keep_scale;
 
 /// Threads of the kernels' blocks.
 pub(super) const THREADS: u32 = 256;
 
-/// The length a buffer must have.
+/// The length a buffer must have: exactly, at least (scratch), or any (not read).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Len {
-    /// Exactly this many elements.
     Exact(usize),
-    /// At least this many (scratch).
     AtLeast(usize),
-    /// Not read (e.g. a mask without dropout): any length.
     Any,
 }
 
@@ -29,14 +27,12 @@ impl From<usize> for Len {
     }
 }
 
-impl Len {
-    /// `n` elements when `read`, else any length.
-    pub(super) fn when(read: bool, n: usize) -> Self {
-        if read {
-            Len::Exact(n)
-        } else {
-            Len::Any
-        }
+/// `n` elements when `read`, else any length.
+pub(super) fn when(read: bool, n: usize) -> Len {
+    if read {
+        Len::Exact(n)
+    } else {
+        Len::Any
     }
 }
 
@@ -66,30 +62,36 @@ impl<'a> Launch<'a> {
         kernel: &'static str,
         func: Result<CudaFunction>,
     ) -> Self {
+        let (args, guards) = (Vec::with_capacity(16), Vec::with_capacity(8));
         Self {
             kernel,
             stream: &k.stream,
             func,
-            args: Vec::with_capacity(16),
-            guards: Vec::with_capacity(8),
+            args,
+            guards,
             err: None,
         }
     }
 
     fn fail(&mut self, e: CudaKernelError) {
-        if self.err.is_none() {
-            self.err = Some(e);
-        }
+        self.err.get_or_insert(e);
     }
 
-    fn check(&mut self, buffer: &'static str, got: usize, want: Len) {
+    /// Checks a buffer of `got` elements against `want`, then pushes its address.
+    fn buffer(
+        mut self,
+        buffer: &'static str,
+        got: usize,
+        want: Len,
+        (p, g): (u64, SyncOnDrop<'a>),
+    ) -> Self {
         let (ok, want) = match want {
             Len::Exact(n) => (got == n, n),
             Len::AtLeast(n) => (got >= n, n),
             Len::Any => (true, got),
         };
+        let kernel = self.kernel;
         if !ok {
-            let kernel = self.kernel;
             self.fail(CudaKernelError::Length {
                 kernel,
                 buffer,
@@ -97,23 +99,24 @@ impl<'a> Launch<'a> {
                 want,
             });
         } else if i32::try_from(want).is_err() {
-            let message = format!("{buffer} has {want} elements, beyond 32-bit indexing");
-            self.fail(super::shape(self.kernel, message));
+            self.fail(shape(
+                kernel,
+                format!("{buffer} has {want} elements, beyond 32-bit indexing"),
+            ));
         }
+        self.guards.push(g);
+        self.push(Arg::P(p))
     }
 
     /// A buffer the kernel reads.
     pub(super) fn input<X>(
-        mut self,
+        self,
         name: &'static str,
         buf: &'a impl DevicePtr<X>,
         want: impl Into<Len>,
     ) -> Self {
-        self.check(name, buf.len(), want.into());
-        let (p, g) = buf.device_ptr(self.stream);
-        self.guards.push(g);
-        self.args.push(Arg::P(p));
-        self
+        let p = buf.device_ptr(self.stream);
+        self.buffer(name, buf.len(), want.into(), p)
     }
 
     /// A buffer the kernel writes (or reads, for a scratch buffer written before).
@@ -123,23 +126,8 @@ impl<'a> Launch<'a> {
         buf: &'a mut impl DevicePtrMut<X>,
         want: impl Into<Len>,
     ) -> Self {
-        self.output_at(name, buf, want, 0)
-    }
-
-    /// [`Self::output`] from element `offset` on.
-    pub(super) fn output_at<X>(
-        mut self,
-        name: &'static str,
-        buf: &'a mut impl DevicePtrMut<X>,
-        want: impl Into<Len>,
-        offset: usize,
-    ) -> Self {
-        self.check(name, buf.len(), want.into());
-        let (p, g) = buf.device_ptr_mut(self.stream);
-        self.guards.push(g);
-        self.args
-            .push(Arg::P(p + (offset * std::mem::size_of::<X>()) as u64));
-        self
+        let (len, p) = (buf.len(), buf.device_ptr_mut(self.stream));
+        self.buffer(name, len, want.into(), p)
     }
 
     /// An output that may be absent (a null pointer, which the kernel skips).
@@ -157,16 +145,49 @@ impl<'a> Launch<'a> {
 
     /// A buffer updated in place: passed as the kernel's output and as its input.
     pub(super) fn inplace<X>(
-        mut self,
+        self,
         name: &'static str,
         buf: &'a mut impl DevicePtrMut<X>,
-        want: impl Into<Len>,
+        want: usize,
     ) -> Self {
-        self.check(name, buf.len(), want.into());
-        let (p, g) = buf.device_ptr_mut(self.stream);
-        self.guards.push(g);
-        self.args.extend([Arg::P(p), Arg::P(p)]);
-        self
+        let (len, (p, g)) = (buf.len(), buf.device_ptr_mut(self.stream));
+        self.buffer(name, len, want.into(), (p, g)).push(Arg::P(p))
+    }
+
+    /// The mask a forward records for `drop`: `n` bytes, or any length (unwritten) without
+    /// dropout.
+    pub(super) fn mask(
+        self,
+        keep: &'a mut impl DevicePtrMut<u8>,
+        drop: &Dropout<'a>,
+        n: usize,
+    ) -> Self {
+        self.output("keep", keep, when(drop.on(), n))
+    }
+
+    /// `drop`'s rows' keys (`2·rows`, unread without dropout) and site (`SITE_PARAMS`: seed
+    /// lo/hi, update, site, threshold, keep scale, and whether the site drops anything).
+    pub(super) fn dropout(mut self, drop: &Dropout<'a>, rows: usize) -> Self {
+        self = self.input("row_keys", drop.row_keys, when(drop.on(), 2 * rows));
+        let k = KernelSite::of(drop.site);
+        let words = [k.seed_lo, k.seed_hi, k.update, k.site, k.threshold];
+        self.args.extend(words.map(Arg::U));
+        self.floats([k.scale]).flag(k.active)
+    }
+
+    /// A recorded mask read back for drop probability `p`: `keep` (`n` bytes, unread when
+    /// `p == 0`), then `use_keep` and the keep scale `1/(1−p)`.
+    pub(super) fn kept(mut self, keep: &'a impl DevicePtr<u8>, p: f32, n: usize) -> Self {
+        if !(0.0..1.0).contains(&p) {
+            self.fail(shape(
+                self.kernel,
+                format!("drop probability {p} is not in [0, 1)"),
+            ));
+        }
+        // keep_scale(0) = 1: no mask, no scaling
+        self.input("keep", keep, when(p != 0.0, n))
+            .flag(p != 0.0)
+            .floats([keep_scale(p)])
     }
 
     fn push(mut self, a: Arg) -> Self {
@@ -174,22 +195,16 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// A dimension, as the kernels' `int`.
-    pub(super) fn int(mut self, name: &'static str, v: usize) -> Self {
-        match i32::try_from(v) {
-            Ok(i) => self.push(Arg::I(i)),
-            Err(_) => {
-                let message = format!("{name} = {v} exceeds the kernels' 32-bit indexing");
-                self.fail(super::shape(self.kernel, message));
-                self
-            }
-        }
-    }
-
     /// Dimensions, as the kernels' `int`s, in order.
     pub(super) fn ints<const N: usize>(mut self, dims: [(&'static str, usize); N]) -> Self {
         for (name, v) in dims {
-            self = self.int(name, v);
+            match i32::try_from(v) {
+                Ok(i) => self.args.push(Arg::I(i)),
+                Err(_) => self.fail(shape(
+                    self.kernel,
+                    format!("{name} = {v} exceeds the kernels' 32-bit indexing"),
+                )),
+            }
         }
         self
     }
@@ -199,53 +214,21 @@ impl<'a> Launch<'a> {
         self.push(Arg::I(v as i32))
     }
 
-    /// A `float`.
-    pub(super) fn float(self, v: f32) -> Self {
-        self.push(Arg::F(v))
-    }
-
-    /// A `double`.
-    pub(super) fn double(self, v: f64) -> Self {
-        self.push(Arg::D(v))
-    }
-
-    /// A site's mask parameters (`SITE_PARAMS`: seed lo/hi, update, site, threshold, keep
-    /// scale, and whether the site drops anything).
-    pub(super) fn site(mut self, site: Option<Site>) -> Self {
-        let args = match site.filter(|s| s.p != 0.0) {
-            Some(s) => [
-                Arg::U(s.seed as u32),
-                Arg::U((s.seed >> 32) as u32),
-                Arg::U(s.update),
-                Arg::U(s.site),
-                Arg::U(drop_threshold(s.p)),
-                Arg::F(keep_scale(s.p)),
-                Arg::I(1),
-            ],
-            None => [
-                Arg::U(0),
-                Arg::U(0),
-                Arg::U(0),
-                Arg::U(0),
-                Arg::U(0),
-                Arg::F(1.0),
-                Arg::I(0),
-            ],
-        };
-        self.args.extend(args);
+    /// `float`s, in order.
+    pub(super) fn floats<const N: usize>(mut self, v: [f32; N]) -> Self {
+        self.args.extend(v.map(Arg::F));
         self
     }
 
-    /// A recorded mask's use: `use_keep` (`p != 0`) and the keep scale `1/(1−p)`.
-    pub(super) fn keep_scale(self, p: f32) -> Self {
-        let scale = if p == 0.0 { 1.0 } else { keep_scale(p) };
-        self.flag(p != 0.0).float(scale)
+    /// `double`s, in order.
+    pub(super) fn doubles<const N: usize>(mut self, v: [f64; N]) -> Self {
+        self.args.extend(v.map(Arg::D));
+        self
     }
 
     /// Launches one thread per item, in blocks of [`THREADS`]; nothing when `threads == 0`.
     pub(super) fn launch(self, threads: usize) -> Result<()> {
-        let blocks = threads.div_ceil(THREADS as usize);
-        self.launch_grid(blocks, THREADS, threads == 0)
+        self.launch_grid(threads.div_ceil(THREADS as usize), THREADS, threads == 0)
     }
 
     /// Launches `blocks` blocks of `threads` threads (skipped when `skip`, after the checks).
@@ -257,10 +240,8 @@ impl<'a> Launch<'a> {
         if skip {
             return Ok(());
         }
-        let Ok(blocks) = u32::try_from(blocks) else {
-            let message = format!("{blocks} blocks exceed the grid");
-            return Err(super::shape(self.kernel, message));
-        };
+        let blocks = u32::try_from(blocks)
+            .map_err(|_| shape(self.kernel, format!("{blocks} blocks exceed the grid")))?;
         let mut b = self.stream.launch_builder(&f);
         for a in &self.args {
             match a {

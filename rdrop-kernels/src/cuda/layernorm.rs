@@ -1,4 +1,5 @@
-//! Launchers of `layernorm.cu`.
+//! Launchers of `layernorm.cu`. Grids: 16 lanes per row (two rows a warp), 256-thread blocks;
+//! the backward's partials one thread per (column, block of rows), their sum one per column.
 
 use super::launch::Len;
 use super::{dims, Compute, CudaKernels, DevicePtr, DevicePtrMut, Result, COLUMN_ROWS};
@@ -7,19 +8,16 @@ impl CudaKernels {
     /// LayerNorm forward (crate::layernorm::layernorm_fwd, bit for bit in f32 before the cast
     /// of `y`): per row, `μ = Σx/D`, `r = 1/√(Σ(x−μ)²/D + eps)`, `y = (x−μ)·r·γ + β` cast to
     /// T; `mean`, `rstd` overwritten. Shapes: `y` `(N, D)` T, `x` `(N, D)` f32, `w`, `b` `(D)`,
-    /// `mean`, `rstd` `(N)`. Grid: 16 lanes per row (two rows a warp), 256-thread blocks.
+    /// `mean`, `rstd` `(N)`.
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_fwd<T: Compute>(
         &self,
         y: &mut impl DevicePtrMut<T>,
-        mean: &mut impl DevicePtrMut<f32>,
-        rstd: &mut impl DevicePtrMut<f32>,
+        [mean, rstd]: [&mut impl DevicePtrMut<f32>; 2],
         x: &impl DevicePtr<f32>,
-        w: &impl DevicePtr<f32>,
-        b: &impl DevicePtr<f32>,
+        [w, b]: [&impl DevicePtr<f32>; 2],
         eps: f32,
-        n: usize,
-        d: usize,
+        [n, d]: [usize; 2],
     ) -> Result<()> {
         const K: &str = "layernorm_fwd";
         let nd = dims(K, &[n, d])?;
@@ -30,7 +28,7 @@ impl CudaKernels {
             .input("x", x, nd)
             .input("w", w, d)
             .input("b", b, d)
-            .float(eps)
+            .floats([eps])
             .ints([("n", n), ("d", d)])
             .launch(if nd == 0 { 0 } else { n * 16 })
     }
@@ -43,25 +41,21 @@ impl CudaKernels {
 
     /// LayerNorm backward (crate::layernorm::layernorm_bwd, bit for bit in f32 when `dy` is f32):
     /// `g = dy⊙γ`, `x̂ = (x−μ)·r`, `dx (+)= r·(g − Σg/D − x̂·Σ(g⊙x̂)/D)` (`+=` when
-    /// `accumulate`, else overwritten), `dγ += Σ_rows dy⊙x̂`, `dβ += Σ_rows dy` (partials of
+    /// `accumulate`, else overwritten), `[dγ, dβ] += Σ_rows [dy⊙x̂, dy]` (partials of
     /// [`COLUMN_ROWS`] rows in row order, then added in block order: no atomics).
     /// Shapes: `dx`, `x` `(N, D)` f32, `dy` `(N, D)` T, `w`, `dw`, `db` `(D)`, `mean`, `rstd`
-    /// `(N)`, `scratch` ≥ [`Self::layernorm_bwd_scratch_len`]. Grids: 16 lanes per row for dx;
-    /// one thread per (column, block of rows) for the partials; one per column for the sum.
+    /// `(N)`, `scratch` ≥ [`Self::layernorm_bwd_scratch_len`].
     #[allow(clippy::too_many_arguments)]
     pub fn layernorm_bwd<T: Compute>(
         &self,
         dx: &mut impl DevicePtrMut<f32>,
-        dw: &mut impl DevicePtrMut<f32>,
-        db: &mut impl DevicePtrMut<f32>,
+        [dw, db]: [&mut impl DevicePtrMut<f32>; 2],
         scratch: &mut impl DevicePtrMut<f32>,
         dy: &impl DevicePtr<T>,
         x: &impl DevicePtr<f32>,
         w: &impl DevicePtr<f32>,
-        mean: &impl DevicePtr<f32>,
-        rstd: &impl DevicePtr<f32>,
-        n: usize,
-        d: usize,
+        [mean, rstd]: [&impl DevicePtr<f32>; 2],
+        [n, d]: [usize; 2],
         accumulate: bool,
     ) -> Result<()> {
         const K: &str = "layernorm_bwd";
@@ -87,7 +81,7 @@ impl CudaKernels {
             .ints([("n", n), ("d", d)])
             .launch(blocks * d)?;
         // partial c of column j: dγ at scratch[c·2D + j], dβ at scratch[c·2D + D + j]
-        self.column_reduce(dw, scratch, 0, blocks, d, 2 * d)?;
-        self.column_reduce(db, scratch, d, blocks, d, 2 * d)
+        self.column_reduce(dw, scratch, 0, [blocks, d, 2 * d])?;
+        self.column_reduce(db, scratch, d, [blocks, d, 2 * d])
     }
 }

@@ -26,8 +26,7 @@ impl CudaKernels {
         out: &mut impl DevicePtrMut<f64>,
         logits: &impl DevicePtr<f32>,
         labels: &impl DevicePtr<u32>,
-        m: usize,
-        classes: usize,
+        [m, classes]: [usize; 2],
         cfg: &LossConfig,
         weight: f32,
     ) -> Result<()> {
@@ -35,15 +34,15 @@ impl CudaKernels {
         if classes == 0 {
             return Err(shape(K, "no classes".into()));
         }
-        if !(0.0..1.0).contains(&cfg.label_smoothing) {
-            let ls = cfg.label_smoothing;
+        let ls = cfg.label_smoothing;
+        if !(0.0..1.0).contains(&ls) {
             return Err(shape(
                 K,
                 format!("label smoothing must be in [0, 1), got {ls}"),
             ));
         }
         let n = dims(K, &[2, m, classes])?;
-        let mm = (m.max(1)) as f64;
+        let mm = m.max(1) as f64;
         let (ce_w, kl_w) = match cfg.mode {
             LossMode::Mean => (0.5 / mm, 0.5 / mm),
             LossMode::Reference => (1.0 / mm, 1.0),
@@ -54,17 +53,12 @@ impl CudaKernels {
             .input("logits", logits, n)
             .input("labels", labels, m)
             .ints([("m", m), ("classes", classes)])
-            .double(cfg.label_smoothing)
-            .double(ce_w)
-            .double(cfg.alpha * kl_w)
-            .double(weight as f64)
+            .doubles([ls, ce_w, cfg.alpha * kl_w, weight as f64])
             .launch_grid(m.div_ceil(8), THREADS, m == 0)?;
         self.plain("rdrop_loss_finish")
             .output("out", out, Self::rdrop_loss_out_len(m))
-            .int("m", m)
-            .double(ce_w)
-            .double(kl_w)
-            .double(cfg.alpha)
+            .ints([("m", m)])
+            .doubles([ce_w, kl_w, cfg.alpha])
             .launch_grid(1, 32, false)
     }
 }

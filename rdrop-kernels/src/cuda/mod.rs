@@ -1,12 +1,12 @@
 //! The explicit engine's compute on CUDA (feature `cuda`): the GEMMs through cuBLASLt
 //! ([`gemm`]) and the kernels. Each op is a `.cu` file (its kernels) beside a `.rs` file (its
 //! launchers, methods of [`CudaKernels`]): `embed`, `heads`, `layernorm`, `softmax`, `gelu`,
-//! `dropout`, `columns`, `cast`, `loss`, `optim`. build.rs
-//! compiles every `.cu` with nvcc into a fat binary (a cubin per architecture, [`CUBIN_ARCHS`],
-//! and the PTX of the lowest, [`PTX_ARCH`]); [`CudaKernels::new`] loads them on the caller's
+//! `dropout`, `columns`, `cast`, `loss`, `optim`. build.rs compiles every `.cu` with nvcc
+//! into a fat binary (a cubin per architecture, [`CUBIN_ARCHS`], and the PTX of the lowest,
+//! [`PTX_ARCH`]); [`CudaKernels::new`] loads them on the caller's
 //! stream (the engine's, where [`gemm`] runs too, so kernels and GEMMs are ordered) and a
-//! launcher looks its kernel up by name on first use. Launchers push their arguments through one typed builder
-//! (`launch::Launch`), which checks each buffer's length as it pushes it.
+//! launcher looks its kernel up by name on first use. Launchers push their arguments through
+//! one typed builder (`launch::Launch`), which checks each buffer's length as it pushes it.
 //!
 //! Conventions (as the CPU kernels'; docs/engine.md has the formulas and the precision rules):
 //! - buffers are row-major; inputs are `&impl DevicePtr<X>`, outputs `&mut impl DevicePtrMut<X>`
@@ -15,13 +15,13 @@
 //!   LayerNorm/softmax statistics, gradients of parameters and optimiser state are f32;
 //! - every length is checked on the host before the launch: a mismatch is a
 //!   [`CudaKernelError::Length`] naming the kernel and the buffer, never an out-of-bounds
-//!   launch; dims must fit in `i32`;
-//! - dropout: `site: Option<Site>` (`None` or `p == 0`: no dropout, nothing written to the
-//!   mask) and `row_keys`, a `u32` buffer of `[sample, pass]` pairs, one pair per sample row
-//!   (`crate::dropout::RowKey`); element `i` of sample row `r` is kept iff
-//!   `philox(i / 4, sample, site << 1 | pass, update; seed)[i % 4] ≥ drop_threshold(p)`, bit for
-//!   bit as [`crate::dropout`]. Forwards record the mask as bytes (`keep`, 1 = kept) and
-//!   backwards read it (`p` given so that `p == 0` skips it);
+//!   launch; dims must fit in `i32`. Dimensions come as one array in the order the
+//!   launcher's shapes name them (`[rows, n]`, `[B, Tk, D]`), buffers of one role as arrays
+//!   (`[q, k, v]`, `[mean, rstd]`);
+//! - dropout ([`Dropout`]): element `i` of sample row `r` is kept iff `philox(i / 4, sample,
+//!   site << 1 | pass, update; seed)[i % 4] ≥ drop_threshold(p)`, bit for bit as
+//!   [`crate::dropout`]. Forwards record the mask as bytes (`keep`, 1 = kept) and backwards
+//!   read it (`p` given so that `p == 0` skips it);
 //! - nothing uses float atomics: every reduction runs in a fixed order (results are
 //!   deterministic run to run); backwards that say "+=" accumulate, the rest overwrite.
 //!
@@ -48,11 +48,13 @@ use std::sync::{Arc, Mutex};
 
 /// The cudarc this crate is built with (its `driver` types are the launchers' buffers).
 pub use cudarc;
-use cudarc::driver::{CudaFunction, CudaModule};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice};
 pub use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, DriverError};
 use cudarc::nvrtc::Ptx;
 
+use crate::arch::no_image;
 pub use crate::arch::{kernel_image, KernelImage};
+use crate::dropout::Site;
 use launch::Launch;
 
 /// Errors of the CUDA kernels.
@@ -81,23 +83,9 @@ pub enum CudaKernelError {
         /// What is wrong.
         message: String,
     },
-    /// This build has no kernel image the GPU can run.
-    #[error(
-        "CUDA kernels: no kernel image for this GPU (compute capability {major}.{minor}): this \
-         build holds cubins for {covered} and PTX for compute_{ptx} (newer GPUs JIT it); {hint}"
-    )]
-    NoImage {
-        /// The GPU's compute capability.
-        major: u32,
-        /// Its minor version.
-        minor: u32,
-        /// The cubins' architectures, e.g. `sm_75, sm_80`.
-        covered: String,
-        /// The PTX's architecture.
-        ptx: u32,
-        /// How to build for it.
-        hint: String,
-    },
+    /// This build has no kernel image the GPU can run (the message says how to build one).
+    #[error("CUDA kernels: {0}")]
+    NoImage(String),
     /// A cuBLASLt call failed, or a GEMM's operands do not fit its shape.
     #[error("CUDA GEMM: {what}: {message}")]
     Gemm {
@@ -122,21 +110,26 @@ mod sealed {
 }
 
 /// The GEMM-side storage type of activations: `f32`, `bf16` or `f16` (the kernels are C++
-/// templates instantiated with suffixes `_f32`, `_bf16`, `_f16`).
+/// templates instantiated with suffixes `_f32`, `_bf16`, `_f16`; cuBLASLt takes all three).
 pub trait Compute:
     sealed::Sealed + cudarc::driver::DeviceRepr + Copy + Send + Sync + 'static
 {
     /// Kernel-name suffix.
     const NAME: &'static str;
+    /// Its GEMM element type.
+    const DT: gemm::Dt;
 }
 impl Compute for f32 {
     const NAME: &'static str = "f32";
+    const DT: gemm::Dt = gemm::Dt::F32;
 }
 impl Compute for half::bf16 {
     const NAME: &'static str = "bf16";
+    const DT: gemm::Dt = gemm::Dt::Bf16;
 }
 impl Compute for half::f16 {
     const NAME: &'static str = "f16";
+    const DT: gemm::Dt = gemm::Dt::F16;
 }
 
 include!(concat!(env!("OUT_DIR"), "/archs.rs"));
@@ -153,7 +146,26 @@ pub const LOSS_HEADER: usize = 4;
 /// The optional compute copy of the parameters written by the update kernels.
 pub type CudaViewMutT<'a, T> = cudarc::driver::CudaViewMut<'a, T>;
 
+/// Dropout in a forward: the site (`None` or `p == 0`: no dropout, the mask not written and
+/// the keys not read, so both may be empty) and the rows' keys, a `[sample, pass]` pair per
+/// sample row (`crate::dropout::RowKey`).
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout<'a> {
+    /// The site's key and probability.
+    pub site: Option<Site>,
+    /// `2·rows` u32.
+    pub row_keys: &'a CudaSlice<u32>,
+}
+
+impl Dropout<'_> {
+    /// Whether the site drops anything.
+    pub fn on(&self) -> bool {
+        self.site.is_some_and(|s| s.p != 0.0)
+    }
+}
+
 /// The loaded kernel modules, launched on one stream.
+#[derive(Debug)]
 pub struct CudaKernels {
     stream: Arc<CudaStream>,
     /// One per entry of `MODULES`.
@@ -163,15 +175,6 @@ pub struct CudaKernels {
     funcs: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     /// The image the driver runs on this GPU.
     image: KernelImage,
-}
-
-impl std::fmt::Debug for CudaKernels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaKernels")
-            .field("modules", &self.modules.len())
-            .field("image", &self.image)
-            .finish()
-    }
 }
 
 /// The module of `MODULES` whose PTX defines kernel `name`.
@@ -192,29 +195,17 @@ impl CudaKernels {
         let (major, minor) = ctx.compute_capability()?;
         let (major, minor) = (major.max(0) as u32, minor.max(0) as u32);
         let image = kernel_image(CUBIN_ARCHS, PTX_ARCH, major, minor).ok_or_else(|| {
-            let covered: Vec<String> = CUBIN_ARCHS.iter().map(|a| format!("sm_{a}")).collect();
-            CudaKernelError::NoImage {
-                major,
-                minor,
-                covered: covered.join(", "),
-                ptx: PTX_ARCH,
-                hint: if major * 10 + minor < 75 {
-                    "CUDA 13 no longer compiles for it: build the CUDA 12 flavour \
-                     (`scripts/build-cuda.sh --cuda 12`)"
-                        .to_string()
-                } else {
-                    format!("rebuild with RDROP_CUDA_ARCHS={major}{minor} scripts/build-cuda.sh")
-                },
-            }
+            CudaKernelError::NoImage(no_image(CUBIN_ARCHS, PTX_ARCH, major, minor))
         })?;
         let modules = MODULES
             .iter()
             .map(|(_, _, fatbin)| ctx.load_module(Ptx::from_binary(fatbin.to_vec())))
             .collect::<Result<_, _>>()?;
+        let funcs = Mutex::default();
         Ok(Self {
             stream,
             modules,
-            funcs: Mutex::new(HashMap::new()),
+            funcs,
             image,
         })
     }
@@ -270,80 +261,4 @@ fn dims(kernel: &'static str, dims: &[usize]) -> Result<usize> {
 /// A [`CudaKernelError::Shape`].
 fn shape(kernel: &'static str, message: String) -> CudaKernelError {
     CudaKernelError::Shape { kernel, message }
-}
-
-/// Checks `p` is a drop probability.
-fn check_p(kernel: &'static str, p: f32) -> Result<()> {
-    if (0.0..1.0).contains(&p) {
-        Ok(())
-    } else {
-        Err(shape(
-            kernel,
-            format!("drop probability {p} is not in [0, 1)"),
-        ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::MODULES;
-
-    /// The kernels the launchers name: `typed::<T>(…)` (each compute type), `plain(…)` and
-    /// `permute::<T>(…)`, with a literal or the launcher's `const K`.
-    fn launched() -> BTreeSet<String> {
-        let mut names = BTreeSet::new();
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cuda");
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            if path.extension().is_none_or(|x| x != "rs") {
-                continue;
-            }
-            let src = std::fs::read_to_string(&path).unwrap();
-            for (call, typed) in [
-                ("typed::<T>(", true),
-                ("permute::<T>(", true),
-                ("plain(", false),
-            ] {
-                for (at, _) in src.match_indices(&format!(".{call}")) {
-                    let arg = &src[at + call.len() + 1..];
-                    let arg = &arg[..arg.find([')', ',']).unwrap()];
-                    let kernel = match arg.strip_prefix('"') {
-                        Some(lit) => lit.trim_end_matches('"'),
-                        None if arg == "K" => {
-                            let def = src[..at].rfind("const K: &str = \"").unwrap();
-                            let lit = &src[def + 17..];
-                            &lit[..lit.find('"').unwrap()]
-                        }
-                        None => continue, // a helper's parameter: its callers are scanned
-                    };
-                    if typed {
-                        names.extend(["f32", "bf16", "f16"].map(|t| format!("{kernel}_{t}")));
-                    } else {
-                        names.insert(kernel.to_string());
-                    }
-                }
-            }
-        }
-        names
-    }
-
-    /// The kernels the launchers name are exactly the entries of the embedded PTX, each in one
-    /// module (no GPU needed): a renamed, missing or never launched kernel fails here.
-    #[test]
-    fn the_launchers_launch_every_kernel_of_the_modules() {
-        let mut entries = BTreeSet::new();
-        for (module, ptx, fatbin) in MODULES {
-            assert!(fatbin.len() > 1000, "{module}.fatbin is empty");
-            for line in ptx.lines() {
-                if let Some(rest) = line.split(".entry ").nth(1) {
-                    let name = rest.trim_end_matches('(').to_string();
-                    assert!(entries.insert(name.clone()), "{name} in two modules");
-                }
-            }
-        }
-        assert_eq!(launched(), entries);
-        assert!(entries.len() > 70, "{} kernels", entries.len());
-    }
 }

@@ -1,6 +1,6 @@
 //! Launchers of `optim.cu`: the update over the flat f32 buffers.
 
-use super::launch::{Len, THREADS};
+use super::launch::{when, Len, THREADS};
 use super::SUM_SQUARES_BLOCKS;
 use super::{shape, Compute, CudaKernels, CudaViewMutT, DevicePtr, DevicePtrMut, Result};
 use crate::optim::{AdamCoef, AdamWHyper, SgdHyper};
@@ -22,12 +22,12 @@ impl CudaKernels {
         self.plain("sum_squares_partials")
             .output("scratch", scratch, Len::AtLeast(SUM_SQUARES_BLOCKS))
             .input("x", x, n)
-            .int("elements", n)
+            .ints([("elements", n)])
             .launch_grid(SUM_SQUARES_BLOCKS, THREADS, false)?;
         self.plain("sum_squares_finish")
             .output("out", out, 1)
             .output("scratch", scratch, Len::AtLeast(SUM_SQUARES_BLOCKS))
-            .int("blocks", SUM_SQUARES_BLOCKS)
+            .ints([("blocks", SUM_SQUARES_BLOCKS)])
             .flag(accumulate)
             .launch_grid(1, 32, false)
     }
@@ -50,11 +50,11 @@ impl CudaKernels {
             .output("coef", coef, 1)
             .output("norm", norm, 1)
             .input("sumsq", sumsq, 1)
-            .float(if max_norm.is_infinite() {
+            .floats([if max_norm.is_infinite() {
                 -1.0
             } else {
                 max_norm as f32
-            })
+            }])
             .launch_grid(1, 1, false)
     }
 
@@ -79,14 +79,12 @@ impl CudaKernels {
             .output("params", params, n)
             .output_opt("params_t", params_t, n)
             .input("grads", grads, n)
-            .output("mom", mom, Len::when(h.momentum != 0.0, n))
+            .output("mom", mom, when(h.momentum != 0.0, n))
             .input("coef", coef, 1)
-            .float(h.lr)
-            .float(h.momentum)
-            .float(h.weight_decay)
+            .floats([h.lr, h.momentum, h.weight_decay])
             .flag(h.nesterov)
             .flag(first_step)
-            .int("elements", n)
+            .ints([("elements", n)])
             .launch(n)
     }
 
@@ -101,8 +99,7 @@ impl CudaKernels {
         params: &mut impl DevicePtrMut<f32>,
         params_t: Option<&mut CudaViewMutT<'_, T>>,
         grads: &impl DevicePtr<f32>,
-        exp_avg: &mut impl DevicePtrMut<f32>,
-        exp_avg_sq: &mut impl DevicePtrMut<f32>,
+        [exp_avg, exp_avg_sq]: [&mut impl DevicePtrMut<f32>; 2],
         coef: &impl DevicePtr<f32>,
         step: u64,
         h: &AdamWHyper,
@@ -112,7 +109,15 @@ impl CudaKernels {
             return Err(shape(K, "step counts from 1".into()));
         }
         let n = params.len();
-        let k = AdamCoef::new(step, h);
+        let AdamCoef {
+            decay,
+            one_m_b1,
+            b2,
+            one_m_b2,
+            inv_bc2_sqrt,
+            eps,
+            step_size,
+        } = AdamCoef::new(step, h);
         self.typed::<T>(K)
             .output("params", params, n)
             .output_opt("params_t", params_t, n)
@@ -120,15 +125,9 @@ impl CudaKernels {
             .output("exp_avg", exp_avg, n)
             .output("exp_avg_sq", exp_avg_sq, n)
             .input("coef", coef, 1)
-            .float(k.decay)
-            .float(k.one_m_b1)
-            .float(k.b2)
-            .float(k.one_m_b2)
-            .float(k.inv_bc2_sqrt)
-            .float(k.eps)
-            .float(k.step_size)
+            .floats([decay, one_m_b1, b2, one_m_b2, inv_bc2_sqrt, eps, step_size])
             .flag(h.weight_decay != 0.0)
-            .int("elements", n)
+            .ints([("elements", n)])
             .launch(n)
     }
 
@@ -137,8 +136,8 @@ impl CudaKernels {
         let n = x.len();
         self.plain("scale_inplace")
             .output("x", x, n)
-            .float(s)
-            .int("elements", n)
+            .floats([s])
+            .ints([("elements", n)])
             .launch(n)
     }
 }

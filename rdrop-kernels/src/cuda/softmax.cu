@@ -56,8 +56,8 @@ __device__ void softmax_dropout_fwd_impl(T* probs, T* attn, uint8_t* keep, const
     }
 }
 #define K_SM_FWD(SUF, T)                                                                                      \
-    extern "C" __global__ void softmax_dropout_fwd_##SUF(T* probs, T* attn, uint8_t* keep, const uint32_t* row_keys, \
-                                                         float scale, uint32_t seed_lo, uint32_t seed_hi,     \
+    extern "C" __global__ void softmax_dropout_fwd_##SUF(T* probs, T* attn, uint8_t* keep, float scale,             \
+                                                         const uint32_t* row_keys, uint32_t seed_lo, uint32_t seed_hi,     \
                                                          uint32_t update, uint32_t site, uint32_t thr, float kscale, \
                                                          int active, int b, int heads, int t, int ld) {       \
         softmax_dropout_fwd_impl<T>(probs, attn, keep, row_keys, scale,                                       \

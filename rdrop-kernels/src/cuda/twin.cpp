@@ -30,6 +30,15 @@ rd::SiteKey site_key(uint32_t seed_lo, uint32_t seed_hi, uint32_t update, uint32
     return rd::SiteKey{seed_lo, seed_hi, update, site, thr, scale};
 }
 
+/// rdrop_kernels::dropout::KernelSite (`repr(C)`): a site as the kernels take it.
+struct KernelSite {
+    uint32_t seed_lo, seed_hi, update, site, thr;
+    float scale;
+    bool active;
+};
+
+rd::SiteKey key_of(const KernelSite* s) { return site_key(s->seed_lo, s->seed_hi, s->update, s->site, s->thr, s->scale); }
+
 }  // namespace
 
 extern "C" {
@@ -53,10 +62,10 @@ float rd_twin_gelu_grad(float x) { return rd::gelu_grad(x); }
 /// embed/residual/gelu kernels' sample row: thread per Philox block of 4 elements.
 /// mode 0: dropout_fwd (x ← keep ? x·s : 0), 1: residual (out = res + m·y), 2: gelu + dropout.
 /// `active == 0`: no mask (keep untouched).
-void rd_twin_sample_row(int mode, float* out, uint8_t* keep, const float* a, const float* b, int n, uint32_t seed_lo,
-                        uint32_t seed_hi, uint32_t update, uint32_t site, uint32_t thr, float scale, int active,
-                        uint32_t sample, uint32_t pass) {
-    rd::SiteKey k = site_key(seed_lo, seed_hi, update, site, thr, scale);
+void rd_twin_sample_row(int mode, float* out, uint8_t* keep, const float* a, const float* b, int n,
+                        const KernelSite* s, uint32_t sample, uint32_t pass) {
+    rd::SiteKey k = key_of(s);
+    int active = s->active;
     int per = (n + 3) / 4;
     for (int blk = 0; blk < per; ++blk) {
         uint32_t w[4] = {0, 0, 0, 0};
@@ -64,18 +73,18 @@ void rd_twin_sample_row(int mode, float* out, uint8_t* keep, const float* a, con
         for (int q = 0; q < 4; ++q) {
             int e = 4 * blk + q;
             if (e >= n) break;
-            bool kept = active ? rd::keep_of(w[q], thr) : true;
+            bool kept = active ? rd::keep_of(w[q], k.thr) : true;
             if (active) keep[e] = kept;
             switch (mode) {
                 case 0:
-                    out[e] = active ? rd::apply_keep(a[e], kept, scale) : a[e];
+                    out[e] = active ? rd::apply_keep(a[e], kept, k.scale) : a[e];
                     break;
                 case 1:
-                    out[e] = active ? rd::residual_elem(a[e], b[e], kept, scale) : a[e] + b[e];
+                    out[e] = active ? rd::residual_elem(a[e], b[e], kept, k.scale) : a[e] + b[e];
                     break;
                 default: {
                     float g = rd::gelu(a[e]);
-                    out[e] = active ? rd::apply_keep(g, kept, scale) : g;
+                    out[e] = active ? rd::apply_keep(g, kept, k.scale) : g;
                 }
             }
         }
@@ -137,10 +146,10 @@ void rd_twin_layernorm_bwd(float* dx, float* dw, float* db, const float* dy, con
 
 /// softmax_dropout_fwd of one row of `t` scores (P in place, A, keep); the row's mask elements
 /// are `base .. base + t` of key (sample, pass).
-void rd_twin_softmax_fwd_row(float* s, float* a, uint8_t* keep, int t, float scale, uint32_t seed_lo,
-                             uint32_t seed_hi, uint32_t update, uint32_t site, uint32_t thr, float kscale, int active,
+void rd_twin_softmax_fwd_row(float* s, float* a, uint8_t* keep, int t, float scale, const KernelSite* site,
                              uint32_t sample, uint32_t pass, uint32_t base) {
-    rd::SiteKey k = site_key(seed_lo, seed_hi, update, site, thr, kscale);
+    rd::SiteKey k = key_of(site);
+    int active = site->active;
     float mx = rd::bits_to_float(0xff800000u);
     for (int l = 0; l < 8; ++l) mx = rd::sm_max(mx, rd::sm_lane_max(s, t, l, scale));
     float lanes[8];
@@ -151,9 +160,9 @@ void rd_twin_softmax_fwd_row(float* s, float* a, uint8_t* keep, int t, float sca
         float p = rd::exp_sm(scale * s[j] - mx) * inv;
         s[j] = p;
         if (active) {  // without dropout A = P: `a` and `keep` untouched, as in the kernel
-            bool kept = rd::keep_of(rd::mask_word(k, sample, pass, base + (uint32_t)j), thr);
+            bool kept = rd::keep_of(rd::mask_word(k, sample, pass, base + (uint32_t)j), k.thr);
             keep[j] = kept;
-            a[j] = rd::apply_keep(p, kept, kscale);
+            a[j] = rd::apply_keep(p, kept, k.scale);
         }
     }
 }

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr};
 use rdrop_kernels::cuda::Compute;
 
 use super::forward::Ctx;
-use super::gemm::{GemmType, RowGemm};
+use super::gemm::RowGemm;
 use super::gemm_shape::AttnShapes;
 use super::plan::DevicePlan;
 use crate::engine::cost;
@@ -53,7 +53,7 @@ fn with_grads<R>(
 /// `dW += dyᵀ·x`, `db += Σ dy`, `dx = dy·W` (when `dx` is given) for the linear `t` (see the
 /// module doc).
 #[allow(clippy::too_many_arguments)]
-fn linear_bwd<T: Compute + GemmType>(
+fn linear_bwd<T: Compute>(
     c: &mut Ctx<'_, T>,
     grads: &mut CudaSlice<f32>,
     cols: &mut CudaSlice<f32>,
@@ -75,7 +75,7 @@ fn linear_bwd<T: Compute + GemmType>(
             1.0,
             1.0,
         )?;
-        Ok(c.k.bias_grad::<T>(g.bias, cols, dy, n, o)?)
+        Ok(c.k.bias_grad::<T>(g.bias, cols, dy, [n, o])?)
     })?;
     if let Some(dx) = dx {
         c.gemm.matmul::<T, T>(
@@ -116,7 +116,7 @@ fn release(
 /// Backward of the forward that filled `plan` (same masks), adding into `grads`. Passing each
 /// of `cuts` (a subset of the CPU engine's `ready_cuts`, in its order) it hands the finished
 /// range above it to `ready`, as the CPU backward does.
-pub(crate) fn backward<T: Compute + GemmType>(
+pub(crate) fn backward<T: Compute>(
     c: &mut Ctx<'_, T>,
     off: &Offsets,
     plan: &mut DevicePlan<T>,
@@ -205,11 +205,20 @@ pub(crate) fn backward<T: Compute + GemmType>(
     }
     let lnf_w = c.master(&off.layernorm).weight;
     with_grads(grads, &off.layernorm, |g| {
+        let (dw, stats) = ([g.weight, g.bias], [&*meanf, &*rstdf]);
         Ok(k.layernorm_bwd::<T>(
-            dcls, g.weight, g.bias, cols, &dlnf, &*cls, &lnf_w, &*meanf, &*rstdf, rows, d, false,
+            dcls,
+            dw,
+            cols,
+            &dlnf,
+            &*cls,
+            &lnf_w,
+            stats,
+            [rows, d],
+            false,
         )?)
     })?;
-    k.cls_scatter_grad(dres, &*dcls, rows, t, d)?;
+    k.cls_scatter_grad(dres, &*dcls, [rows, t, d])?;
     let (f, b) = head_cost(cfg, rows, e);
     c.lap("head_bwd", (2.0 * f, 2.0 * b))?;
     release(off.layernorm.weight.start, &mut end, &mut cuts, ready)?;
@@ -245,17 +254,8 @@ pub(crate) fn backward<T: Compute + GemmType>(
             "gelu_dropout_bwd",
             cost::elementwise(n * m, 2, 1, e, 25.0, true),
         )?;
-        k.layernorm_fwd::<T>(
-            ln,
-            &mut acts.mean2,
-            &mut acts.rstd2,
-            &acts.mid,
-            &master.layernorm_after.weight,
-            &master.layernorm_after.bias,
-            eps,
-            n,
-            d,
-        )?;
+        let (lw, stats) = (&master.layernorm_after, [&mut acts.mean2, &mut acts.rstd2]);
+        k.layernorm_fwd::<T>(ln, stats, &acts.mid, [&lw.weight, &lw.bias], eps, [n, d])?;
         c.lap("layernorm_bwd", cost::layernorm(n, d, e))?;
         linear_bwd(
             c,
@@ -271,20 +271,9 @@ pub(crate) fn backward<T: Compute + GemmType>(
         )?;
         c.lap("mlp_gemm_bwd", cost::gemm_bwd(n, d, m, e, true))?;
         with_grads(grads, &o_.layernorm_after, |g| {
-            Ok(k.layernorm_bwd::<T>(
-                dres,
-                g.weight,
-                g.bias,
-                cols,
-                &*dln,
-                &acts.mid,
-                &master.layernorm_after.weight,
-                &acts.mean2,
-                &acts.rstd2,
-                n,
-                d,
-                true,
-            )?)
+            let (dw, stats) = ([g.weight, g.bias], [&acts.mean2, &acts.rstd2]);
+            let w = &master.layernorm_after.weight;
+            Ok(k.layernorm_bwd::<T>(dres, dw, cols, &*dln, &acts.mid, w, stats, [n, d], true)?)
         })?;
         c.lap("layernorm_bwd", cost::layernorm_bwd(n, d, e))?;
 
@@ -304,7 +293,7 @@ pub(crate) fn backward<T: Compute + GemmType>(
             d,
         )?;
         c.lap("proj_gemm_bwd", cost::gemm_bwd(n, d, d, e, true))?;
-        k.attn_split_grad::<T>(o, &*dattn, rows, t, h, dh)?;
+        k.attn_split_grad::<T>(o, &*dattn, [rows, t, h, dh])?;
         let g = AttnShapes::new(cfg, rows);
         // A again (P ⊙ mask), or P itself without attention dropout.
         if p_probs > 0.0 {
@@ -321,35 +310,17 @@ pub(crate) fn backward<T: Compute + GemmType>(
             .matmul::<T, T>(&g.qk(), &*o, &acts.v, dp, None, 1.0, 0.0)?;
         let scale = 1.0 / (dh as f32).sqrt();
         // dS (scale included) in place over dA.
-        k.softmax_dropout_bwd_inplace_ld::<T>(
-            dp,
-            &acts.probs,
-            &acts.keep_probs,
-            p_probs,
-            scale,
-            rows,
-            h,
-            t,
-            g.ld,
-        )?;
+        let (probs, keep, dims) = (&acts.probs, &acts.keep_probs, [rows, h, t, g.ld]);
+        k.softmax_dropout_bwd_inplace_ld::<T>(dp, probs, keep, p_probs, scale, dims)?;
         // dq = dS·k,  dk = dSᵀ·q
         c.gemm
             .matmul::<T, T>(&g.sx(false), &*dp, &acts.k, dq, None, 1.0, 0.0)?;
         c.gemm
             .matmul::<T, T>(&g.sx(true), &*dp, &acts.q, dk, None, 1.0, 0.0)?;
-        k.qkv_merge_grad::<T>(qkv_rows, &*dq, &*dk, &*dv, rows, t, h, dh)?;
+        k.qkv_merge_grad::<T>(qkv_rows, [&*dq, &*dk, &*dv], [rows, t, h, dh])?;
         c.lap("attention_bwd", cost::attention_bwd(rows, h, t, dh, e))?;
-        k.layernorm_fwd::<T>(
-            ln,
-            &mut acts.mean1,
-            &mut acts.rstd1,
-            &acts.x,
-            &master.layernorm_before.weight,
-            &master.layernorm_before.bias,
-            eps,
-            n,
-            d,
-        )?;
+        let (lw, stats) = (&master.layernorm_before, [&mut acts.mean1, &mut acts.rstd1]);
+        k.layernorm_fwd::<T>(ln, stats, &acts.x, [&lw.weight, &lw.bias], eps, [n, d])?;
         c.lap("layernorm_bwd", cost::layernorm(n, d, e))?;
         linear_bwd(
             c,
@@ -365,20 +336,9 @@ pub(crate) fn backward<T: Compute + GemmType>(
         )?;
         c.lap("qkv_gemm_bwd", cost::gemm_bwd(n, d, 3 * d, e, true))?;
         with_grads(grads, &o_.layernorm_before, |g| {
-            Ok(k.layernorm_bwd::<T>(
-                dres,
-                g.weight,
-                g.bias,
-                cols,
-                &*dln,
-                &acts.x,
-                &master.layernorm_before.weight,
-                &acts.mean1,
-                &acts.rstd1,
-                n,
-                d,
-                true,
-            )?)
+            let (dw, stats) = ([g.weight, g.bias], [&acts.mean1, &acts.rstd1]);
+            let w = &master.layernorm_before.weight;
+            Ok(k.layernorm_bwd::<T>(dres, dw, cols, &*dln, &acts.x, w, stats, [n, d], true)?)
         })?;
         c.lap("layernorm_bwd", cost::layernorm_bwd(n, d, e))?;
         release(o_.start(), &mut end, &mut cuts, ready)?;
@@ -389,17 +349,8 @@ pub(crate) fn backward<T: Compute + GemmType>(
     let emb = &off.embeddings;
     let (ct, pe) = (&emb.cls_token, &emb.position_embeddings);
     with_pair(grads, ct, pe, |dcls_p, dpos| {
-        Ok(k.embed_bwd::<T>(
-            tok,
-            dcls_p,
-            dpos,
-            &*dres,
-            &*keep_embed,
-            p_hidden,
-            rows,
-            t,
-            d,
-        )?)
+        let keep = &*keep_embed;
+        Ok(k.embed_bwd::<T>(tok, dcls_p, dpos, &*dres, keep, p_hidden, [rows, t, d])?)
     })?;
     let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
     linear_bwd(

@@ -17,7 +17,7 @@ use rdrop_kernels::optim::{AdamWHyper, SgdHyper};
 
 use super::backward::{backward, BucketReady};
 use super::forward::{forward, Ctx};
-use super::gemm::{Gemm, GemmType};
+use super::gemm::Gemm;
 use super::laps::EventLaps;
 use super::plan::DevicePlan;
 use super::plan::PlanSpec;
@@ -58,7 +58,7 @@ pub(crate) struct Dev<T> {
     pub plan: Option<DevicePlan<T>>,
 }
 
-impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
+impl<T: Compute + cudarc::driver::ValidAsZeroBits> Dev<T> {
     fn new(stream: Arc<CudaStream>, host: &[f32]) -> Result<Self> {
         let k = CudaKernels::new(stream.clone())?;
         let gemm = Gemm::new(stream.clone())?;
@@ -306,8 +306,7 @@ impl<T: Compute + GemmType + cudarc::driver::ValidAsZeroBits> Dev<T> {
                         &mut params.slice_mut(r.clone()),
                         Some(&mut pt),
                         &g,
-                        &mut m.slice_mut(r.clone()),
-                        &mut v.slice_mut(r.clone()),
+                        [&mut m.slice_mut(r.clone()), &mut v.slice_mut(r.clone())],
                         &*coef,
                         steps,
                         &h,
@@ -646,8 +645,7 @@ impl CudaEngine {
                     &mut plan.loss,
                     &plan.logits,
                     &plan.labels.slice(..m),
-                    m,
-                    classes,
+                    [m, classes],
                     loss,
                     weight as f32,
                 )?;

@@ -4,9 +4,9 @@
 //! in `T`; dropout masks from the same Philox keys (`Masks::site`), recorded for the backward.
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-use rdrop_kernels::cuda::{Compute, CudaKernels};
+use rdrop_kernels::cuda::{Compute, CudaKernels, Dropout};
 
-use super::gemm::{DevicePtrDyn, Gemm, GemmType, RowGemm};
+use super::gemm::{Gemm, RowGemm};
 use super::gemm_shape::AttnShapes;
 use super::laps::EventLaps;
 use super::plan::{DevicePlan, LayerBufs};
@@ -31,7 +31,7 @@ pub(crate) struct Ctx<'a, T> {
     pub laps: &'a mut EventLaps,
 }
 
-impl<'a, T: Compute + GemmType> Ctx<'a, T> {
+impl<'a, T: Compute> Ctx<'a, T> {
     /// The tensors of `x` in the f32 master parameters (LayerNorms, embeddings, f32 biases).
     pub fn master<X: Tensors>(&self, x: &X) -> X::Of<CudaView<'a, f32>> {
         let p: &'a CudaSlice<f32> = self.p;
@@ -49,6 +49,15 @@ impl<'a, T: Compute + GemmType> Ctx<'a, T> {
         self.laps.lap(group, cost)
     }
 
+    /// Dropout at site `site` with probability `p` (none outside training), keyed by `keys`.
+    pub fn dropout<'k>(&self, site: u32, p: f64, keys: &'k CudaSlice<u32>) -> Dropout<'k> {
+        let site = self.masks.site(site, p);
+        Dropout {
+            site,
+            row_keys: keys,
+        }
+    }
+
     /// Bytes of a compute-type element.
     pub fn e(&self) -> usize {
         std::mem::size_of::<T>()
@@ -57,7 +66,7 @@ impl<'a, T: Compute + GemmType> Ctx<'a, T> {
 
 /// `y (n, o) = x (n, i) · W (o, i)ᵀ [+ b]` (W, b views of the `T` copy, or f32 for an f32 `y`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn linear<T: GemmType, C: GemmType>(
+pub(crate) fn linear<T: Compute, C: Compute>(
     gemm: &mut Gemm,
     y: &mut impl DevicePtrMut<C>,
     x: &impl DevicePtr<T>,
@@ -67,21 +76,13 @@ pub(crate) fn linear<T: GemmType, C: GemmType>(
     i: usize,
     o: usize,
 ) -> Result<()> {
-    gemm.matmul(
-        &RowGemm::new(n, o, i, false, true),
-        x,
-        w,
-        y,
-        b.map(|b| b as &dyn DevicePtrDyn<C>),
-        1.0,
-        0.0,
-    )?;
+    gemm.matmul(&RowGemm::new(n, o, i, false, true), x, w, y, b, 1.0, 0.0)?;
     Ok(())
 }
 
 /// One block: `acts.x` → `out` (both `(B, T, D)` f32), saving what the backward needs.
 #[allow(clippy::too_many_arguments)]
-fn block<T: Compute + GemmType>(
+fn block<T: Compute>(
     c: &mut Ctx<'_, T>,
     l: usize,
     o: &Layer,
@@ -103,70 +104,36 @@ fn block<T: Compute + GemmType>(
     let k = c.k;
     let e = c.e();
     let (master, pt) = (c.master(o), c.compute(o));
-    k.layernorm_fwd::<T>(
-        s.ln,
-        &mut acts.mean1,
-        &mut acts.rstd1,
-        &acts.x,
-        &master.layernorm_before.weight,
-        &master.layernorm_before.bias,
-        eps,
-        n,
-        d,
-    )?;
+    let ln = &master.layernorm_before;
+    let stats = [&mut acts.mean1, &mut acts.rstd1];
+    k.layernorm_fwd::<T>(s.ln, stats, &acts.x, [&ln.weight, &ln.bias], eps, [n, d])?;
     c.lap("layernorm", cost::layernorm(n, d, e))?;
     let WeightBias { weight: w, bias } = pt.query_key_value;
     linear(c.gemm, s.qkv_rows, &*s.ln, &w, Some(&bias), n, d, 3 * d)?;
     c.lap("qkv_gemm", cost::gemm(n, d, 3 * d, e))?;
-    k.qkv_split::<T>(
-        &mut acts.q,
-        &mut acts.k,
-        &mut acts.v,
-        &*s.qkv_rows,
-        b,
-        t,
-        h,
-        dh,
-    )?;
+    let qkv = [&mut acts.q, &mut acts.k, &mut acts.v];
+    k.qkv_split::<T>(qkv, &*s.qkv_rows, [b, t, h, dh])?;
     attention_fwd(c, l, acts, s, keys)?;
-    k.attn_merge::<T>(&mut acts.attn, &*s.o, b, t, h, dh)?;
+    k.attn_merge::<T>(&mut acts.attn, &*s.o, [b, t, h, dh])?;
     c.lap("attention", cost::attention(b, h, t, dh, e))?;
     let WeightBias { weight: w, bias } = pt.attention_output;
     linear(c.gemm, s.proj, &acts.attn, &w, Some(&bias), n, d, d)?;
     c.lap("proj_gemm", cost::gemm(n, d, d, e))?;
-    let site = c.masks.site(
-        sites::attention_output(l as u32),
-        cfg.attention_output_dropout,
-    );
-    k.residual_dropout_add::<T>(
-        &mut acts.mid,
-        &mut acts.keep_attn_out,
-        &acts.x,
-        &*s.proj,
-        site,
-        keys,
-        b,
-        t * d,
-    )?;
+    let p = cfg.attention_output_dropout;
+    let drop = c.dropout(sites::attention_output(l as u32), p, keys);
+    let keep = &mut acts.keep_attn_out;
+    k.residual_dropout_add::<T>(&mut acts.mid, keep, &acts.x, &*s.proj, drop, [b, t * d])?;
     c.lap("residual", cost::elementwise(n * d, 2, 1, 4, 2.0, true))?;
 
-    k.layernorm_fwd::<T>(
-        s.ln,
-        &mut acts.mean2,
-        &mut acts.rstd2,
-        &acts.mid,
-        &master.layernorm_after.weight,
-        &master.layernorm_after.bias,
-        eps,
-        n,
-        d,
-    )?;
+    let ln = &master.layernorm_after;
+    let stats = [&mut acts.mean2, &mut acts.rstd2];
+    k.layernorm_fwd::<T>(s.ln, stats, &acts.mid, [&ln.weight, &ln.bias], eps, [n, d])?;
     c.lap("layernorm", cost::layernorm(n, d, e))?;
     let WeightBias { weight: w, bias } = pt.intermediate;
     linear(c.gemm, &mut acts.pre, &*s.ln, &w, Some(&bias), n, d, m)?;
     c.lap("mlp_gemm", cost::gemm(n, d, m, e))?;
-    let site = c.masks.site(sites::mlp_hidden(l as u32), cfg.dropout);
-    k.gelu_dropout_fwd::<T>(s.h, &mut acts.keep_hidden, &acts.pre, site, keys, b, t * m)?;
+    let drop = c.dropout(sites::mlp_hidden(l as u32), cfg.dropout, keys);
+    k.gelu_dropout_fwd::<T>(s.h, &mut acts.keep_hidden, &acts.pre, drop, [b, t * m])?;
     c.lap(
         "gelu_dropout",
         cost::elementwise(n * m, 1, 1, e, 20.0, true),
@@ -174,16 +141,14 @@ fn block<T: Compute + GemmType>(
     let WeightBias { weight: w, bias } = pt.output;
     linear(c.gemm, s.proj, &*s.h, &w, Some(&bias), n, m, d)?;
     c.lap("mlp_gemm", cost::gemm(n, m, d, e))?;
-    let site = c.masks.site(sites::mlp_output(l as u32), cfg.dropout);
+    let drop = c.dropout(sites::mlp_output(l as u32), cfg.dropout, keys);
     k.residual_dropout_add::<T>(
         out,
         &mut acts.keep_out,
         &acts.mid,
         &*s.proj,
-        site,
-        keys,
-        b,
-        t * d,
+        drop,
+        [b, t * d],
     )?;
     c.lap("residual", cost::elementwise(n * d, 2, 1, 4, 2.0, true))?;
     Ok(())
@@ -192,7 +157,7 @@ fn block<T: Compute + GemmType>(
 /// Scores, softmax with dropout and the heads' output of one block, in `s.o` `(B, H, T, Dh)`:
 /// `S = q·kᵀ/√Dh` (batched over `B·H`), `P = softmax(S)` (saved), `A = P ⊙ mask` (in `s.att`;
 /// `A = P` without attention dropout), `o = A·v`.
-fn attention_fwd<T: Compute + GemmType>(
+fn attention_fwd<T: Compute>(
     c: &mut Ctx<'_, T>,
     l: usize,
     acts: &mut LayerBufs<T>,
@@ -206,27 +171,16 @@ fn attention_fwd<T: Compute + GemmType>(
     let scale = 1.0 / (dh as f32).sqrt();
     c.gemm
         .matmul::<T, T>(&g.qk(), &acts.q, &acts.k, &mut acts.probs, None, scale, 0.0)?;
-    let site = c
-        .masks
-        .site(sites::attention_probs(l as u32), cfg.attention_dropout);
-    c.k.softmax_dropout_fwd_ld::<T>(
-        &mut acts.probs,
-        s.att,
-        &mut acts.keep_probs,
-        1.0,
-        site,
+    let drop = c.dropout(
+        sites::attention_probs(l as u32),
+        cfg.attention_dropout,
         keys,
-        c.rows,
-        h,
-        t,
-        g.ld,
-    )?;
+    );
+    let probs = [&mut acts.probs, &mut *s.att];
+    let dims = [c.rows, h, t, g.ld];
+    c.k.softmax_dropout_fwd_ld::<T>(probs, &mut acts.keep_probs, 1.0, drop, dims)?;
     // Without attention dropout the kernel leaves `att` alone: A = P.
-    let a: &CudaSlice<T> = if site.is_some_and(|s| s.p > 0.0) {
-        &*s.att
-    } else {
-        &acts.probs
-    };
+    let a: &CudaSlice<T> = if drop.on() { &*s.att } else { &acts.probs };
     c.gemm
         .matmul::<T, T>(&g.sx(false), a, &acts.v, s.o, None, 1.0, 0.0)?;
     Ok(())
@@ -246,7 +200,7 @@ pub(crate) struct Scratch<'a, T> {
 /// holds `images` images `(images, C, S, S)` and `plan.row_keys` the rows' keys; with
 /// `duplicate` (R-Drop's `[x; x]`, `rows = 2·images`) the second half's patch rows are a copy
 /// of the first's. A plan with one layer slot (inference) reuses it for every block.
-pub(crate) fn forward<T: Compute + GemmType>(
+pub(crate) fn forward<T: Compute>(
     c: &mut Ctx<'_, T>,
     off: &Offsets,
     plan: &mut DevicePlan<T>,
@@ -287,14 +241,8 @@ pub(crate) fn forward<T: Compute + GemmType>(
         ..
     } = plan;
     let half = images * g2 * cpp;
-    c.k.im2col::<T>(
-        &mut patches.slice_mut(..half),
-        &img.slice(..images * ch * side * side),
-        images,
-        ch,
-        side,
-        ps,
-    )?;
+    let img = img.slice(..images * ch * side * side);
+    c.k.im2col::<T>(&mut patches.slice_mut(..half), &img, [images, ch, side, ps])?;
     if duplicate {
         let (a, mut b) = patches.split_at_mut(half);
         c.k.stream()
@@ -303,24 +251,14 @@ pub(crate) fn forward<T: Compute + GemmType>(
     }
     let WeightBias { weight: w, bias } = c.compute(&off.embeddings.projection);
     linear(c.gemm, tok, &*patches, &w, Some(&bias), rows * g2, cpp, d)?;
-    let site = c.masks.site(sites::EMBEDDINGS, cfg.dropout);
+    let drop = c.dropout(sites::EMBEDDINGS, cfg.dropout, row_keys);
     let first = match layers.first_mut() {
         Some(l) => &mut l.x,
         None => return Err(VitError::cuda("CUDA forward", "a plan without layer slots")),
     };
     let emb = c.master(&off.embeddings);
-    c.k.embed_fwd::<T>(
-        first,
-        keep_embed,
-        &*tok,
-        &emb.cls_token,
-        &emb.position_embeddings,
-        site,
-        &*row_keys,
-        rows,
-        t,
-        d,
-    )?;
+    let emb = [&emb.cls_token, &emb.position_embeddings];
+    c.k.embed_fwd::<T>(first, keep_embed, &*tok, emb, drop, [rows, t, d])?;
     let (f, by) = crate::engine::forward::embed_cost(cfg, rows, c.e());
     c.lap("patch_embed", (f, by))?;
     let mut s = Scratch {
@@ -358,19 +296,11 @@ pub(crate) fn forward<T: Compute + GemmType>(
             }
         }
     }
-    c.k.cls_gather(cls, &*x_out, rows, t, d)?;
+    c.k.cls_gather(cls, &*x_out, [rows, t, d])?;
     let norm = c.master(&off.layernorm);
-    c.k.layernorm_fwd::<T>(
-        lnf,
-        meanf,
-        rstdf,
-        &*cls,
-        &norm.weight,
-        &norm.bias,
-        cfg.layer_norm_eps as f32,
-        rows,
-        d,
-    )?;
+    let eps = cfg.layer_norm_eps as f32;
+    let norm = [&norm.weight, &norm.bias];
+    c.k.layernorm_fwd::<T>(lnf, [meanf, rstdf], &*cls, norm, eps, [rows, d])?;
     // f32 logits: the classifier's bias from the f32 master.
     let (w, bias) = (
         c.compute(&off.classifier).weight,
