@@ -223,8 +223,8 @@ struct Pending {
 }
 
 /// [`CoreError::NonFinite`] when update `step`'s loss or gradient norm is inf/NaN (where no
-/// loss scaler can absorb it); shared by [`Trainer`] and [`crate::FlatTrainer`].
-pub fn check_finite(step: u64, loss: f64, grad_norm: f64) -> Result<()> {
+/// loss scaler can absorb it), for [`skip_update`].
+fn check_finite(step: u64, loss: f64, grad_norm: f64) -> Result<()> {
     if !loss.is_finite() {
         return Err(CoreError::NonFinite {
             step,
